@@ -1,0 +1,70 @@
+"""PyTorch reference backend: the math of SPEC section 2, accumulated in float32.
+
+Every backend module exposes the same six functions with already validated
+arguments (see ``gapkern/ops/__init__.py``): B > 0, any strides, ``tau`` a
+float32 (B,) tensor (maybe a stride-0 broadcast), ``out`` always given for
+``reembed`` and ``latent_step``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _project(hidden, weight, bias):
+    c = hidden.float() @ weight.float()
+    return c if bias is None else c + bias.float()
+
+
+def _reconstruct(coeffs32, basis, mean, sigma):
+    c = coeffs32 if sigma is None else coeffs32 * sigma.float()
+    z = c @ basis.float().T
+    return z if mean is None else z + mean.float()
+
+
+def _calibrate(z32, tau, eps):
+    """z' = z * tau / max(||z||, eps); rows with tau <= 0 stay as they are."""
+    norm = torch.linalg.vector_norm(z32, dim=1).clamp_min(eps)
+    scale = torch.where(tau > 0, tau / norm, torch.ones_like(norm))
+    return z32 * scale[:, None]
+
+
+def pca_project(hidden, weight, bias):
+    return _project(hidden, weight, bias).to(hidden.dtype)
+
+
+def pca_reconstruct(coeffs, basis, mean, sigma):
+    return _reconstruct(coeffs.float(), basis, mean, sigma).to(basis.dtype)
+
+
+def norm_calibrate(latents, tau, eps):
+    return _calibrate(latents.float(), tau, eps).to(latents.dtype)
+
+
+def ema_update(tau_state, observed, decay):
+    m = observed.float().mean().reshape(1)
+    fresh = ~(tau_state > 0)  # 0 or NaN: nothing observed yet
+    tau_state.copy_(torch.where(fresh, m, decay * tau_state + (1.0 - decay) * m))
+
+
+def _write_rows(out, rows, latent_mask):
+    if latent_mask is None:
+        out.copy_(rows)
+    else:
+        out.copy_(torch.where(latent_mask[:, None], rows, out))
+
+
+def reembed(token_ids, latents, latent_mask, embed_weight, out):
+    # Latent rows may carry any placeholder id: clamp so the gather stays in range.
+    ids = token_ids.clamp(0, embed_weight.shape[0] - 1)
+    rows = torch.where(latent_mask[:, None], latents.to(out.dtype), embed_weight[ids].to(out.dtype))
+    out.copy_(rows)
+
+
+def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out):
+    if weight is None:
+        z = hidden.float()
+    else:
+        z = _reconstruct(_project(hidden, weight, bias), basis, mean, sigma)
+    if tau is not None:
+        z = _calibrate(z, tau, eps)
+    _write_rows(out, z.to(out.dtype), latent_mask)

@@ -1,0 +1,77 @@
+"""Argument checks shared by every op: clear errors that name the argument."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_NAMES = "float32, bfloat16 or float16"
+
+
+def tensor(name: str, t, ndim: int, what: str, dtypes=FLOAT_DTYPES, dtype_names=_DTYPE_NAMES):
+    """Check that ``t`` is a tensor of rank ``ndim`` and an allowed dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {what}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor {what}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {dtype_names}, got {t.dtype}")
+    return t
+
+
+def optional(name: str, t, ndim: int, what: str, **kw):
+    return None if t is None else tensor(name, t, ndim, what, **kw)
+
+
+def size(name: str, t, dim: int, expected: int, what: str):
+    if t.shape[dim] != expected:
+        raise ValueError(
+            f"{name}: expected size {expected} ({what}) in dim {dim}, got shape {tuple(t.shape)}"
+        )
+
+
+def same_dtype(name: str, t, ref_name: str, ref):
+    if t is not None and t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {t.dtype}")
+
+
+def same_device(device: torch.device, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+
+
+def as_tau(tau, rows: int, device: torch.device):
+    """Return ``tau`` as a float32 tensor of shape (rows,), broadcasting a scalar.
+
+    A python number becomes a one-element tensor (an allocation: pass a tensor
+    in a captured decode loop). Broadcasting uses a stride-0 view, no copy.
+    """
+    if tau is None:
+        return None
+    if isinstance(tau, (int, float)) and not isinstance(tau, bool):
+        tau = torch.tensor([float(tau)], dtype=torch.float32, device=device)
+    if not isinstance(tau, torch.Tensor):
+        raise TypeError(f"tau: expected a float32 tensor of shape ({rows},) or a number, got {type(tau).__name__}")
+    if tau.dtype != torch.float32:
+        raise TypeError(f"tau: expected dtype torch.float32, got {tau.dtype}")
+    same_device(device, tau=tau)
+    if tau.numel() == 1 and tau.dim() <= 1:
+        return tau.reshape(1).expand(rows)
+    if tau.dim() != 1 or tau.shape[0] != rows:
+        raise ValueError(f"tau: expected shape ({rows},) (one target norm per row) or a scalar, got {tuple(tau.shape)}")
+    return tau
+
+
+def mask(latent_mask, rows: int, device: torch.device):
+    if latent_mask is None:
+        return None
+    tensor("latent_mask", latent_mask, 1, f"of shape ({rows},)", dtypes=(torch.bool,), dtype_names="torch.bool")
+    size("latent_mask", latent_mask, 0, rows, "rows")
+    same_device(device, latent_mask=latent_mask)
+    return latent_mask
+
+
+def eps_value(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    return float(eps)

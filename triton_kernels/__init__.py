@@ -1,0 +1,1 @@
+"""Triton kernels of the latent step (installed as ``gapkern.triton_kernels``)."""
