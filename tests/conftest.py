@@ -1,10 +1,14 @@
 import os
 
-# Must be set before any @triton.jit function is defined (before importing gapkern's kernels).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter on CPU tensors. It
+# must be set before any @triton.jit function is defined, so before gapkern's
+# kernels are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import gapkern  # noqa: E402
 
