@@ -38,18 +38,18 @@ def _check_head(hidden, weight, bias):
     V.same_device(hidden.device, weight=weight, bias=bias)
 
 
-def _check_basis(coeffs_name, coeffs, basis, mean, sigma):
+def _check_basis(ref_name, ref, basis, mean, sigma):
+    """basis (D, d), mean (D,), sigma (d,) in the dtype and on the device of ``ref``."""
     V.tensor("basis", basis, 2, "(D, d)")
-    V.size(coeffs_name, coeffs, 1, basis.shape[1], "d, the PCA rank of basis")
     V.optional("mean", mean, 1, "(D,)")
     if mean is not None:
-        V.size("mean", mean, 0, basis.shape[0], "D, the hidden size of basis")
+        V.size("mean", mean, 0, basis.shape[0], "D, the rows of basis")
     V.optional("sigma", sigma, 1, "(d,)")
     if sigma is not None:
-        V.size("sigma", sigma, 0, basis.shape[1], "d, the PCA rank of basis")
+        V.size("sigma", sigma, 0, basis.shape[1], "d, the columns of basis")
     for name, t in (("basis", basis), ("mean", mean), ("sigma", sigma)):
-        V.same_dtype(name, t, coeffs_name, coeffs)
-    V.same_device(coeffs.device, basis=basis, mean=mean, sigma=sigma)
+        V.same_dtype(name, t, ref_name, ref)
+    V.same_device(ref.device, basis=basis, mean=mean, sigma=sigma)
 
 
 def _check_out(out, rows, cols, dtype, device):
@@ -69,7 +69,7 @@ def pca_project(hidden, weight, bias=None):
     if hidden.shape[0] == 0:
         return hidden.new_empty(0, weight.shape[1])
     if _eager(hidden, weight, bias):
-        return module_for(hidden.device).pca_project(hidden, weight, bias)
+        return module_for(hidden.device, hidden.dtype).pca_project(hidden, weight, bias)
     return torch.ops.gapkern.pca_project(hidden, weight, bias)
 
 
@@ -77,9 +77,10 @@ def pca_reconstruct(coeffs, basis, mean=None, sigma=None):
     """latents = mean + (coeffs * sigma) @ basis.T. (B,d) -> (B,D)."""
     V.tensor("coeffs", coeffs, 2, "(B, d)")
     _check_basis("coeffs", coeffs, basis, mean, sigma)
+    V.size("coeffs", coeffs, 1, basis.shape[1], "d, the columns of basis")
     if coeffs.shape[0] == 0:
         return coeffs.new_empty(0, basis.shape[0])
-    return module_for(coeffs.device).pca_reconstruct(coeffs, basis, mean, sigma)
+    return module_for(coeffs.device, coeffs.dtype).pca_reconstruct(coeffs, basis, mean, sigma)
 
 
 def norm_calibrate(latents, tau, eps=1e-6):
@@ -91,7 +92,7 @@ def norm_calibrate(latents, tau, eps=1e-6):
     eps = V.eps_value(eps)
     if latents.shape[0] == 0:
         return torch.empty_like(latents)
-    return module_for(latents.device).norm_calibrate(latents, tau, eps)
+    return module_for(latents.device, latents.dtype).norm_calibrate(latents, tau, eps)
 
 
 def ema_update(tau_state, observed, decay=0.99):
@@ -107,7 +108,7 @@ def ema_update(tau_state, observed, decay=0.99):
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
         raise ValueError(f"decay: expected a number in [0, 1), got {decay!r}")
     if observed.shape[0] > 0:
-        module_for(tau_state.device).ema_update(tau_state, observed, float(decay))
+        module_for(tau_state.device, observed.dtype).ema_update(tau_state, observed, float(decay))
     return tau_state
 
 
@@ -127,7 +128,7 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out=None):
     if out is None:
         out = embed_weight.new_empty(rows, embed_weight.shape[1])
     if rows:
-        module_for(token_ids.device).reembed(token_ids, latents, latent_mask, embed_weight, out)
+        module_for(token_ids.device, embed_weight.dtype).reembed(token_ids, latents, latent_mask, embed_weight, out)
     return out
 
 
@@ -164,11 +165,11 @@ def latent_step(hidden, weight=None, bias=None, basis=None, mean=None, tau=None,
     if out is None:
         if _eager(hidden, weight, bias):
             out = _custom.new_latents(hidden, latent_mask)
-            module_for(hidden.device).latent_step(*args, out)
+            module_for(hidden.device, hidden.dtype).latent_step(*args, out)
             return out
         return torch.ops.gapkern.latent_step(*args)
     if _eager():
-        module_for(hidden.device).latent_step(*args, out)
+        module_for(hidden.device, hidden.dtype).latent_step(*args, out)
     else:
         torch.ops.gapkern.latent_step_out(*args, out)
     return out

@@ -68,9 +68,14 @@ def backend_info() -> dict:
     return info
 
 
-def module_for(device: torch.device):
+def module_for(device: torch.device, dtype: torch.dtype = torch.float32):
     """The backend module that runs ops on ``device`` under the current selection."""
     name = get_backend()
+    if dtype == torch.float64:
+        if name not in ("auto", "torch"):
+            raise TypeError(f"gapkern backend {name!r} supports float32, bfloat16 and float16; "
+                            "float64 runs on the torch backend only")
+        return _load("torch")[0]
     if name == "auto":
         for cand in ("cuda", "triton") if device.type == "cuda" else ():
             if _status(cand, device.type) == "ready":

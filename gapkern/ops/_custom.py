@@ -26,7 +26,7 @@ def new_latents(hidden, latent_mask):
 
 @torch.library.custom_op("gapkern::pca_project", mutates_args=())
 def pca_project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return module_for(hidden.device).pca_project(hidden, weight, bias)
+    return module_for(hidden.device, hidden.dtype).pca_project(hidden, weight, bias)
 
 
 @pca_project.register_fake
@@ -61,7 +61,7 @@ def latent_step_out(hidden: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                     basis: Optional[Tensor], mean: Optional[Tensor], sigma: Optional[Tensor],
                     tau: Optional[Tensor], eps: float, latent_mask: Optional[Tensor],
                     out: Tensor) -> None:
-    module_for(hidden.device).latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps,
+    module_for(hidden.device, hidden.dtype).latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps,
                                           latent_mask, out)
 
 
@@ -75,7 +75,7 @@ def latent_step(hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                 basis: Optional[Tensor], mean: Optional[Tensor], sigma: Optional[Tensor],
                 tau: Optional[Tensor], eps: float, latent_mask: Optional[Tensor]) -> Tensor:
     out = new_latents(hidden, latent_mask)
-    module_for(hidden.device).latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps,
+    module_for(hidden.device, hidden.dtype).latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps,
                                           latent_mask, out)
     return out
 
@@ -115,7 +115,7 @@ def _step_backward(ctx, grad):
             z = _torch._calibrate(z, tau, ctx.eps)
         if latent_mask is not None:
             z = z * latent_mask[:, None]
-        grads = torch.autograd.grad(z, leaves, grad.float(), allow_unused=True)
+        grads = torch.autograd.grad(z, leaves, grad.to(z.dtype), allow_unused=True)
     it = iter(grads)
     d_hidden = next(it)
     d_weight = next(it) if weight is not None else None

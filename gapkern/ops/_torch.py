@@ -10,21 +10,26 @@ from __future__ import annotations
 import torch
 
 
+def _acc(t):
+    """Accumulation copy: float32 for half types and float32, float64 stays (gradcheck)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _project(hidden, weight, bias):
-    c = hidden.float() @ weight.float()
-    return c if bias is None else c + bias.float()
+    c = _acc(hidden) @ _acc(weight)
+    return c if bias is None else c + _acc(bias)
 
 
 def _reconstruct(coeffs32, basis, mean, sigma):
-    c = coeffs32 if sigma is None else coeffs32 * sigma.float()
-    z = c @ basis.float().T
-    return z if mean is None else z + mean.float()
+    c = coeffs32 if sigma is None else coeffs32 * _acc(sigma)
+    z = c @ _acc(basis).T
+    return z if mean is None else z + _acc(mean)
 
 
 def _calibrate(z32, tau, eps):
     """z' = z * tau / max(||z||, eps); rows with tau <= 0 stay as they are."""
     norm = torch.linalg.vector_norm(z32, dim=1).clamp_min(eps)
-    scale = torch.where(tau > 0, tau / norm, torch.ones_like(norm))
+    scale = torch.where(tau > 0, tau.to(norm.dtype) / norm, torch.ones_like(norm))
     return z32 * scale[:, None]
 
 
@@ -33,11 +38,11 @@ def pca_project(hidden, weight, bias):
 
 
 def pca_reconstruct(coeffs, basis, mean, sigma):
-    return _reconstruct(coeffs.float(), basis, mean, sigma).to(basis.dtype)
+    return _reconstruct(_acc(coeffs), basis, mean, sigma).to(basis.dtype)
 
 
 def norm_calibrate(latents, tau, eps):
-    return _calibrate(latents.float(), tau, eps).to(latents.dtype)
+    return _calibrate(_acc(latents), tau, eps).to(latents.dtype)
 
 
 def ema_update(tau_state, observed, decay):
@@ -62,7 +67,7 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out):
 
 def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out):
     if weight is None:
-        z = hidden.float()
+        z = _acc(hidden)
     else:
         z = _reconstruct(_project(hidden, weight, bias), basis, mean, sigma)
     if tau is not None:

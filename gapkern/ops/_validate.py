@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DTYPE_NAMES = "float32, bfloat16 or float16"
+# float64 runs on the torch backend only (gradcheck, references).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DTYPE_NAMES = "float32, bfloat16 or float16 (float64 on the torch backend)"
 
 
 def tensor(name: str, t, ndim: int, what: str, dtypes=FLOAT_DTYPES, dtype_names=_DTYPE_NAMES):

@@ -1,0 +1,176 @@
+"""Parity of every op x backend x dtype x shape against the float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gapkern
+from gapkern import ops
+
+import reference as R
+from cases import BACKENDS, DTYPES, ROWS, SHAPES, Case, device_for
+
+
+@pytest.fixture
+def backend(request):
+    name = request.param
+    ops.set_backend(name)
+    return name
+
+
+def case_for(backend, shape, rows, dtype, strided=False):
+    D, d = shape
+    return Case(D, d, rows, dtype, device_for(backend), strided=strided)
+
+
+LAYOUTS = [pytest.param(False, id="contiguous"), pytest.param(True, id="strided")]
+grid = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+dtypes = pytest.mark.parametrize("dtype", DTYPES)
+shapes = pytest.mark.parametrize("shape", SHAPES)
+rows = pytest.mark.parametrize("B", ROWS)
+
+
+@grid
+@dtypes
+@shapes
+@rows
+def test_pca_project_matches_reference(backend, dtype, shape, B):
+    c = case_for(backend, shape, B, dtype)
+    R.assert_matches(ops.pca_project(c.hidden, c.weight, c.bias), R.project(c.hidden, c.weight, c.bias))
+
+
+@grid
+@dtypes
+@shapes
+@rows
+@pytest.mark.parametrize("whiten", [False, True], ids=["plain", "whitened"])
+def test_pca_reconstruct_matches_reference(backend, dtype, shape, B, whiten):
+    c = case_for(backend, shape, B, dtype)
+    coeffs = ops.pca_project(c.hidden, c.weight, c.bias) if False else (torch.randn(B, c.d) * 0.5).to(dtype).to(c.device)
+    sigma = c.sigma if whiten else None
+    out = ops.pca_reconstruct(coeffs, c.basis, c.mean, sigma)
+    R.assert_matches(out, R.reconstruct(coeffs, c.basis, c.mean, sigma))
+
+
+@grid
+@dtypes
+@shapes
+@rows
+def test_norm_calibrate_matches_reference(backend, dtype, shape, B):
+    c = case_for(backend, shape, B, dtype)
+    R.assert_matches(ops.norm_calibrate(c.hidden, c.tau), R.calibrate(c.hidden, c.tau))
+
+
+@grid
+@dtypes
+@shapes
+@rows
+@pytest.mark.parametrize("whiten", [False, True], ids=["plain", "whitened"])
+def test_latent_step_matches_reference(backend, dtype, shape, B, whiten):
+    """The fused step writes the calibrated latent into the masked rows of out, and only there."""
+    c = case_for(backend, shape, B, dtype)
+    sigma = c.sigma if whiten else None
+    out = c.out_buffer()
+    got = ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma,
+                          latent_mask=c.mask, out=out)
+    assert got is out
+    ref = R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma)
+    R.assert_matches(out[c.mask], ref[c.mask.cpu()])
+    assert (out[~c.mask] == 7.0).all(), "rows outside latent_mask must stay untouched"
+
+
+@grid
+@dtypes
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]])
+@pytest.mark.parametrize("B", [1, 3])
+def test_latent_step_strided_inputs_and_out(backend, dtype, shape, B):
+    """Non-contiguous hidden, column-major weight and basis, out a view into a (B, 3, D) buffer."""
+    c = case_for(backend, shape, B, dtype, strided=True)
+    assert not c.hidden.is_contiguous() and not c.weight.is_contiguous()
+    buf = c.out_buffer(strided=True)
+    ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma, out=buf)
+    R.assert_matches(buf, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma))
+    parent = buf._base if buf._base is not None else buf
+    assert (parent[:, 0] == 7.0).all() and (parent[:, 2] == 7.0).all(), "neighbouring positions must stay untouched"
+    R.assert_matches(ops.pca_project(c.hidden, c.weight, c.bias), R.project(c.hidden, c.weight, c.bias))
+    R.assert_matches(ops.norm_calibrate(c.hidden, c.tau), R.calibrate(c.hidden, c.tau))
+
+
+@grid
+@dtypes
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]])
+@rows
+def test_latent_step_identity_head(backend, dtype, shape, B):
+    """weight=None: the latent is the hidden state itself, calibrated."""
+    c = case_for(backend, shape, B, dtype)
+    got = ops.latent_step(c.hidden, tau=c.tau)
+    R.assert_matches(got, R.latent_step(c.hidden, tau=c.tau))
+    got = ops.latent_step(c.hidden)
+    R.assert_matches(got, R.latent_step(c.hidden))
+
+
+@grid
+@dtypes
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2]])
+@pytest.mark.parametrize("B", [1, 3])
+def test_latent_step_without_calibration_or_out(backend, dtype, shape, B):
+    c = case_for(backend, shape, B, dtype)
+    got = ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean)
+    R.assert_matches(got, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean))
+    scalar = ops.latent_step(c.hidden, c.weight, None, c.basis, None, 3.5)
+    R.assert_matches(scalar, R.latent_step(c.hidden, c.weight, None, c.basis, None, 3.5))
+
+
+@grid
+@dtypes
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]])
+@rows
+def test_reembed_matches_reference(backend, dtype, shape, B):
+    c = case_for(backend, shape, B, dtype)
+    token_ids = c.token_ids.clone()
+    token_ids[c.mask] = 10 ** 6  # latent rows carry a placeholder id outside the table
+    out = ops.reembed(token_ids, c.hidden, c.mask, c.embed)
+    ref = torch.where(c.mask.cpu()[:, None], R.f64(c.hidden).cpu(),
+                      R.f64(c.embed).cpu()[c.token_ids.cpu().clamp(max=96)])
+    R.assert_matches(out, ref)
+    buf = c.out_buffer(strided=True)
+    assert ops.reembed(token_ids, c.hidden, c.mask, c.embed, out=buf) is buf
+    R.assert_matches(buf, ref)
+
+
+@grid
+def test_ema_update_follows_the_running_mean(backend):
+    device = device_for(backend)
+    state = torch.zeros(1, device=device)
+    first = torch.tensor([2.0, 4.0], device=device)
+    assert ops.ema_update(state, first, decay=0.9) is state
+    assert state.item() == pytest.approx(3.0), "the first observation initialises the target"
+    ops.ema_update(state, torch.tensor([13.0], device=device), decay=0.9)
+    assert state.item() == pytest.approx(0.9 * 3.0 + 0.1 * 13.0, rel=1e-6)
+    ops.ema_update(state, torch.empty(0, device=device), decay=0.9)
+    assert state.item() == pytest.approx(4.0, rel=1e-6), "an empty observation changes nothing"
+    nan_state = torch.full((1,), float("nan"), device=device)
+    ops.ema_update(nan_state, torch.tensor([5.0], dtype=torch.bfloat16, device=device), decay=0.5)
+    assert nan_state.item() == pytest.approx(5.0)
+
+
+@grid
+@dtypes
+def test_zero_vectors_stay_zero(backend, dtype):
+    device = device_for(backend)
+    D, d = 200, 37
+    hidden = torch.zeros(3, D, dtype=dtype, device=device)
+    tau = torch.full((3,), 4.0, device=device)
+    for got in (ops.latent_step(hidden, tau=tau), ops.norm_calibrate(hidden, tau)):
+        assert torch.isfinite(got).all() and (got == 0).all()
+    c = Case(D, d, 3, dtype, device)
+    zero_mean = torch.zeros(D, dtype=dtype, device=device)
+    got = ops.latent_step(hidden, c.weight, None, c.basis, zero_mean, tau, sigma=c.sigma)
+    assert torch.isfinite(got).all() and (got == 0).all()
+
+
+def test_latent_step_7b_shape_from_fresh_install():
+    """The acceptance check of issue 2: the 7B shape against float64, default backend."""
+    c = Case(3584, 629, 1, torch.bfloat16, device_for("torch"))
+    out = ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau)
+    R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))

@@ -1,0 +1,176 @@
+"""The ops' contract beyond numbers: errors, autograd, compile, backend choice."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gapkern import ops
+
+import reference as R
+from cases import BACKENDS, DTYPES, Case, device_for
+
+D, d = 40, 7
+
+
+def small(B=3, dtype=torch.float32):
+    return Case(D, d, B, dtype, "cpu")
+
+
+def bad_calls():
+    c = small()
+    h, w, b, U, m = c.hidden, c.weight, c.bias, c.basis, c.mean
+    return [
+        ("rank", lambda: ops.pca_project(h[0], w, b), ValueError, r"hidden: expected a 2-D tensor"),
+        ("width", lambda: ops.pca_project(h[:, :-1], w, b), ValueError, r"weight: expected size 39"),
+        ("bias", lambda: ops.pca_project(h, w, b[:-1]), ValueError, r"bias: expected size 7"),
+        ("dtype", lambda: ops.pca_project(h, w.half(), b), TypeError, r"weight: expected dtype torch.float32"),
+        ("int", lambda: ops.pca_project(h.long(), w, b), TypeError, r"hidden: expected dtype"),
+        ("not-tensor", lambda: ops.pca_project([[1.0]], w, b), TypeError, r"hidden: expected a torch.Tensor"),
+        ("coeffs", lambda: ops.pca_reconstruct(h[:, :5], U, m), ValueError, r"coeffs: expected size 7"),
+        ("mean", lambda: ops.pca_reconstruct(h[:, :d], U, m[:-1]), ValueError, r"mean: expected size 40"),
+        ("sigma", lambda: ops.pca_reconstruct(h[:, :d], U, m, m), ValueError, r"sigma: expected size 7"),
+        ("tau-shape", lambda: ops.norm_calibrate(h, torch.ones(2)), ValueError, r"tau: expected shape \(3,\)"),
+        ("tau-dtype", lambda: ops.norm_calibrate(h, torch.ones(3, dtype=torch.float64)), TypeError, r"tau: expected dtype torch.float32"),
+        ("tau-none", lambda: ops.norm_calibrate(h, None), TypeError, r"tau: expected"),
+        ("eps", lambda: ops.norm_calibrate(h, 1.0, eps=0), ValueError, r"eps: expected a positive number"),
+        ("no-basis", lambda: ops.latent_step(h, w, b), TypeError, r"basis: expected a \(D, d\) tensor"),
+        ("basis-rank", lambda: ops.latent_step(h, w, b, U[:, :-1], m), ValueError, r"bias: expected size|basis: expected size"),
+        ("identity-extra", lambda: ops.latent_step(h, None, b), ValueError, r"bias: must be None when weight is None"),
+        ("mask-dtype", lambda: ops.latent_step(h, latent_mask=torch.ones(3)), TypeError, r"latent_mask: expected dtype torch.bool"),
+        ("mask-shape", lambda: ops.latent_step(h, latent_mask=torch.ones(2, dtype=torch.bool)), ValueError, r"latent_mask: expected size 3"),
+        ("out-shape", lambda: ops.latent_step(h, out=torch.empty(3, D + 1)), ValueError, r"out: expected shape \(3, 40\)"),
+        ("out-dtype", lambda: ops.latent_step(h, out=torch.empty(3, D, dtype=torch.half)), TypeError, r"out: expected dtype torch.float32"),
+        ("ids-dtype", lambda: ops.reembed(torch.zeros(3), h, c.mask, c.embed), TypeError, r"token_ids: expected dtype int64 or int32"),
+        ("latents-rows", lambda: ops.reembed(c.token_ids, h[:2], c.mask, c.embed), ValueError, r"latents: expected size 3"),
+        ("ema-state", lambda: ops.ema_update(torch.zeros(2), torch.ones(3)), ValueError, r"tau_state: expected size 1"),
+        ("ema-decay", lambda: ops.ema_update(torch.zeros(1), torch.ones(3), decay=1.5), ValueError, r"decay: expected a number in \[0, 1\)"),
+        ("backend", lambda: ops.set_backend("tpu"), ValueError, r"backend: expected one of auto, cuda, triton, torch"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", bad_calls(), ids=[c[0] for c in bad_calls()])
+def test_bad_input_names_the_argument(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_empty_batch_returns_empty_results():
+    c = small(B=0)
+    assert ops.pca_project(c.hidden, c.weight, c.bias).shape == (0, d)
+    assert ops.pca_reconstruct(c.hidden[:, :d], c.basis, c.mean).shape == (0, D)
+    assert ops.norm_calibrate(c.hidden, c.tau).shape == (0, D)
+    assert ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau).shape == (0, D)
+    assert ops.reembed(c.token_ids, c.hidden, c.mask, c.embed).shape == (0, D)
+
+
+def test_pca_project_gradcheck_float64():
+    c = small(dtype=torch.float64)
+    args = [t.clone().requires_grad_(True) for t in (c.hidden, c.weight, c.bias)]
+    assert torch.autograd.gradcheck(lambda h, w, b: ops.pca_project(h, w, b), args)
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["raw", "calibrated"])
+def test_latent_step_gradcheck_float64(calibrated):
+    c = small(dtype=torch.float64)
+    tau = c.tau if calibrated else None
+    args = [t.clone().requires_grad_(True) for t in (c.hidden, c.weight, c.bias)]
+
+    def step(h, w, b):
+        return ops.latent_step(h, w, b, c.basis, c.mean, tau, sigma=c.sigma, latent_mask=c.mask)
+
+    assert torch.autograd.gradcheck(step, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backend_grads_match_reference(backend, dtype):
+    """Training runs on the kernels: grads of project and latent_step match float64 autograd."""
+    ops.set_backend(backend)
+    c = Case(200, 37, 5, dtype, device_for(backend))
+    leaves = [t.clone().requires_grad_(True) for t in (c.hidden, c.weight, c.bias)]
+    ref_leaves = [R.f64(t).cpu().requires_grad_(True) for t in (c.hidden, c.weight, c.bias)]
+    g_c = torch.randn(5, 37, dtype=torch.float64).to(dtype)
+    ops.pca_project(*leaves).backward(g_c.to(c.device))
+    R.project(*ref_leaves).backward(R.f64(g_c))
+    for got, want in zip(leaves, ref_leaves):
+        R.assert_matches(got.grad, want.grad)
+
+    for t in leaves + ref_leaves:
+        t.grad = None
+    g_z = torch.randn(5, 200, dtype=torch.float64).to(dtype)
+    z = ops.latent_step(*leaves, c.basis, c.mean, None, sigma=c.sigma)
+    z.backward(g_z.to(c.device))
+    R.latent_step(*ref_leaves, c.basis, c.mean, None, sigma=c.sigma).backward(R.f64(g_z))
+    for got, want in zip(leaves, ref_leaves):
+        R.assert_matches(got.grad, want.grad)
+
+
+def test_torch_compile_traces_through_latent_step():
+    c = small()
+    out = torch.zeros(3, D)
+
+    def step(h, w, b, U, m, tau, mask, buf):
+        ops.latent_step(h, w, b, U, m, tau, latent_mask=mask, out=buf)
+        return buf * 2.0, ops.pca_project(h, w, b)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    doubled, coeffs = compiled(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, c.mask, out)
+    ref = R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau)
+    R.assert_matches(out[c.mask], ref[c.mask])
+    assert (out[~c.mask] == 0).all()
+    R.assert_matches(doubled, R.f64(out) * 2)
+    R.assert_matches(coeffs, R.project(c.hidden, c.weight, c.bias))
+
+
+def test_torch_compile_inductor_fullgraph():
+    c = small()
+    compiled = torch.compile(lambda h: ops.latent_step(h, c.weight, c.bias, c.basis, c.mean, c.tau) + 1.0,
+                             fullgraph=True)
+    R.assert_matches(compiled(c.hidden), R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau) + 1.0)
+
+
+def test_auto_never_picks_a_backend_that_cannot_run_here():
+    info = ops.backend_info()
+    assert set(info) == {"cuda", "triton", "torch"} and info["torch"] == "ready"
+    ops.set_backend("auto")
+    from gapkern.ops._backends import module_for
+
+    assert module_for(torch.device("cpu")).__name__ == "gapkern.ops._torch"
+    if not torch.cuda.is_available():
+        assert info["cuda"] != "ready" and not info["triton"] == "ready"
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    if torch.cuda.is_available():
+        pytest.skip("every backend can run on a GPU machine")
+    c = small()
+    ops.set_backend("cuda")
+    with pytest.raises(RuntimeError, match="gapkern backend 'cuda' cannot run on cpu tensors"):
+        ops.latent_step(c.hidden)
+    ops.set_backend("triton")
+    with pytest.raises(TypeError, match="float64 runs on the torch backend only"):
+        ops.latent_step(c.hidden.double())
+
+
+def test_backend_env_variable_selects_backend():
+    code = "import gapkern; print(gapkern.ops.get_backend())"
+    env = dict(os.environ, GAPKERN_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+    env["GAPKERN_BACKEND"] = "nope"
+    bad = subprocess.run([sys.executable, "-c", "import gapkern, torch; gapkern.ops.latent_step(torch.ones(1, 2))"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "backend: expected one of" in bad.stderr
+
+
+def test_out_path_allocates_nothing_and_returns_out():
+    """With out given the step writes in place: same storage, no new tensor for the result."""
+    c = small()
+    out = torch.zeros(3, D)
+    ptr = out.data_ptr()
+    assert ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out) is out
+    assert out.data_ptr() == ptr

@@ -1,0 +1,63 @@
+"""Shared pieces of the Triton kernels: interpreter detection, dtype flags, block choices."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like Triton itself: the interpreter is chosen when @triton.jit runs.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def rne_bf16(x):
+    """Round float32 to the nearest-even bfloat16 value, kept in float32.
+
+    The interpreter's float32 -> bfloat16 cast truncates; storing an exactly
+    representable value makes that cast exact. GPUs round correctly already.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+def round_bf16(out: torch.Tensor) -> bool:
+    """Whether a kernel storing float32 values into ``out`` must round them itself."""
+    return INTERPRET and out.dtype == torch.bfloat16
+
+
+def dot_f32(*tensors) -> bool:
+    """Whether ``tl.dot`` must run on float32 operands with ``input_precision="ieee"``.
+
+    Always under the interpreter (its bfloat16 dot is wrong); on a GPU for
+    float32 storage (no TF32). Half-precision operands go to the tensor cores
+    as they are: their products are exact in the float32 accumulator.
+    """
+    return INTERPRET or any(t.dtype == torch.float32 for t in tensors)
+
+
+def block(n: int, lo: int, hi: int) -> int:
+    """The power of two covering ``n``, clamped to [lo, hi]."""
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+_SMS: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small constant under the interpreter)."""
+    if device.type != "cuda":
+        return 2
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+@triton.jit
+def calibration_scale(sq, tau, eps):
+    """tau / max(sqrt(sq), eps) where tau > 0, else 1. ``sq`` is clamped at 0: the norm identity can round below."""
+    norm = tl.sqrt_rn(tl.maximum(sq, 0.0))
+    return tl.where(tau > 0, tl.div_rn(tau, tl.maximum(norm, eps)), 1.0)
