@@ -1,9 +1,30 @@
-"""Model integrations, one small file per model family."""
+"""Model integrations, one small file per model family, dispatched by ``config.model_type``."""
+from .qwen2_5_vl import GapQwen2_5_VLForConditionalGeneration, GapState, is_patched
+from .tiny import ForceTokens, TinyIds, tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from .tokens import add_latent_tokens
+from . import qwen2_5_vl
+
+__all__ = [
+    "patch", "unpatch", "is_patched", "add_latent_tokens", "GapQwen2_5_VLForConditionalGeneration", "GapState",
+    "ForceTokens", "TinyIds", "tiny_qwen2_5_vl", "tiny_head", "tiny_prompts",
+]
+
+_FAMILIES = {qwen2_5_vl.MODEL_TYPE: qwen2_5_vl}
+
+
+def _family(model):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _FAMILIES:
+        raise TypeError(f"model: gapkern supports model types {', '.join(_FAMILIES)}; got {model_type!r} "
+                        f"({type(model).__name__})")
+    return _FAMILIES[model_type]
 
 
 def patch(model, head=None, config=None):
-    raise NotImplementedError("gapkern.patch: Qwen2.5-VL integration not implemented yet")
+    """Make a loaded model latent-aware, in place; returns it (see ``qwen2_5_vl.patch``)."""
+    return _family(model).patch(model, head=head, config=config)
 
 
 def unpatch(model):
-    raise NotImplementedError("gapkern.unpatch: Qwen2.5-VL integration not implemented yet")
+    """Restore a patched model's original behaviour exactly; returns it."""
+    return _family(model).unpatch(model)

@@ -1,0 +1,339 @@
+"""The latent-aware decode loop of SPEC section 3, gpt-fast style: prefill, decode_one, decode.
+
+``gap_generate`` keeps Hugging Face's ``generate``: HF prepares the generation
+config, the logits processors, the lengths and the M-RoPE positions (rope
+deltas computed once, at prefill), then runs :func:`decode` as its custom
+decoding loop.
+
+Per row the state is one counter, ``left``: 0 in text mode, ``K + 1`` once the
+row sampled (or its prompt ends with) the start token; every step decrements
+it. A step where ``left > 1`` writes a latent as the next input, ``left == 1``
+forces the end token. The device keeps the counter in a tensor that the
+(captured) step updates; the host keeps an exact mirror (:class:`_Rows`), so
+it knows each row's mode without reading the device. Only a step where some
+live row is in text mode runs the LM head and reads the sampled tokens back:
+that read is the loop's one host sync, and a latent span has none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, StaticCache
+from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+from .. import ops
+
+STATIC_BUCKET = 128  # static caches are sized in multiples of this, so a captured graph serves many lengths
+GRAPH_ATTENTION = ("sdpa", "eager")  # attention kernels the decode step can take a prebuilt mask for
+
+
+@dataclass
+class GapGenerateOutput(GenerateDecoderOnlyOutput):
+    """HF's output plus ``latents``: per row, the (n_latents, D) float32 latents it wrote, in order."""
+
+    latents: tuple[torch.Tensor, ...] | None = None
+
+
+def _to_host(t: torch.Tensor) -> list:
+    """The loop's only device-to-host read (a function so tests can count the calls)."""
+    return t.tolist()
+
+
+class _Rows:
+    """Host mirror of the per-row counters: which rows write latents, sample text, are done."""
+
+    def __init__(self, left: list[int], budget: int, start_id: int, eos: set[int]):
+        self.left, self.budget, self.start_id, self.eos = left, budget, start_id, eos
+        self.done = [False] * len(left)
+        self.text = [False] * len(left)
+
+    def advance(self) -> list[bool]:
+        """Mirror :meth:`Decoder.advance`; returns which rows wrote a latent."""
+        wrote = [n > 1 for n in self.left]
+        self.text = [n == 0 for n in self.left]
+        self.left = [max(n - 1, 0) for n in self.left]
+        return wrote
+
+    def sampling(self) -> bool:
+        return any(t and not d for t, d in zip(self.text, self.done))
+
+    def commit(self, tokens: list[int]) -> None:
+        for b, tok in enumerate(tokens):
+            if self.text[b] and not self.done[b]:
+                if tok == self.start_id:
+                    self.left[b] = self.budget + 1
+                self.done[b] = tok in self.eos
+
+    def finished(self) -> bool:
+        return all(self.done)
+
+
+class Decoder:
+    """Static buffers of one decode loop; ``step`` reads and writes only these (graph-safe)."""
+
+    def __init__(self, model, rows: int, max_len: int, static: bool):
+        gap, lm = model.gap, model.model.language_model
+        dim, device, dtype = lm.config.hidden_size, model.device, model.dtype
+        cfg = gap.config
+        self.config, self.lm, self.head, self.static = model.config, lm, gap.head, static
+        self.rows, self.max_len, self.budget, self.eps = rows, max_len, cfg.latent_budget, cfg.eps
+        self.ids = (cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id)
+        self.attention = lm.config._attn_implementation
+        self.embed = model.get_input_embeddings()
+        self.end_embed = self.embed.weight[cfg.latent_end_id]
+        self.embeds = torch.zeros(rows, 1, dim, dtype=dtype, device=device)  # next input, written in place
+        self.pos = torch.zeros(3, rows, 1, dtype=torch.long, device=device)  # its M-RoPE position
+        self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)  # attention mask over the cache
+        self.cur = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
+        self.left = torch.zeros(rows, dtype=torch.long, device=device)
+        self.text = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # what this step appends
+        self.pad = torch.zeros((), dtype=torch.long, device=device)  # a tensor: the graph reads it at replay
+        self.tau = None if cfg.calibration == "none" else torch.zeros(rows, dtype=torch.float32, device=device)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len) if static else None
+        self.graph = self.hidden = None
+        self.made_for = self.key(gap, rows, max_len, static)
+
+    @staticmethod
+    def key(gap, rows, max_len, static):
+        """What a kept decoder must match to be reused: shapes, head and GapConfig."""
+        return rows, max_len, static, id(gap.head), tuple(gap.config.to_dict().values())
+
+    def start(self, input_ids, attention_mask, position_ids, pad_id, eos):
+        """Reset the state for a new batch whose prompt the next :func:`prefill` writes."""
+        length = input_ids.shape[1]
+        if self.static:
+            self.cache.reset()
+        else:
+            self.cache = DynamicCache(config=self.config)
+        self.valid.zero_()
+        self.valid[:, :length] = attention_mask.bool()
+        self.cur.fill_(length)
+        self.pos.copy_(position_ids[-3:, :, -1:] + 1)
+        self.left.copy_(torch.where(input_ids[:, -1] == self.ids[0], self.budget + 1, 0))
+        self.done.zero_()
+        self.pad.fill_(pad_id)
+        self.eos = eos
+
+    def advance(self, hidden):
+        """Write the latents and forced end tokens that follow ``hidden`` (B, D); graph-safe."""
+        left, out = self.left, self.embeds[:, 0]
+        latent, end = left > 1, left == 1
+        self.text.copy_(left == 0)
+        head = self.head
+        args = (None,) * 4 if head is None else (head.weight, head.bias, head.basis, head.mean)
+        ops.latent_step(hidden, *args, self.tau, sigma=None if head is None else head.sigma, eps=self.eps,
+                        latent_mask=latent, out=out)
+        out.copy_(torch.where(end[:, None], self.end_embed, out))
+        self.tokens.copy_(torch.where(latent, self.ids[2], torch.where(end, self.ids[1], self.pad)))
+        left.sub_((left > 0).long())
+
+    def commit(self, sampled):
+        """Append the sampled tokens of the text rows (eager, text steps only)."""
+        text, out = self.text, self.embeds[:, 0]
+        tok = torch.where(self.done, self.pad, sampled)
+        self.tokens.copy_(torch.where(text, tok, self.tokens))
+        out.copy_(torch.where(text[:, None], self.embed(tok), out))
+        self.left.masked_fill_(text & (tok == self.ids[0]), self.budget + 1)
+        if self.eos is not None:
+            self.done |= text & torch.isin(tok, self.eos)
+
+    def _mask(self, valid):
+        if self.attention == "sdpa":
+            return {"full_attention": valid[:, None, None, :]}
+        if self.attention == "eager":
+            bias = torch.zeros(valid.shape, dtype=self.embeds.dtype, device=valid.device)
+            return {"full_attention": bias.masked_fill(~valid, torch.finfo(bias.dtype).min)[:, None, None, :]}
+        return valid.long()  # other kernels build their own mask from the 2-D one (eager path only)
+
+    def decode_one(self, kv_len: int):
+        """Forward the pending input, then advance; returns the final-normed hidden (B, D)."""
+        self.valid.index_fill_(1, self.cur, True)
+        valid = self.valid if self.static else self.valid[:, :kv_len]
+        out = self.lm(inputs_embeds=self.embeds, attention_mask=self._mask(valid), position_ids=self.pos,
+                      past_key_values=self.cache, use_cache=True)
+        self.pos += 1
+        self.cur += 1
+        hidden = out.last_hidden_state[:, -1]
+        self.advance(hidden)
+        return hidden
+
+    def step(self, kv_len: int):
+        if self.graph is None:
+            return self.decode_one(kv_len)
+        self.graph.replay()
+        return self.hidden
+
+    def _state(self):
+        layers = [layer.cumulative_length for layer in self.cache.layers]
+        return [self.embeds, self.pos, self.valid, self.cur, self.left, self.text, self.tokens, *layers]
+
+    def warm_up(self, runs: int = 2):
+        """Run ``decode_one`` and undo it: the state is restored, and the cache slot it
+        wrote is the one the next real step rewrites."""
+        saved = [t.clone() for t in self._state()]
+        for _ in range(runs):
+            self.decode_one(self.max_len)
+            for t, s in zip(self._state(), saved):
+                t.copy_(s)
+
+    def capture(self):
+        """Capture ``decode_one`` in a CUDA graph; text and latent steps replay the same graph."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.warm_up()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records only: nothing runs, the state is untouched
+            self.hidden = self.decode_one(self.max_len)
+        self.graph = graph
+
+
+def prefill(model, cache, input_ids, attention_mask, position_ids, pixel_values=None, image_grid_thw=None,
+            pixel_values_videos=None, video_grid_thw=None, **_):
+    """Run the prompt into ``cache``; returns (last hidden (B, D), visual-embedding norms, image mask)."""
+    embeds = model.get_input_embeddings()(input_ids)
+    norms = image_mask = None
+    if pixel_values is not None:
+        feats = torch.cat(model.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
+        feats = feats.to(embeds.device, embeds.dtype)
+        image_mask = input_ids == model.config.image_token_id
+        embeds = embeds.masked_scatter(image_mask[..., None], feats)
+        norms = torch.linalg.vector_norm(feats.float(), dim=-1)
+    if pixel_values_videos is not None:
+        feats = torch.cat(model.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output)
+        video_mask = (input_ids == model.config.video_token_id)[..., None]
+        embeds = embeds.masked_scatter(video_mask, feats.to(embeds.device, embeds.dtype))
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     position_ids=position_ids, past_key_values=cache, use_cache=True)
+    return out.last_hidden_state[:, -1].contiguous(), norms, image_mask
+
+
+def _check_supported(generation_config, stopping_criteria, model_kwargs):
+    unsupported = {
+        "num_beams > 1": generation_config.num_beams > 1,
+        "output_scores / output_logits": generation_config.output_scores or generation_config.output_logits,
+        "output_attentions / output_hidden_states":
+            generation_config.output_attentions or generation_config.output_hidden_states,
+        "inputs_embeds (pass input_ids)": model_kwargs.get("inputs_embeds") is not None,
+        "stopping criteria other than max length / EOS":
+            any(not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)) for c in stopping_criteria),
+    }
+    for what, used in unsupported.items():
+        if used:
+            raise NotImplementedError(f"generate: {what} is not supported by the latent-aware generate")
+
+
+def _decoder(model, rows, max_len, static, graph):
+    gap = model.gap
+    if static:
+        max_len = -(-max_len // STATIC_BUCKET) * STATIC_BUCKET
+        kept = gap.decoder
+        if kept is not None and kept.made_for == Decoder.key(gap, rows, max_len, static) and (
+                (kept.graph is not None) == graph):
+            return kept
+    dec = Decoder(model, rows, max_len, static)
+    gap.decoder = dec if static else None  # one static decoder kept: its cache and graph are large
+    return dec
+
+
+def _modes(model, device, cuda_graph, static_cache, generation_config):
+    attention = model.model.language_model.config._attn_implementation
+    on_cuda = device.type == "cuda"
+    graph = on_cuda and attention in GRAPH_ATTENTION if cuda_graph is None else bool(cuda_graph)
+    if graph and not on_cuda:
+        raise ValueError("cuda_graph: needs the model and inputs on a CUDA device")
+    static = graph or bool(static_cache) or generation_config.cache_implementation == "static"
+    if static and attention not in GRAPH_ATTENTION:
+        raise ValueError(f"static_cache / cuda_graph: need attention 'sdpa' or 'eager', got {attention!r}")
+    return static, graph
+
+
+def sample(model, hidden, seq, logits_processor, do_sample):
+    """The next token of every row from ``hidden`` (B, D), as HF's ``_sample`` picks it."""
+    scores = logits_processor(seq, model.lm_head(hidden).float())
+    if do_sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return torch.argmax(scores, dim=-1)
+
+
+def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+           streamer=None, cuda_graph=None, static_cache=None, **model_kwargs):
+    """HF ``custom_generate`` loop: prefill, then one :meth:`Decoder.step` per new position."""
+    _check_supported(generation_config, stopping_criteria, model_kwargs)
+    gap, cfg, device = model.gap, model.gap.config, input_ids.device
+    rows, length = input_ids.shape
+    total = generation_config.max_length
+    if total <= length:
+        raise ValueError(f"generate: max_length {total} leaves no room after the {length}-token prompt")
+    eos = generation_config._eos_token_tensor
+    eos = None if eos is None else eos.reshape(-1).to(device)
+    pad_id = 0 if generation_config._pad_token_tensor is None else int(generation_config._pad_token_tensor)
+    static, graph = _modes(model, device, cuda_graph, static_cache, generation_config)
+    dec = _decoder(model, rows, total, static, graph)
+
+    attention_mask, position_ids = model_kwargs.pop("attention_mask"), model_kwargs.pop("position_ids")
+    position_ids = position_ids[None].expand(3, -1, -1) if position_ids.dim() == 2 else position_ids
+    model_kwargs.pop("past_key_values", None)  # HF's cache: the decoder brings its own
+    dec.start(input_ids, attention_mask, position_ids, pad_id, eos)
+    hidden, norms, image_mask = prefill(model, dec.cache, input_ids, attention_mask, position_ids, **model_kwargs)
+    if dec.tau is not None:
+        dec.tau.copy_(gap.targets(norms, image_mask, rows))
+    if graph and dec.graph is None:
+        dec.capture()
+    starts = [cfg.latent_budget + 1 if t == cfg.latent_start_id else 0 for t in _to_host(input_ids[:, -1])]
+    host = _Rows(starts, cfg.latent_budget, cfg.latent_start_id, set() if eos is None else set(_to_host(eos)))
+
+    seq = torch.full((rows, total), pad_id, dtype=input_ids.dtype, device=device)
+    seq[:, :length] = input_ids
+    keep = generation_config.return_dict_in_generate
+    snapshots, written = [], [[] for _ in range(rows)]  # latent inputs, and per row where its latents are
+    new = length
+    dec.advance(hidden)
+    while True:
+        wrote = host.advance()
+        if keep and any(wrote):
+            for b in (b for b in range(rows) if wrote[b]):
+                written[b].append(len(snapshots))
+            snapshots.append(dec.embeds[:, 0].clone())
+        if host.sampling():  # LM head and sampling only when some live row writes text
+            dec.commit(sample(model, hidden, seq[:, :new], logits_processor, generation_config.do_sample))
+            host.commit(_to_host(dec.tokens))
+        seq[:, new] = dec.tokens
+        new += 1
+        if new == total or host.finished():
+            break
+        hidden = dec.step(new)
+
+    if not keep:
+        return seq[:, :new]
+    stacked = torch.stack(snapshots) if snapshots else hidden.new_zeros(0, rows, hidden.shape[-1])
+    latents = tuple(stacked[w, b].float() for b, w in enumerate(written))
+    return GapGenerateOutput(sequences=seq[:, :new], latents=latents, past_key_values=None if static else dec.cache)
+
+
+def gap_generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
+                 prefix_allowed_tokens_fn=None, synced_gpus=None, assistant_model=None, streamer=None,
+                 negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None, **kwargs):
+    """Hugging Face's ``generate``, latent-aware; extra keywords ``cuda_graph`` and ``static_cache``.
+
+    ``cuda_graph`` (default: on for a CUDA model with sdpa / eager attention)
+    decodes with a static KV cache and replays one captured CUDA graph per
+    step; ``static_cache=True`` runs the same static-cache step eagerly (CPU
+    too). With ``return_dict_in_generate=True`` the output carries ``latents``.
+    """
+    if "gap" not in self._modules:
+        raise RuntimeError("generate: this model has no GapConfig; patch it (gapkern.patch) or call set_gap")
+    if custom_generate is not None:
+        raise ValueError("custom_generate: the latent-aware generate is itself a custom decoding loop")
+    for name, value in (("assistant_model", assistant_model), ("streamer", streamer), ("synced_gpus", synced_gpus)):
+        if value:
+            raise NotImplementedError(f"generate: {name} is not supported by the latent-aware generate")
+    return GenerationMixin.generate(
+        self, inputs, generation_config, logits_processor, stopping_criteria, prefix_allowed_tokens_fn,
+        negative_prompt_ids=negative_prompt_ids, negative_prompt_attention_mask=negative_prompt_attention_mask,
+        custom_generate=decode, **kwargs)

@@ -1,0 +1,155 @@
+"""Tiny random Qwen2.5-VL models and inputs: tests, the CLI and benchmarks run on them without weights.
+
+There is no tokenizer: :class:`TinyIds` fixes which ids play the special
+tokens (latent start / end / pad, image pad, vision start / end, EOS, pad).
+Images are random pixels, already in the patch layout the Qwen2.5-VL image
+processor produces: ``pixel_values`` (patches, 3 * 2 * 14 * 14) and
+``image_grid_thw`` (images, 3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+from ..config import GapConfig
+from ..head import PCALatentHead
+
+
+@dataclass(frozen=True)
+class TinyIds:
+    pad: int = 0
+    eos: int = 1
+    latent_start: int = 2
+    latent_end: int = 3
+    latent_pad: int = 4
+    image_pad: int = 5
+    video_pad: int = 6
+    vision_start: int = 7
+    vision_end: int = 8
+    first_text: int = 16  # ids from here up to vocab_size - 1 are plain text
+    vocab_size: int = 128
+
+    def gap_config(self, **kw) -> GapConfig:
+        return GapConfig(latent_start_id=self.latent_start, latent_end_id=self.latent_end,
+                         latent_pad_id=self.latent_pad, **kw)
+
+
+def tiny_qwen2_5_vl(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                    num_kv_heads: int = 2, vocab_size: int = 128, vision_depth: int = 1,
+                    vision_hidden_size: int = 32, dtype=torch.float32, attn_implementation: str = "sdpa",
+                    init_std: float = 0.2, model_class=None):
+    """A random ``Qwen2_5_VLForConditionalGeneration`` (eval mode) and its :class:`TinyIds`.
+
+    ``init_std`` is wider than Qwen's 0.02 so that attention, not just the last
+    token's embedding, decides the next token, and greedy choices are decisive
+    (cached and recomputed decoding pick the same tokens).
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = TinyIds(vocab_size=vocab_size)
+    head_dim = hidden_size // num_heads
+    half = head_dim // 2  # M-RoPE splits the rotary half into temporal / height / width sections
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+            max_position_embeddings=1024, eos_token_id=ids.eos, pad_token_id=ids.pad, bos_token_id=None,
+            initializer_range=init_std,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+        ),
+        vision_config=dict(
+            depth=vision_depth, hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+            num_heads=2, out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1], window_size=56,
+            initializer_range=init_std,
+        ),
+        image_token_id=ids.image_pad, video_token_id=ids.video_pad,
+        vision_start_token_id=ids.vision_start, vision_end_token_id=ids.vision_end,
+    )
+    config._attn_implementation = attn_implementation
+    cls = model_class or Qwen2_5_VLForConditionalGeneration
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    model.generation_config.eos_token_id = ids.eos
+    model.generation_config.pad_token_id = ids.pad
+    return model.to(dtype).eval(), ids
+
+
+def tiny_head(model, rank: int = 8, whitened: bool = True, seed: int = 0) -> PCALatentHead:
+    """A PCA head with a random orthonormal basis, in the model's dtype and device."""
+    dim = model.config.text_config.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, rank, generator=g, dtype=torch.float64))
+    mean = 0.1 * torch.randn(dim, generator=g, dtype=torch.float64)
+    sigma = torch.rand(rank, generator=g, dtype=torch.float64) + 0.5 if whitened else None
+    head = PCALatentHead(basis.float().contiguous(), mean.float(), None if sigma is None else sigma.float())
+    with torch.no_grad():  # move away from the exact PCA projection, as training would
+        head.weight.add_(0.05 * torch.randn(head.weight.shape, generator=g))
+    return head.to(device=model.device, dtype=model.dtype)
+
+
+def tiny_prompts(ids: TinyIds, rows, seed: int = 0, patch_size: int = 14, merge_size: int = 2,
+                 temporal_patch_size: int = 2, device=None) -> dict:
+    """A left-padded batch like the Qwen2.5-VL processor's output.
+
+    Each row is ``(text_len, image)`` or ``(text_len, image, ends_with_start)``,
+    ``image`` a ``(height, width)`` in pixels (multiples of 28) or None. A row
+    reads: one text token, ``<vision_start> <image_pad>* <vision_end>`` when it
+    has an image, ``text_len`` text tokens, then the latent start token when
+    ``ends_with_start``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    seqs, grids, pixels = [], [], []
+    for row in rows:
+        text_len, image, ends_with_start = (tuple(row) + (False,))[:3]
+        seq = [ids.first_text + int(torch.randint(ids.vocab_size - ids.first_text, (1,), generator=g))]
+        if image is not None:
+            h, w = image[0] // patch_size, image[1] // patch_size
+            grids.append([1, h, w])
+            pixels.append(torch.randn(h * w, 3 * temporal_patch_size * patch_size**2, generator=g))
+            seq += [ids.vision_start] + [ids.image_pad] * (h * w // merge_size**2) + [ids.vision_end]
+        seq += (ids.first_text + torch.randint(ids.vocab_size - ids.first_text, (text_len,), generator=g)).tolist()
+        if ends_with_start:
+            seq.append(ids.latent_start)
+        seqs.append(seq)
+    width = max(len(s) for s in seqs)
+    input_ids = torch.tensor([[ids.pad] * (width - len(s)) + s for s in seqs])
+    attention_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == ids.image_pad).long(),
+    }
+    if grids:
+        batch["pixel_values"] = torch.cat(pixels)
+        batch["image_grid_thw"] = torch.tensor(grids)
+    return {k: v.to(device) if device is not None else v for k, v in batch.items()}
+
+
+class ForceTokens(LogitsProcessor):
+    """A logits processor that scripts latent spans on random weights.
+
+    ``schedule`` maps ``(row, i)`` to the token that row must emit at its
+    ``i``-th new position (counting latent positions, as ``max_new_tokens``
+    does); every other choice of a ``banned`` token (the latent start, by
+    default none) is masked out, so random weights never open a span unasked.
+    Pure: the same call gives the same scores, so a cached loop and a naive
+    recomputing loop see identical choices.
+    """
+
+    def __init__(self, prompt_len: int, schedule: dict, banned=()):
+        self.prompt_len, self.schedule, self.banned = prompt_len, dict(schedule), list(banned)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        i = input_ids.shape[1] - self.prompt_len
+        scores = scores.clone()
+        if self.banned:
+            scores[:, self.banned] = float("-inf")
+        for (row, at), token in self.schedule.items():
+            if at == i:
+                scores[row] = float("-inf")
+                scores[row, token] = 0.0
+        return scores
