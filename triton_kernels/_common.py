@@ -38,6 +38,20 @@ def dot_f32(*tensors) -> bool:
     return INTERPRET or any(t.dtype == torch.float32 for t in tensors)
 
 
+def arg(t, stand_in):
+    """An optional tensor argument: ``stand_in`` takes the place of None (its HAS_ flag is off, never read)."""
+    return stand_in if t is None else t
+
+
+def mask_bytes(mask):
+    """A bool mask as uint8 (a view, no copy): every backend loads bytes, not all load i1."""
+    return None if mask is None else mask.view(torch.uint8)
+
+
+def stride0(t) -> int:
+    return 0 if t is None else t.stride(0)
+
+
 def block(n: int, lo: int, hi: int) -> int:
     """The power of two covering ``n``, clamped to [lo, hi]."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, block, dot_f32, num_sms, rne_bf16, round_bf16
+from ._common import INTERPRET, arg, block, dot_f32, num_sms, rne_bf16, round_bf16, stride0
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def project_kernel(h_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, K_PER_SPLIT,
 def tiles(M: int, N: int, K: int) -> dict:
     """Block sizes: big tiles under the interpreter (few numpy calls), GPU-sized otherwise."""
     if INTERPRET:
-        return dict(BLOCK_M=block(M, 16, 64), BLOCK_N=block(N, 16, 128), BLOCK_K=block(K, 16, 128))
+        return dict(BLOCK_M=block(M, 16, 256), BLOCK_N=block(N, 16, 256), BLOCK_K=block(K, 16, 512))
     return dict(BLOCK_M=block(M, 16, 64), BLOCK_N=64, BLOCK_K=block(K, 16, 64), num_warps=4, num_stages=3)
 
 
@@ -59,7 +59,9 @@ def split_plan(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, 
     grid_mn = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     sms = 16 if INTERPRET else num_sms(device)  # a stand-in on CPU, so split-K runs there too
-    wanted = min(triton.cdiv(2 * sms, grid_mn), max(1, 32 // min(M, cfg["BLOCK_M"])), k_tiles)
+    # Cap: a reconstruction program reads splits * rows * 4 bytes of partials per
+    # coefficient, about what it reads of the basis (BLOCK_D * 2 bytes).
+    wanted = min(triton.cdiv(2 * sms, grid_mn), max(1, 16 // min(M, cfg["BLOCK_M"])), k_tiles)
     per_split = triton.cdiv(k_tiles, max(1, wanted))
     return triton.cdiv(k_tiles, per_split), per_split * cfg["BLOCK_K"], cfg
 
@@ -72,9 +74,8 @@ def launch(hidden, weight, bias, out, splits=1, k_per_split=None, cfg=None):
     s_os, s_om, s_on = out.stride() if out.dim() == 3 else (0, *out.stride())
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), splits)
     project_kernel[grid](
-        hidden, weight, bias if bias is not None else out, out, M, N, K, k_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        bias.stride(0) if bias is not None else 0, s_os, s_om, s_on,
+        hidden, weight, arg(bias, out), out, M, N, K, k_per_split,
+        *hidden.stride(), *weight.stride(), stride0(bias), s_os, s_om, s_on,
         HAS_BIAS=bias is not None, DOT_F32=dot_f32(hidden, weight), ROUND_BF16=round_bf16(out), **cfg)
 
 

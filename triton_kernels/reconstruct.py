@@ -5,17 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, block, calibration_scale, rne_bf16, round_bf16
-
-
-@triton.jit
-def _coeffs(c_ptr, rows, ns, ok, SPLITS, stride_cs, stride_cm, stride_cn):
-    """Sum of the split-K partial coefficients of a (rows, ns) tile, in float32."""
-    ptrs = c_ptr + rows[:, None] * stride_cm + ns[None, :] * stride_cn
-    c = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    for s in range(1, SPLITS):
-        c += tl.load(ptrs + s * stride_cs, mask=ok, other=0.0).to(tl.float32)
-    return c
+from ._common import INTERPRET, arg, block, calibration_scale, mask_bytes, rne_bf16, round_bf16, stride0
 
 
 @triton.jit
@@ -42,7 +32,11 @@ def reconstruct_kernel(c_ptr, basis_ptr, mean_ptr, sigma_ptr, utm_ptr, perp_ptr,
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         n_ok = ns < N
-        c = _coeffs(c_ptr, rows, ns, row_ok[:, None] & n_ok[None, :], SPLITS, stride_cs, stride_cm, stride_cn)
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + ns[None, :] * stride_cn
+        c_ok = row_ok[:, None] & n_ok[None, :]
+        c = tl.load(c_ptrs, mask=c_ok, other=0.0).to(tl.float32)
+        for s in range(1, SPLITS):  # the split-K partial sums
+            c += tl.load(c_ptrs + s * stride_cs, mask=c_ok, other=0.0).to(tl.float32)
         if HAS_SIGMA:
             c *= tl.load(sigma_ptr + ns * stride_sigma, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_TAU:
@@ -55,8 +49,9 @@ def reconstruct_kernel(c_ptr, basis_ptr, mean_ptr, sigma_ptr, utm_ptr, perp_ptr,
         acc = tl.dot(c, u.to(tl.float32), acc, input_precision="ieee")  # float32 coefficients, no TF32
     if HAS_MEAN:
         acc += tl.load(mean_ptr + cols * stride_mean, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        sq += tl.load(perp_ptr)
     if HAS_TAU:
+        if HAS_MEAN:
+            sq += tl.load(perp_ptr)
         tau = tl.load(tau_ptr + rows * stride_tau, mask=row_ok, other=0.0)
         acc *= calibration_scale(sq, tau, eps)[:, None]
     if ROUND_BF16:
@@ -67,7 +62,7 @@ def reconstruct_kernel(c_ptr, basis_ptr, mean_ptr, sigma_ptr, utm_ptr, perp_ptr,
 
 def tiles(M: int, N: int, D: int) -> dict:
     if INTERPRET:
-        return dict(BLOCK_M=block(M, 16, 64), BLOCK_D=block(D, 16, 256), BLOCK_N=block(N, 16, 128))
+        return dict(BLOCK_M=block(M, 16, 64), BLOCK_D=block(D, 16, 512), BLOCK_N=block(N, 16, 256))
     # BLOCK_D = 32: at B=1 and D=3584, 112 programs stream the basis.
     return dict(BLOCK_M=block(M, 16, 32), BLOCK_D=32, BLOCK_N=64, num_warps=4, num_stages=3)
 
@@ -78,21 +73,17 @@ def launch(partials, basis, mean, sigma, out, *, tau=None, eps=1e-6, latent_mask
     ``tau`` calibrates (needs ``utm`` = U.T @ mean and ``perp`` when ``mean`` is given); rows where
     ``latent_mask`` is false are left untouched.
     """
+    latent_mask = mask_bytes(latent_mask)
     if partials.dim() == 2:
         partials = partials.unsqueeze(0)
     splits, M, N = partials.shape
     D = basis.shape[0]
     cfg = tiles(M, N, D)
-    dummy = out
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_D"]))
     reconstruct_kernel[grid](
-        partials, basis, dummy if mean is None else mean, dummy if sigma is None else sigma,
-        dummy if utm is None else utm, dummy if perp is None else perp, dummy if tau is None else tau,
-        dummy if latent_mask is None else latent_mask, out,
-        M, N, D, splits, eps, *partials.stride(), *basis.stride(),
-        0 if mean is None else mean.stride(0), 0 if sigma is None else sigma.stride(0),
-        0 if tau is None else tau.stride(0), 0 if latent_mask is None else latent_mask.stride(0),
-        *out.stride(),
+        partials, basis, arg(mean, out), arg(sigma, out), arg(utm, out), arg(perp, out), arg(tau, out),
+        arg(latent_mask, out), out, M, N, D, splits, eps, *partials.stride(), *basis.stride(),
+        stride0(mean), stride0(sigma), stride0(tau), stride0(latent_mask), *out.stride(),
         HAS_MEAN=mean is not None, HAS_SIGMA=sigma is not None, HAS_TAU=tau is not None,
         HAS_MASK=latent_mask is not None, ROUND_BF16=round_bf16(out), **cfg)
 

@@ -1,0 +1,190 @@
+"""Triton-specific properties beyond the shared parity tests: launch counts,
+workspace and cache reuse, split-K, the backward's transposed projections,
+rounding of half-precision stores. Runs under the interpreter without a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gapkern import ops
+
+import reference as R
+from cases import Case, device_for
+
+pytest.importorskip("triton")
+from gapkern.triton_kernels import calibrate, ema, latent_step, project, reconstruct, reembed  # noqa: E402
+
+KERNELS = (project.project_kernel, reconstruct.reconstruct_kernel, calibrate.calibrate_kernel,
+           ema.ema_kernel, reembed.reembed_kernel)
+DEVICE = device_for("triton")
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    ops.set_backend("triton")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the Triton kernels launched, in order."""
+    seen = []
+    for kernel in KERNELS:
+        def counted(*args, _run=kernel.run, _name=kernel.__name__, **kwargs):
+            seen.append(_name)
+            return _run(*args, **kwargs)
+        monkeypatch.setattr(kernel, "run", counted)
+    return seen
+
+
+@pytest.mark.parametrize("B", [1, 64], ids=["B1", "B64"])
+def test_latent_step_with_a_head_is_two_launches(launches, B):
+    c = Case(3584, 629, B, torch.bfloat16, DEVICE)
+    out = c.out_buffer()
+    ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma, latent_mask=c.mask, out=out)
+    assert launches == ["project_kernel", "reconstruct_kernel"]
+    ref = R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma)
+    R.assert_matches(out[c.mask], ref[c.mask.cpu()])
+
+
+def test_identity_head_is_one_launch(launches):
+    c = Case(200, 37, 3, torch.float16, DEVICE)
+    out = c.out_buffer(strided=True)
+    ops.latent_step(c.hidden, tau=c.tau, latent_mask=c.mask, out=out)
+    assert launches == ["calibrate_kernel"]
+    R.assert_matches(out[c.mask], R.latent_step(c.hidden, tau=c.tau)[c.mask.cpu()])
+    assert (out[~c.mask] == 7.0).all()
+
+
+def test_steady_state_reuses_workspace_and_constants():
+    """A second step with the same shapes allocates nothing: same workspace, same cached constants."""
+    c = Case(200, 37, 3, torch.float32, DEVICE)
+    out = c.out_buffer()
+    step = lambda: ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out)  # noqa: E731
+    step()
+    workspaces = dict(latent_step._WORKSPACES)
+    constants = {k: v[2:] for k, v in latent_step._CONSTANTS.items()}
+    step()
+    assert latent_step._WORKSPACES.keys() == workspaces.keys()
+    assert all(latent_step._WORKSPACES[k] is w for k, w in workspaces.items())
+    assert latent_step._CONSTANTS.keys() == constants.keys()
+    assert all(latent_step._CONSTANTS[k][2] is v[0] for k, v in constants.items())
+
+
+def test_norm_constants_follow_in_place_edits():
+    """The cached U.T @ mean is recomputed when mean or basis change in place."""
+    c = Case(200, 37, 3, torch.float32, DEVICE)
+    out = c.out_buffer()
+    for edit in (lambda: None, lambda: c.mean.mul_(-3.0), lambda: c.basis.copy_(c.basis.flip(1))):
+        edit()
+        ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out)
+        R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))
+
+
+def test_norm_constants_of_inference_tensors():
+    with torch.inference_mode():
+        c = Case(200, 37, 2, torch.float32, DEVICE)
+        got = ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau)
+    R.assert_matches(got, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_split_k_partials_sum_to_the_projection(dtype):
+    """At B=1 the 7B projection is split over K; the float32 partial sums add up to h @ W + b."""
+    c = Case(3584, 629, 1, dtype, DEVICE)
+    splits, k_per_split, cfg = project.split_plan(1, 629, 3584, c.hidden.device)
+    assert splits > 1
+    partials = torch.full((splits, 1, 629), float("nan"), device=c.hidden.device)
+    project.launch(c.hidden, c.weight, c.bias, partials, splits, k_per_split, cfg)
+    R.assert_matches(partials.sum(0), R.project(c.hidden, c.weight, c.bias), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("B", [1, 3, 64], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_projection_backward_runs_on_the_kernel(B, dtype):
+    """dh = g W^T and dW = h^T g: transposed views, reduction over d or over B."""
+    c = Case(3584, 629, B, dtype, DEVICE)
+    grad = (torch.randn(B, 629, dtype=torch.float64) * 0.1).to(dtype).to(c.hidden.device)
+    R.assert_matches(ops.pca_project(grad, c.weight.T), R.project(grad, c.weight.T))
+    R.assert_matches(ops.pca_project(c.hidden.T, grad), R.project(c.hidden.T, grad))
+
+
+def test_autograd_through_the_triton_projection():
+    c = Case(200, 37, 5, torch.float32, DEVICE)
+    hidden = c.hidden.clone().requires_grad_(True)
+    weight = c.weight.clone().requires_grad_(True)
+    bias = c.bias.clone().requires_grad_(True)
+    ops.pca_project(hidden, weight, bias).square().sum().backward()
+    h, w, b = (t.detach().double().requires_grad_(True) for t in (c.hidden, c.weight, c.bias))
+    (h @ w + b).square().sum().backward()
+    for got, ref in ((hidden, h), (weight, w), (bias, b)):
+        R.assert_matches(got.grad, ref.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_half_stores_round_to_nearest_even(dtype):
+    """float32 -> half stores round like torch (the interpreter's own cast truncates bfloat16)."""
+    x = torch.randn(4, 1000) * 100
+    low = 23 - R.MANTISSA_BITS[dtype]  # float32 mantissa bits dropped by the store
+    bits = x[:2].view(torch.int32) & ~((1 << low) - 1)
+    x[:2] = (bits | (1 << (low - 1))).view(torch.float32)  # exact ties: round half to even
+    x = x.float().to(DEVICE)
+    out = torch.empty(4, 1000, dtype=dtype, device=DEVICE)
+    calibrate.launch(x, out)
+    assert torch.equal(out, x.to(dtype))
+
+
+def test_reembed_clamps_token_ids_of_text_rows():
+    c = Case(200, 37, 4, torch.bfloat16, DEVICE)
+    ids = torch.tensor([-5, 3, 10 ** 6, 96], dtype=torch.int32, device=DEVICE)
+    mask = torch.tensor([False, True, False, False], device=DEVICE)
+    out = ops.reembed(ids, c.hidden, mask, c.embed)
+    rows = ids.long().clamp(0, 96).cpu()
+    ref = torch.where(mask.cpu()[:, None], R.f64(c.hidden).cpu(), R.f64(c.embed).cpu()[rows])
+    R.assert_matches(out, ref)
+
+
+def test_latent_step_with_no_latent_rows_writes_nothing():
+    c = Case(200, 37, 3, torch.float16, DEVICE)
+    out = c.out_buffer()
+    none = torch.zeros(3, dtype=torch.bool, device=DEVICE)
+    ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, latent_mask=none, out=out)
+    assert (out == 7.0).all()
+
+
+# -- real GPU (compiled kernels, not the interpreter) --------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("B", [1, 64], ids=["B1", "B64"])
+def test_gpu_latent_step_matches_reference_without_host_sync(dtype, B):
+    c = Case(3584, 629, B, dtype, "cuda")
+    out = c.out_buffer()
+    step = lambda: ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau,  # noqa: E731
+                                   sigma=c.sigma, latent_mask=c.mask, out=out)
+    step()  # warm-up: compiles, allocates the workspace, caches the constants
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma)
+    R.assert_matches(out[c.mask], ref[c.mask.cpu()])
+
+
+@pytest.mark.gpu
+def test_gpu_latent_step_replays_in_a_cuda_graph():
+    c = Case(3584, 629, 1, torch.bfloat16, "cuda")
+    out = c.out_buffer()
+    step = lambda: ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    c.hidden.copy_(torch.randn_like(c.hidden))
+    graph.replay()
+    torch.cuda.synchronize()
+    R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))
