@@ -66,9 +66,11 @@ def timed(fn, inner: int):
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(fn, bytes_moved=..., **shape_info): benchmark fn, record per-call time and GB/s."""
-    def _measure(fn, bytes_moved: int, **info):
-        inner = 20 if ON_GPU else 1
+    """measure(fn, bytes_moved=..., inner=None, **shape_info): benchmark fn, record per-call time and GB/s.
+
+    ``inner`` calls per round (default 20 on a GPU, 1 on CPU); 1 for calls that synchronise themselves."""
+    def _measure(fn, bytes_moved: int, inner: int | None = None, **info):
+        inner = inner or (20 if ON_GPU else 1)
         fn()
         sync()
         benchmark.extra_info.update(info)

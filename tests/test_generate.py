@@ -15,8 +15,7 @@ from transformers import LogitsProcessorList
 
 import gapkern
 from gapkern.models import ForceTokens, generate as G, tiny_head, tiny_prompts, tiny_qwen2_5_vl
-
-import reference as R
+from gapkern.models.reference import naive_generate
 
 K = 2  # latents per span: short spans keep the CPU tests fast
 STEPS = 14
@@ -79,61 +78,6 @@ def reference_tau(model, batch, ids, mode, ema=0.0, decay=0.99):
     return [sum(r) / len(r) if r else ema for r in rows], ema
 
 
-@torch.no_grad()
-def naive_generate(model, batch, ids, gap_config, head, tau, steps, processors):
-    """Recompute the whole sequence at every step, no cache, full forward over inputs_embeds."""
-    lm, embed = model.model.language_model, model.get_input_embeddings()
-    input_ids, att = batch["input_ids"], batch["attention_mask"]
-    rows = input_ids.shape[0]
-    embeds = embed(input_ids)
-    if "pixel_values" in batch:
-        feats = torch.cat(model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
-        embeds = embeds.masked_scatter((input_ids == ids.image_pad)[..., None], feats.to(embeds.dtype))
-    pos, _ = model.model.get_rope_index(input_ids, batch["mm_token_type_ids"],
-                                        image_grid_thw=batch.get("image_grid_thw"), attention_mask=att)
-    start, end, lpad = gap_config.latent_start_id, gap_config.latent_end_id, gap_config.latent_pad_id
-    mode = ["latent" if t == start else "text" for t in input_ids[:, -1].tolist()]
-    count = [gap_config.latent_budget] * rows
-    done, latents, seq, text_steps = [False] * rows, [[] for _ in range(rows)], input_ids, []
-    head_args = {} if head is None else dict(weight=head.weight, bias=head.bias, basis=head.basis, mean=head.mean,
-                                             sigma=head.sigma)
-    for _ in range(steps):
-        hidden = lm(inputs_embeds=embeds, attention_mask=att, position_ids=pos).last_hidden_state[:, -1]
-        scores = processors(seq, model.lm_head(hidden).float())
-        text_steps.append(any(m == "text" and not d for m, d in zip(mode, done)))
-        tokens, nxt = [], []
-        for b in range(rows):
-            if mode[b] == "latent":
-                t = None if tau is None else tau[b]
-                z = R.latent_step(hidden[b:b + 1], tau=t, eps=gap_config.eps, **head_args)[0].to(embeds.dtype)
-                latents[b].append(z)
-                count[b] -= 1
-                if count[b] == 0:
-                    mode[b] = "end"
-                tokens.append(lpad)
-                nxt.append(z)
-                continue
-            if mode[b] == "end":
-                tok, mode[b], count[b] = end, "text", gap_config.latent_budget
-            elif done[b]:
-                tok = ids.pad
-            else:
-                tok = int(scores[b].argmax())
-                done[b] = tok == ids.eos
-                if tok == start:
-                    mode[b] = "latent"
-            tokens.append(tok)
-            nxt.append(embed.weight[tok])
-        seq = torch.cat([seq, torch.tensor(tokens)[:, None]], 1)
-        embeds = torch.cat([embeds, torch.stack(nxt)[:, None]], 1)
-        pos = torch.cat([pos, pos[:, :, -1:] + 1], 2)
-        att = torch.cat([att, torch.ones(rows, 1, dtype=att.dtype)], 1)
-        if all(done):
-            break
-    stacked = [torch.stack(z).float() if z else torch.zeros(0, embeds.shape[-1]) for z in latents]
-    return seq, stacked, text_steps
-
-
 def assert_same_generation(out, ref_seq, ref_latents):
     assert torch.equal(out.sequences, ref_seq), f"\n{out.sequences}\n{ref_seq}"
     assert len(out.latents) == len(ref_latents)
@@ -149,7 +93,7 @@ def run_case(model, ids, head, calibration, static=False, rows=ROWS, sched=None,
     try:
         procs = forcing(batch, ids, schedule(ids) if sched is None else sched)
         tau, _ = reference_tau(model, batch, ids, calibration)
-        ref = naive_generate(model, batch, ids, cfg, model.gap.head, tau, steps, procs)
+        ref = naive_generate(model, batch, cfg, model.gap.head, tau, steps, procs)
         out = model.generate(**batch, max_new_tokens=steps, do_sample=False, logits_processor=procs,
                              return_dict_in_generate=True, static_cache=static)
     finally:

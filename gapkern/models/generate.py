@@ -262,8 +262,11 @@ def sample(model, hidden, seq, logits_processor, do_sample):
 
 
 def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-           streamer=None, cuda_graph=None, static_cache=None, **model_kwargs):
-    """HF ``custom_generate`` loop: prefill, then one :meth:`Decoder.step` per new position."""
+           streamer=None, cuda_graph=None, static_cache=None, trace=None, **model_kwargs):
+    """HF ``custom_generate`` loop: prefill, then one :meth:`Decoder.step` per new position.
+
+    ``trace`` (a :class:`~gapkern.models.trace.StepTrace`, opt-in) times each step and records latent norms.
+    """
     _check_supported(generation_config, stopping_criteria, model_kwargs)
     gap, cfg, device = model.gap, model.gap.config, input_ids.device
     rows, length = input_ids.shape
@@ -293,14 +296,19 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     keep = generation_config.return_dict_in_generate
     snapshots, written = [], [[] for _ in range(rows)]  # latent inputs, and per row where its latents are
     new = length
+    if trace is not None:
+        trace.begin(rows, norms, image_mask)
     dec.advance(hidden)
     while True:
         wrote = host.advance()
+        if trace is not None:
+            trace.wrote(hidden, wrote, gap.head, dec.embeds[:, 0])
         if keep and any(wrote):
             for b in (b for b in range(rows) if wrote[b]):
                 written[b].append(len(snapshots))
             snapshots.append(dec.embeds[:, 0].clone())
-        if host.sampling():  # LM head and sampling only when some live row writes text
+        text = host.sampling()
+        if text:  # LM head and sampling only when some live row writes text
             dec.commit(sample(model, hidden, seq[:, :new], logits_processor, generation_config.do_sample))
             host.commit(_to_host(dec.tokens))
         seq[:, new] = dec.tokens
@@ -308,6 +316,8 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
         if new == total or host.finished():
             break
         hidden = dec.step(new)
+        if trace is not None:
+            trace.stepped(text, device)
 
     if not keep:
         return seq[:, :new]
@@ -319,12 +329,14 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
 def gap_generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
                  prefix_allowed_tokens_fn=None, synced_gpus=None, assistant_model=None, streamer=None,
                  negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None, **kwargs):
-    """Hugging Face's ``generate``, latent-aware; extra keywords ``cuda_graph`` and ``static_cache``.
+    """Hugging Face's ``generate``, latent-aware; extra keywords ``cuda_graph``, ``static_cache``, ``trace``.
 
     ``cuda_graph`` (default: on for a CUDA model with sdpa / eager attention)
     decodes with a static KV cache and replays one captured CUDA graph per
     step; ``static_cache=True`` runs the same static-cache step eagerly (CPU
-    too). With ``return_dict_in_generate=True`` the output carries ``latents``.
+    too). ``trace=StepTrace()`` (opt-in: it synchronises every step) records
+    per-step times and latent norms. With ``return_dict_in_generate=True`` the
+    output carries ``latents``.
     """
     if "gap" not in self._modules:
         raise RuntimeError("generate: this model has no GapConfig; patch it (gapkern.patch) or call set_gap")

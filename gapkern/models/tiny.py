@@ -1,7 +1,8 @@
 """Tiny random Qwen2.5-VL models and inputs: tests, the CLI and benchmarks run on them without weights.
 
-There is no tokenizer: :class:`TinyIds` fixes which ids play the special
-tokens (latent start / end / pad, image pad, vision start / end, EOS, pad).
+:class:`TinyIds` fixes which ids play the special tokens (latent start / end /
+pad, image pad, vision start / end, EOS, pad); :func:`tiny_tokenizer` is a
+word-level tokenizer over those ids, with a Qwen-style chat template.
 Images are random pixels, already in the patch layout the Qwen2.5-VL image
 processor produces: ``pixel_values`` (patches, 3 * 2 * 14 * 14) and
 ``image_grid_thw`` (images, 3).
@@ -28,6 +29,9 @@ class TinyIds:
     video_pad: int = 6
     vision_start: int = 7
     vision_end: int = 8
+    im_start: int = 9
+    parser_open: int = 10
+    parser_close: int = 11
     first_text: int = 16  # ids from here up to vocab_size - 1 are plain text
     vocab_size: int = 128
 
@@ -36,15 +40,49 @@ class TinyIds:
                          latent_pad_id=self.latent_pad, **kw)
 
 
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+    "{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c.text }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(ids: TinyIds | None = None):
+    """A word-level tokenizer for the tiny model: Qwen2.5-VL's special tokens and the gap profile's
+    tokens at the :class:`TinyIds`, words ``w16`` ... ``w127`` for the text ids (other words read as ``w16``)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ids = ids or TinyIds()
+    special = {"<|endoftext|>": ids.pad, "<|im_end|>": ids.eos, "<latent>": ids.latent_start,
+               "</latent>": ids.latent_end, "<latent_pad>": ids.latent_pad, "<|image_pad|>": ids.image_pad,
+               "<|video_pad|>": ids.video_pad, "<|vision_start|>": ids.vision_start,
+               "<|vision_end|>": ids.vision_end, "<|im_start|>": ids.im_start, "<parser>": ids.parser_open,
+               "</parser>": ids.parser_close}
+    unk = f"w{ids.first_text}"
+    reserved = {f"<|reserved_{i}|>": i for i in range(ids.first_text) if i not in special.values()}
+    # every id below vocab_size has a token, so tokens added later get new ids
+    vocab = {**special, **reserved, **{f"w{i}": i for i in range(ids.first_text, ids.vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()  # joins the words with spaces
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", chat_template=_CHAT_TEMPLATE)
+
+
 def tiny_qwen2_5_vl(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                     num_kv_heads: int = 2, vocab_size: int = 128, vision_depth: int = 1,
                     vision_hidden_size: int = 32, dtype=torch.float32, attn_implementation: str = "sdpa",
-                    init_std: float = 0.2, model_class=None):
+                    init_std: float = 0.2, model_class=None, intermediate_size: int | None = None, device=None):
     """A random ``Qwen2_5_VLForConditionalGeneration`` (eval mode) and its :class:`TinyIds`.
 
     ``init_std`` is wider than Qwen's 0.02 so that attention, not just the last
     token's embedding, decides the next token, and greedy choices are decisive
-    (cached and recomputed decoding pick the same tokens).
+    (cached and recomputed decoding pick the same tokens). The weights are
+    created and initialised on ``device`` in ``dtype`` (a 7B-shaped model builds
+    in seconds on a GPU); ``intermediate_size`` defaults to ``2 * hidden_size``.
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -54,7 +92,7 @@ def tiny_qwen2_5_vl(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, n
     section = [half - 2 * (half // 3), half // 3, half // 3]
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
             num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
             max_position_embeddings=1024, eos_token_id=ids.eos, pad_token_id=ids.pad, bos_token_id=None,
             initializer_range=init_std,
@@ -70,9 +108,14 @@ def tiny_qwen2_5_vl(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, n
     )
     config._attn_implementation = attn_implementation
     cls = model_class or Qwen2_5_VLForConditionalGeneration
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config)
+    default_dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+            torch.manual_seed(seed)
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.generation_config.eos_token_id = ids.eos
     model.generation_config.pad_token_id = ids.pad
     return model.to(dtype).eval(), ids
