@@ -1,0 +1,302 @@
+"""The ``gapkern`` command.
+
+``gapkern generate`` runs one latent-span generation end to end and prints
+the tokens, the latent norms before and after calibration against the norms
+of the visual input embeddings, and the time per text step and per latent
+step. With no arguments it runs on a built-in tiny Qwen2.5-VL with random
+weights; ``--model PATH`` loads a local Qwen2.5-VL checkpoint folder (it must
+hold the tokenizer too: the prompt is built with its chat template).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TINY_BUDGET, TINY_SPAN_AT, TINY_IMAGE = 8, 2, 224
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gapkern", description="GAP visual latent reasoning for Qwen2.5-VL.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    gen = commands.add_parser(
+        "generate", help="one latent-span generation: tokens, latent norms, time per step",
+        description="Generate with latent spans and report the latent norms and the time per step. "
+                    "Without --model: a tiny Qwen2.5-VL with random weights, a random PCA head, a synthetic "
+                    "image, and a latent span forced at new position 2.")
+    gen.add_argument("--model", metavar="PATH",
+                     help="a local Qwen2.5-VL checkpoint folder, with its tokenizer (a gapkern-saved one "
+                          "brings its head and GapConfig)")
+    gen.add_argument("--head", metavar="PATH",
+                     help="a PCALatentHead file, or 'none' for output-as-input (default: the checkpoint's "
+                          "head; a random one for the tiny model)")
+    gen.add_argument("--calibration", choices=("none", "rms", "ema"),
+                     help="latent norm calibration (default: the checkpoint's, else rms)")
+    gen.add_argument("--latent-budget", type=int, metavar="K",
+                     help=f"latents per span (default: the checkpoint's, else 16; tiny: {TINY_BUDGET})")
+    gen.add_argument("--profile", choices=("gap", "monet"), default=None,
+                     help="latent token profile for a plain checkpoint (default gap); its tokens are added "
+                          "if the tokenizer lacks them")
+    gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                     help="new positions, latent ones included (default 32)")
+    gen.add_argument("--prompt", default="Describe the image.", metavar="TEXT")
+    gen.add_argument("--image", metavar="FILE", help="an image file (needs Pillow; default: a synthetic "
+                                                     f"{TINY_IMAGE}x{TINY_IMAGE} image)")
+    gen.add_argument("--span-at", type=int, metavar="I",
+                     help="force the latent start token at new position I, -1 for never (default: "
+                          f"{TINY_SPAN_AT} for the tiny model, never with --model)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    gen.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    gen.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on cuda, else float32")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        print(f"gapkern {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _device_dtype(args):
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device: cuda requested but no CUDA device is available")
+    name = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    return device, getattr(torch, name)
+
+
+def _load_head(spec):
+    """None: the default; "none": output-as-input; else a PCALatentHead file."""
+    from .head import PCALatentHead
+
+    if spec is None or spec == "none":
+        return spec
+    try:
+        return PCALatentHead.load(spec)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--head: {exc}") from None
+
+
+def _tiny(args, dtype):
+    from .models import tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
+
+    model, ids = tiny_qwen2_5_vl(seed=args.seed, dtype=dtype)
+    head = _load_head(args.head)
+    head = tiny_head(model, seed=args.seed) if head is None else None if head == "none" else head
+    cfg = ids.gap_config(latent_budget=args.latent_budget or TINY_BUDGET, calibration=args.calibration or "rms")
+    dims = model.config.text_config
+    name = f"tiny Qwen2.5-VL, random weights (D={dims.hidden_size}, {dims.num_hidden_layers} layers)"
+    banned = list(range(ids.first_text))  # random weights: no special token unless scripted, no early EOS
+    return model, tiny_tokenizer(ids), head, cfg, name, banned
+
+
+def _checkpoint(path):
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise UsageError(f"--model: no checkpoint folder at {path!r} (expected a folder with config.json)")
+    with open(config) as f:
+        data = json.load(f)
+    if data.get("model_type") != "qwen2_5_vl":
+        raise UsageError(f"--model: {path!r} holds a {data.get('model_type')!r} checkpoint; "
+                         "gapkern generate runs Qwen2.5-VL (model_type 'qwen2_5_vl')")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in tokenizer_files):
+        raise UsageError(f"--model: no tokenizer in {path!r}; save it beside the weights "
+                         "(tokenizer.save_pretrained(PATH)): the prompt is built with its chat template")
+    return data
+
+
+def _chat_template(tokenizer, path):
+    """Tokenizers saved without the chat template: take the processor's (chat_template.json / .jinja)."""
+    if tokenizer.chat_template:
+        return
+    jinja, js = os.path.join(path, "chat_template.jinja"), os.path.join(path, "chat_template.json")
+    if os.path.isfile(jinja):
+        with open(jinja) as f:
+            tokenizer.chat_template = f.read()
+    elif os.path.isfile(js):
+        with open(js) as f:
+            tokenizer.chat_template = json.load(f)["chat_template"]
+    else:
+        raise UsageError(f"--model: the tokenizer in {path!r} has no chat template")
+
+
+def _load(args, dtype):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from .models import GapQwen2_5_VLForConditionalGeneration, add_latent_tokens
+
+    path = args.model
+    data = _checkpoint(path)
+    head = _load_head(args.head)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    _chat_template(tokenizer, path)
+    print(f"loading {path} ...", file=sys.stderr)
+    overrides = {k: v for k, v in (("latent_budget", args.latent_budget), ("calibration", args.calibration))
+                 if v is not None}
+    if data.get("gap"):
+        model = GapQwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        cfg = dataclasses.replace(model.gap.config, **overrides)
+        head = model.gap.head if head is None else None if head == "none" else head
+        if args.profile is not None and args.profile != cfg.profile:
+            raise UsageError(f"--profile: {path!r} was saved with profile {cfg.profile!r}")
+    else:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        overrides.setdefault("calibration", "rms")
+        cfg = add_latent_tokens(tokenizer, model, profile=args.profile or "gap", **overrides)
+        head = None if head in (None, "none") else head
+    return model, tokenizer, head, cfg, f"{path} ({type(model).__name__})", []
+
+
+def _patch(model, head, cfg):
+    import gapkern
+
+    ema = model.gap.tau_ema.clone() if "gap" in model._modules else None
+    gapkern.patch(model, head, cfg)
+    if ema is not None:  # a saved running target survives a new head / config
+        model.gap.tau_ema.copy_(ema.to(model.gap.tau_ema.device))
+
+
+def _inputs(args, model, tokenizer, device):
+    from .models.prompt import chat_inputs, image_settings, read_image, synthetic_image
+
+    settings = image_settings(args.model)
+    factor = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
+    if args.image is None:
+        image, what = synthetic_image(TINY_IMAGE, args.seed), f"synthetic image {TINY_IMAGE}x{TINY_IMAGE}"
+    else:
+        if not os.path.isfile(args.image):
+            raise UsageError(f"--image: no file at {args.image!r}")
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            raise UsageError("--image: reading an image file needs Pillow (pip install pillow); "
+                             "without --image a synthetic image is used") from None
+        image = read_image(args.image, factor, settings["min_pixels"], settings["max_pixels"])
+        what = f"{os.path.basename(args.image)} at {image.shape[2]}x{image.shape[1]}"
+    try:
+        batch = chat_inputs(model, tokenizer, args.prompt, image, settings["mean"], settings["std"])
+    except ValueError as exc:
+        raise UsageError(f"--model: {exc}") from None
+    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    return {k: v.to(device) for k, v in batch.items()}, what
+
+
+def _describe_head(head):
+    return "output-as-input (no head)" if head is None else \
+        f"PCA rank {head.rank}{', whitened' if head.sigma is not None else ''}"
+
+
+def _tokens(tokenizer, ids, pad_id):
+    """Text runs decoded, runs of the latent placeholder shown once with their count."""
+    parts, run, i = [], [], 0
+    while i < len(ids):
+        if ids[i] == pad_id:
+            j = i
+            while j < len(ids) and ids[j] == pad_id:
+                j += 1
+            if run:
+                parts.append(tokenizer.decode(run))
+                run = []
+            parts.append(f"{tokenizer.convert_ids_to_tokens(pad_id)}x{j - i}")
+            i = j
+        else:
+            run.append(ids[i])
+            i += 1
+    if run:
+        parts.append(tokenizer.decode(run))
+    return " ".join(p.strip() for p in parts if p.strip())
+
+
+def _stats(values):
+    if not values:
+        return "-"
+    return f"mean {statistics.fmean(values):.4g} (min {min(values):.4g}, max {max(values):.4g})"
+
+
+def _ms(values):
+    return f"{statistics.median(values) * 1e3:.3f} ms ({len(values)} steps)" if values else "- (0 steps)"
+
+
+def generate(args) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens: expected at least 1")
+    if args.latent_budget is not None and args.latent_budget < 1:
+        raise UsageError("--latent-budget: expected at least 1")
+    import torch
+    from tqdm import tqdm
+    from transformers import LogitsProcessorList
+
+    from .models import ForceTokens, StepTrace
+
+    device, dtype = _device_dtype(args)
+    if not args.model and device.type == "cpu":
+        torch.set_num_threads(1)  # the tiny model's matmuls gain nothing from threads, and lose on a busy CPU
+    torch.manual_seed(args.seed)
+    model, tokenizer, head, cfg, name, banned = _load(args, dtype) if args.model else _tiny(args, dtype)
+    model = model.to(device).eval()
+    _patch(model, head, cfg)
+    batch, image_what = _inputs(args, model, tokenizer, device)
+    prompt_len = batch["input_ids"].shape[1]
+    span_at = args.span_at if args.span_at is not None else -1 if args.model else TINY_SPAN_AT
+    sched = {(0, span_at): cfg.latent_start_id} if span_at >= 0 else {}
+    processors = LogitsProcessorList([ForceTokens(prompt_len, sched, banned=banned)])
+    sample = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+
+    with tqdm(total=args.max_new_tokens - 1, desc="generate", unit="step", leave=False, disable=None) as bar:
+        trace = StepTrace(on_step=bar.update)
+        start = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, logits_processor=processors,
+                             return_dict_in_generate=True, trace=trace, **sample)
+        total = time.perf_counter() - start
+
+    new = out.sequences[0, prompt_len:].tolist()
+    visual, raw, fed = trace.visual_norms[0], trace.raw_norms[0], trace.fed_norms[0]
+    target = {"none": "none", "rms": statistics.fmean(visual) if visual else float(model.gap.tau_ema),
+              "ema": float(model.gap.tau_ema)}[cfg.calibration]
+    ratio = (f"; latent/text {statistics.median(trace.latent_s) / statistics.median(trace.text_s):.2f}"
+             if trace.text_s and trace.latent_s else "")
+    print(f"model        {name} on {device} {str(dtype).removeprefix('torch.')}")
+    print(f"head         {_describe_head(model.gap.head)}")
+    print(f"gap          profile {cfg.profile}, K={cfg.latent_budget} latents per span, calibration {cfg.calibration}")
+    print(f"prompt       {prompt_len} tokens: {args.prompt!r} + {image_what} "
+          f"({int(batch['mm_token_type_ids'].sum())} visual tokens)")
+    print(f"new tokens   {len(new)}: {_tokens(tokenizer, new, cfg.latent_pad_id)}")
+    print(f"latents      {len(fed)} written; L2 norms:")
+    print(f"  visual input embeddings  {_stats(visual)}")
+    print(f"  before calibration       {_stats(raw)}")
+    print(f"  after calibration        {_stats(fed)}")
+    print(f"  calibration target       {target if isinstance(target, str) else f'{target:.4g}'}")
+    print(f"time per step  text {_ms(trace.text_s)}, latent {_ms(trace.latent_s)}{ratio} "
+          f"(median; generate took {total:.2f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""A chat prompt with one image, as Qwen2.5-VL's processor builds it, from a tokenizer alone.
+
+The Hugging Face image processor needs Pillow or torchvision, neither of
+which gapkern depends on; this module rebuilds its output with torch:
+``smart_resize``'d pixels, rescaled and normalised, cut into the flat patch
+layout (``pixel_values (patches, 3 * T * P * P)``, ``image_grid_thw (1, 3)``),
+and the chat template's one image token expanded to one token per merged
+patch. Pillow is needed only to read an image file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the Qwen2-VL image processor's defaults
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+
+
+def image_settings(folder: str | None) -> dict:
+    """mean, std, min / max pixels: from the checkpoint's ``preprocessor_config.json`` if it has one."""
+    out = {"mean": CLIP_MEAN, "std": CLIP_STD, "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
+    path = None if folder is None else os.path.join(folder, "preprocessor_config.json")
+    if path is None or not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        data = json.load(f)
+    size = data.get("size") or {}
+    out["mean"] = tuple(data.get("image_mean", out["mean"]))
+    out["std"] = tuple(data.get("image_std", out["std"]))
+    out["min_pixels"] = data.get("min_pixels", size.get("shortest_edge", out["min_pixels"]))
+    out["max_pixels"] = data.get("max_pixels", size.get("longest_edge", out["max_pixels"]))
+    return out
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size Qwen2-VL's processor resizes to: multiples of ``factor``, pixels within bounds, aspect kept."""
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return max(h, factor), max(w, factor)
+
+
+def synthetic_image(size: int = 224, seed: int = 0) -> torch.Tensor:
+    """A smooth random colour field (3, size, size) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)[0]
+
+
+def read_image(path: str, factor: int, min_pixels: int, max_pixels: int) -> torch.Tensor:
+    """An image file as (3, H, W) in [0, 1], resized as the processor would (needs Pillow)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        h, w = smart_resize(img.height, img.width, factor, min_pixels, max_pixels)
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+
+
+def pixel_inputs(image: torch.Tensor, vision_config, mean=CLIP_MEAN, std=CLIP_STD) -> dict:
+    """``image`` (3, H, W) in [0, 1], H and W multiples of patch * merge -> pixel_values, image_grid_thw."""
+    patch, merge = vision_config.patch_size, vision_config.spatial_merge_size
+    temporal = vision_config.temporal_patch_size
+    c, h, w = image.shape
+    if h % (patch * merge) or w % (patch * merge):
+        raise ValueError(f"image: height and width must be multiples of {patch * merge}, got {h}x{w}")
+    x = (image.float() - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    gh, gw = h // patch, w // patch
+    x = x.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
+    x = x.unsqueeze(5).expand(-1, -1, -1, -1, -1, temporal, -1, -1)  # a still image fills every temporal slot
+    return {"pixel_values": x.reshape(gh * gw, c * temporal * patch * patch),
+            "image_grid_thw": torch.tensor([[1, gh, gw]])}
+
+
+def chat_inputs(model, tokenizer, prompt: str, image: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> dict:
+    """One row: the chat template around ``prompt`` and one image, ready for ``model.generate``."""
+    vision = model.config.vision_config
+    pixels = pixel_inputs(image, vision, mean, std)
+    n_tokens = int(pixels["image_grid_thw"].prod()) // vision.spatial_merge_size ** 2
+    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if text.count(image_token) != 1:
+        raise ValueError(f"tokenizer: its chat template should place one {image_token!r} for the image, "
+                         f"placed {text.count(image_token)}")
+    input_ids = tokenizer(text.replace(image_token, image_token * n_tokens), return_tensors="pt")["input_ids"]
+    image_mask = input_ids == model.config.image_token_id
+    if int(image_mask.sum()) != n_tokens:
+        raise ValueError(f"tokenizer: {image_token!r} did not tokenize to the model's image token id")
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": image_mask.long(), **pixels}

@@ -1,0 +1,90 @@
+"""The latent-aware generate written the obvious way: no cache, the whole sequence recomputed every step.
+
+The tests check :func:`~gapkern.models.generate.decode` against it, and the
+benchmarks time the decode loop against it. Same state machine (SPEC section
+3), greedy, one row at a time; the latent step is computed in float64 here,
+apart from ``gapkern.ops``.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessorList
+
+
+def latent_step64(hidden, head=None, tau=None, eps=1e-6):
+    """SPEC section 2 for one row, in float64: ``hidden`` (D,) -> latent (D,)."""
+    z = hidden.double()
+    if head is not None:
+        c = z @ head.weight.double() + head.bias.double()
+        if head.sigma is not None:
+            c = c * head.sigma.double()
+        z = head.mean.double() + c @ head.basis.double().T
+    if tau is not None and tau > 0:
+        z = z * tau / max(z.norm().item(), eps)
+    return z
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+
+@torch.no_grad()
+def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: int = 16, processors=None):
+    """Greedy latent-aware generation of ``steps`` new positions for a prompt ``batch`` (the processor's output).
+
+    ``head`` a PCALatentHead or None (output-as-input); ``tau`` per-row
+    calibration targets (floats) or None. Returns ``(sequences (B, L + n),
+    latents: per row a float32 (n_latents, D) tensor, text_steps: per step
+    whether some live row sampled a token)``.
+    """
+    processors = LogitsProcessorList() if processors is None else processors
+    lm, embed = model.model.language_model, model.get_input_embeddings()
+    input_ids, att = batch["input_ids"], batch["attention_mask"]
+    rows, device = input_ids.shape[0], input_ids.device
+    pad_id, eos = model.generation_config.pad_token_id or 0, _eos_ids(model)
+    embeds = embed(input_ids)
+    if "pixel_values" in batch:
+        feats = torch.cat(model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
+        embeds = embeds.masked_scatter((input_ids == model.config.image_token_id)[..., None], feats.to(embeds.dtype))
+    pos, _ = model.model.get_rope_index(input_ids, batch["mm_token_type_ids"],
+                                        image_grid_thw=batch.get("image_grid_thw"), attention_mask=att)
+    start, end, lpad = gap_config.latent_start_id, gap_config.latent_end_id, gap_config.latent_pad_id
+    mode = ["latent" if t == start else "text" for t in input_ids[:, -1].tolist()]
+    count = [gap_config.latent_budget] * rows
+    done, latents, seq, text_steps = [False] * rows, [[] for _ in range(rows)], input_ids, []
+    for _ in range(steps):
+        hidden = lm(inputs_embeds=embeds, attention_mask=att, position_ids=pos).last_hidden_state[:, -1]
+        scores = processors(seq, model.lm_head(hidden).float())
+        text_steps.append(any(m == "text" and not d for m, d in zip(mode, done)))
+        tokens, nxt = [], []
+        for b in range(rows):
+            if mode[b] == "latent":
+                t = None if tau is None else tau[b]
+                z = latent_step64(hidden[b], head, t, gap_config.eps).to(embeds.dtype)
+                latents[b].append(z)
+                count[b] -= 1
+                if count[b] == 0:
+                    mode[b] = "end"
+                tokens.append(lpad)
+                nxt.append(z)
+                continue
+            if mode[b] == "end":
+                tok, mode[b], count[b] = end, "text", gap_config.latent_budget
+            elif done[b]:
+                tok = pad_id
+            else:
+                tok = int(scores[b].argmax())
+                done[b] = tok in eos
+                if tok == start:
+                    mode[b] = "latent"
+            tokens.append(tok)
+            nxt.append(embed.weight[tok])
+        seq = torch.cat([seq, torch.tensor(tokens, device=device)[:, None]], 1)
+        embeds = torch.cat([embeds, torch.stack(nxt)[:, None]], 1)
+        pos = torch.cat([pos, pos[:, :, -1:] + 1], 2)
+        att = torch.cat([att, torch.ones(rows, 1, dtype=att.dtype, device=device)], 1)
+        if all(done):
+            break
+    stacked = [torch.stack(z).float() if z else torch.zeros(0, embeds.shape[-1], device=device) for z in latents]
+    return seq, stacked, text_steps
