@@ -32,3 +32,13 @@ def _restore_backend():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-model tests: tiny matmuls gain nothing from threads, and on a busy
+    small machine OpenMP threads thrash (20x slower seen here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,12 +18,7 @@ from gapkern.models import (ForceTokens, GapQwen2_5_VLForConditionalGeneration, 
 from gapkern.models.reference import naive_generate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *argv):

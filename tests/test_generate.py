@@ -31,13 +31,7 @@ def schedule(ids):
     return {(1, 0): s, (2, 7): ids.eos, (0, 8): s, (1, 8): s}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy small machine OpenMP threads thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

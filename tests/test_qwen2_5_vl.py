@@ -16,12 +16,7 @@ from gapkern.models import (ForceTokens, GapQwen2_5_VLForConditionalGeneration, 
 ROWS = [(4, None), (2, (56, 56)), (3, (56, 84))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spans(batch, ids):
