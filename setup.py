@@ -3,7 +3,9 @@
 The extension (csrc/ kernels, python/ pybind11 glue, CMakeLists.txt) is built
 with CMake and Ninja whenever ``nvcc`` is found; without nvcc, or with
 ``GAPKERN_NO_CUDA=1``, one line says it is skipped and the pure-Python package
-installs alone (the cuda backend then reports "not built").
+installs alone (the cuda backend then reports "not built"). The build targets
+sm_80 and sm_90 (plus sm_90 PTX); ``GAPKERN_CUDA_ARCHS="90a"`` (CMake syntax)
+overrides that.
 """
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ def cuda_build_decision(env=os.environ) -> tuple[str | None, str]:
     if env.get("GAPKERN_NO_CUDA", "").strip() not in ("", "0"):
         return None, (f"gapkern: GAPKERN_NO_CUDA={env['GAPKERN_NO_CUDA']}: skipping the CUDA extension "
                       f"{EXTENSION}; installing the pure-Python package only")
+    if not os.path.isfile(os.path.join(ROOT, "CMakeLists.txt")):
+        return None, (f"gapkern: no CMakeLists.txt in this source tree: skipping the CUDA extension {EXTENSION}; "
+                      "installing the pure-Python package only")
     nvcc = find_nvcc(env)
     if nvcc is None:
         return None, (f"gapkern: nvcc not found (PATH, CUDA_HOME): skipping the CUDA extension {EXTENSION}; "

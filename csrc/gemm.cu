@@ -1,0 +1,216 @@
+// C[m, n] = ((sum_k A[m, k] * kscale[k] * B[k, n]) + nbias[n]) * nscale[n] * rowscale[m]:
+// a strided GEMM on CUDA cores with float32 accumulation, for pca_project,
+// pca_reconstruct and the float32 latent step (rowscale from SPEC's norm identity).
+#include <string>
+
+#include "common.cuh"
+
+namespace gapkern {
+namespace {
+
+constexpr int kBM = 64, kBN = 64, kBK = 16, kThreads = 256;
+
+template <typename T>
+struct GemmArgs {
+  const T* a; int64_t sa0, sa1;            // A (M, K)
+  const T* b; int64_t sb0, sb1;            // B (K, N)
+  const T* kscale; int64_t sks;            // (K,) or null
+  const T* nbias; int64_t snb;             // (N,) or null
+  const T* nscale; int64_t sns;            // (N,) or null
+  T* c; int64_t sc0, sc1;                  // C (M, N)
+  int M, N, K;
+  // Row calibration (latent step): A rows are the coefficients c_raw of the rows of C.
+  const float* tau; int64_t stau;          // null: no calibration
+  const uint8_t* mask; int64_t smask;      // null: write every row
+  const float* consts;                     // [perp, ., ., ., U.T @ mean (K)] or null
+  float eps;
+};
+
+// rowscale[r] and rowwrite[r] for the rows m0 + r of this tile, one warp per row.
+template <typename T>
+__device__ void row_prologue(const GemmArgs<T>& p, int m0, float* rowscale, uint8_t* rowwrite) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int r = warp; r < kBM; r += kThreads / 32) {
+    const int m = m0 + r;
+    float scale = 1.f;
+    uint8_t write = 0;
+    if (m < p.M) {
+      write = p.mask ? (p.mask[m * p.smask] != 0) : 1;
+      const float tau = p.tau ? p.tau[m * p.stau] : 0.f;
+      if (write && tau > 0.f) {  // warp-uniform
+        float ss = 0.f;
+        for (int k = lane; k < p.K; k += 32) {
+          float v = to_f(p.a[m * p.sa0 + k * p.sa1]);
+          if (p.kscale) v *= to_f(p.kscale[k * p.sks]);
+          if (p.consts) v += p.consts[4 + k];
+          ss = fmaf(v, v, ss);
+        }
+        ss = warp_sum(ss) + (p.consts ? p.consts[0] : 0.f);
+        scale = tau / fmaxf(sqrtf(fmaxf(ss, 0.f)), p.eps);
+      }
+    }
+    if (lane == 0) {
+      rowscale[r] = scale;
+      rowwrite[r] = write;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs<T> p) {
+  __shared__ float As[kBK][kBM + 4];
+  __shared__ float Bs[kBK][kBN + 4];
+  __shared__ float rowscale[kBM];
+  __shared__ uint8_t rowwrite[kBM];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  row_prologue(p, m0, rowscale, rowwrite);
+  __syncthreads();
+
+  // Neighbouring threads walk the unit-stride dimension, so the loads coalesce.
+  const bool a_along_k = (p.sa1 < 0 ? -p.sa1 : p.sa1) <= (p.sa0 < 0 ? -p.sa0 : p.sa0);
+  const bool b_along_n = (p.sb1 < 0 ? -p.sb1 : p.sb1) <= (p.sb0 < 0 ? -p.sb0 : p.sb0);
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < p.K; k0 += kBK) {
+#pragma unroll
+    for (int q = 0; q < kBM * kBK / kThreads; ++q) {
+      const int e = tid + kThreads * q;
+      const int kk = a_along_k ? e % kBK : e / kBM, mi = a_along_k ? e / kBK : e % kBM;
+      const int m = m0 + mi, k = k0 + kk;
+      float v = 0.f;
+      if (m < p.M && k < p.K) {
+        v = to_f(p.a[m * p.sa0 + k * p.sa1]);
+        if (p.kscale) v *= to_f(p.kscale[k * p.sks]);
+      }
+      As[kk][mi] = v;
+    }
+#pragma unroll
+    for (int q = 0; q < kBN * kBK / kThreads; ++q) {
+      const int e = tid + kThreads * q;
+      const int kk = b_along_n ? e / kBN : e % kBK, ni = b_along_n ? e % kBN : e / kBK;
+      const int n = n0 + ni, k = k0 + kk;
+      Bs[kk][ni] = (n < p.N && k < p.K) ? to_f(p.b[k * p.sb0 + n * p.sb1]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      float av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) av[i] = As[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = ty + 16 * i, m = m0 + r;
+    if (m >= p.M || !rowwrite[r]) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = n0 + tx + 16 * j;
+      if (n >= p.N) continue;
+      float v = acc[i][j];
+      if (p.nbias) v += to_f(p.nbias[n * p.snb]);
+      if (p.nscale) v *= to_f(p.nscale[n * p.sns]);
+      p.c[m * p.sc0 + n * p.sc1] = from_f<T>(v * rowscale[r]);
+    }
+  }
+}
+
+template <typename T>
+void launch(const GemmArgs<T>& p, cudaStream_t stream) {
+  const dim3 grid(ceil_div(p.N, kBN), ceil_div(p.M, kBM));
+  launch_kernel(gemm_kernel<T>, grid, dim3(kThreads), stream, p);
+  check_launch("gemm_kernel");
+}
+
+template <typename T>
+GemmArgs<T> plain(int M, int N, int K, Mat a, Mat b, OutMat c) {
+  GemmArgs<T> p{};
+  p.a = static_cast<const T*>(a.p); p.sa0 = a.s0; p.sa1 = a.s1;
+  p.b = static_cast<const T*>(b.p); p.sb0 = b.s0; p.sb1 = b.s1;
+  p.c = static_cast<T*>(c.p); p.sc0 = c.s0; p.sc1 = c.s1;
+  p.M = M; p.N = N; p.K = K;
+  p.eps = 1.f;
+  return p;
+}
+
+template <typename T>
+void project(const Launch& L, int B, int D, int d, Mat hidden, Mat weight, Vec bias, OutMat out) {
+  auto p = plain<T>(B, d, D, hidden, weight, out);
+  p.nbias = static_cast<const T*>(bias.p); p.snb = bias.s;
+  launch(p, L.stream);
+}
+
+template <typename T>
+void reconstruct(const Launch& L, int B, int D, int d, Mat coeffs, Mat basis, Vec mean, Vec sigma, OutMat out) {
+  const Mat basis_t{basis.p, basis.s1, basis.s0};  // (d, D)
+  auto p = plain<T>(B, D, d, coeffs, basis_t, out);
+  p.kscale = static_cast<const T*>(sigma.p); p.sks = sigma.s;
+  p.nbias = static_cast<const T*>(mean.p); p.snb = mean.s;
+  launch(p, L.stream);
+}
+
+template <typename F>
+void dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32: f(float{}); break;
+    case DType::BF16: f(bf16{}); break;
+    case DType::F16: f(f16{}); break;
+    default: throw Error("gapkern cuda backend: unsupported dtype code " + std::to_string(int(dtype)));
+  }
+}
+
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+}  // namespace
+
+void add_gemm_kernels(std::vector<const void*>& out) {
+  out.push_back(reinterpret_cast<const void*>(&gemm_kernel<float>));
+  out.push_back(reinterpret_cast<const void*>(&gemm_kernel<bf16>));
+  out.push_back(reinterpret_cast<const void*>(&gemm_kernel<f16>));
+}
+
+void pca_project(const Launch& L, DType dtype, int B, int D, int d, Mat hidden, Mat weight, Vec bias, OutMat out) {
+  DeviceGuard guard(L.device);
+  dispatch(dtype, [&](auto t) { project<decltype(t)>(L, B, D, d, hidden, weight, bias, out); });
+}
+
+void pca_reconstruct(const Launch& L, DType dtype, int B, int D, int d, Mat coeffs, Mat basis, Vec mean,
+                     Vec sigma, OutMat out) {
+  DeviceGuard guard(L.device);
+  dispatch(dtype, [&](auto t) { reconstruct<decltype(t)>(L, B, D, d, coeffs, basis, mean, sigma, out); });
+}
+
+size_t strided_workspace_bytes(int B, int d) { return round_up(sizeof(float) * size_t(B) * d, 256); }
+
+// Launch 1: c_raw = (hidden @ weight + bias) * sigma into the float32 workspace.
+// Launch 2: mean + c_raw @ basis.T, calibrated from c_raw, into the masked rows of out.
+void latent_step_strided(const Launch& L, DType dtype, const LatentArgs& a, Mat weight, Mat basis) {
+  if (dtype != DType::F32) throw Error("gapkern cuda backend: latent_step_strided runs float32 only");
+  if (a.workspace_bytes < strided_workspace_bytes(a.B, a.d))
+    throw Error("gapkern cuda backend: latent_step workspace too small");
+  DeviceGuard guard(L.device);
+  float* ws = static_cast<float*>(a.workspace);
+  auto p1 = plain<float>(a.B, a.d, a.D, a.hidden, weight, OutMat{ws, a.d, 1});
+  p1.nbias = static_cast<const float*>(a.bias.p); p1.snb = a.bias.s;
+  p1.nscale = static_cast<const float*>(a.sigma.p); p1.sns = a.sigma.s;
+  launch(p1, L.stream);
+
+  const Mat basis_t{basis.p, basis.s1, basis.s0};
+  auto p2 = plain<float>(a.B, a.D, a.d, Mat{ws, a.d, 1}, basis_t, a.out);
+  p2.nbias = static_cast<const float*>(a.mean.p); p2.snb = a.mean.s;
+  p2.tau = static_cast<const float*>(a.tau.p); p2.stau = a.tau.s;
+  p2.mask = static_cast<const uint8_t*>(a.mask.p); p2.smask = a.mask.s;
+  p2.consts = a.consts;
+  p2.eps = a.eps;
+  launch(p2, L.stream);
+}
+
+}  // namespace gapkern

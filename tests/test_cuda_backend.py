@@ -1,0 +1,364 @@
+"""The CUDA backend: the build and its skip path, clear errors without a GPU, the kernels
+under a host emulation of CUDA (CPU, any machine with g++), and CUDA-graph capture (GPU).
+
+GPU parity of every op is in test_ops.py (parametrized over backends, gpu-marked).
+"""
+from __future__ import annotations
+
+import faulthandler
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from gapkern import ops
+
+import reference as R
+from cases import Case
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _load_setup():
+    spec = importlib.util.spec_from_file_location("gapkern_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # __name__ is not "__main__": nothing is built
+    return module
+
+
+setup_py = _load_setup()
+BUILD_EXPECTED = setup_py.cuda_build_decision()[0] is not None
+
+
+def _extension():
+    try:
+        from gapkern import _C
+    except ImportError:
+        return None
+    return _C
+
+
+needs_extension = pytest.mark.skipif(_extension() is None, reason="gapkern._C is not built here")
+cpu_only = pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without a GPU")
+
+
+# -- the build ---------------------------------------------------------------
+
+@pytest.mark.skipif(not BUILD_EXPECTED, reason="no nvcc, or GAPKERN_NO_CUDA=1: the extension is not built")
+def test_extension_imports_when_nvcc_is_there():
+    """With nvcc on the machine, the install must have built gapkern._C (a compile error fails CI here)."""
+    import gapkern._C as C
+
+    assert C.ABI_VERSION == 1
+    assert issubclass(C.CudaError, RuntimeError)
+    driver, runtime = C.cuda_versions()  # no context, no error, GPU or not
+    assert runtime >= 12000 and driver >= 0
+
+
+def test_build_is_skipped_with_one_line_when_disabled():
+    lines = []
+    assert setup_py.extension_modules({"GAPKERN_NO_CUDA": "1", "PATH": os.environ.get("PATH", "")},
+                                      log=lines.append) == []
+    assert len(lines) == 1 and "GAPKERN_NO_CUDA=1" in lines[0] and "skipping the CUDA extension" in lines[0]
+
+
+def test_build_is_skipped_with_one_line_without_nvcc(capsys):
+    assert setup_py.extension_modules({"PATH": "", "CUDA_HOME": "/nonexistent"}) == []
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and "nvcc not found" in printed[0]
+
+
+@pytest.mark.skipif(setup_py.find_nvcc() is None, reason="no nvcc here")
+def test_build_is_planned_with_nvcc():
+    for value in ("", "0"):
+        env = {**os.environ, "GAPKERN_NO_CUDA": value}
+        (ext,) = setup_py.extension_modules(env, log=pytest.fail)
+        assert ext.name == "gapkern._C" and os.path.basename(ext.nvcc).startswith("nvcc")
+
+
+# -- without a GPU: clear errors, never a crash -----------------------------------
+
+@cpu_only
+def test_backend_info_says_no_gpu():
+    status = ops.backend_info()["cuda"]
+    if _extension() is None:
+        assert status.startswith("not built: ")
+    else:
+        assert status == "no GPU"
+
+
+@cpu_only
+def test_cuda_backend_on_cpu_tensors_raises_a_clear_error():
+    ops.set_backend("cuda")
+    with pytest.raises(RuntimeError, match="gapkern backend 'cuda' cannot run on cpu tensors"):
+        ops.latent_step(torch.randn(2, 8), tau=1.0)
+
+
+@needs_extension
+def test_adapter_rejects_cpu_tensors():
+    from gapkern.ops import _cuda
+
+    c = Case(64, 16, 2, torch.bfloat16, "cpu")
+    with pytest.raises(RuntimeError, match="gapkern cuda backend: expected CUDA tensors, got one on cpu"):
+        _cuda.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, c.out_buffer())
+    with pytest.raises(RuntimeError, match="expected CUDA tensors"):
+        _cuda.pca_project(c.hidden, c.weight, c.bias)
+
+
+@cpu_only
+@needs_extension
+def test_raw_extension_without_a_device_raises():
+    C = _extension()
+    no_device = r"gapkern cuda backend: no CUDA device \(cuda\w+: "
+    with pytest.raises(RuntimeError, match=no_device):
+        C.check_device(0)
+    with pytest.raises(RuntimeError, match=no_device):
+        C.latent_workspace_bytes(0, 1, 1, 3584, 629)
+    with pytest.raises(RuntimeError, match=no_device):  # raises before touching the (null) pointers
+        C.norm_calibrate(0, 0, 1, 1, 8, 0, 8, 1, 0, 0, 1e-6, 0, 0, 0, 8, 1)
+    with pytest.raises(ValueError, match="unknown dtype code 9"):
+        C.pca_project(0, 0, 9, 1, 8, 4, 0, 8, 1, 0, 4, 1, 0, 0, 0, 4, 1)
+
+
+# -- the kernels under host emulation (CPU) ------------------------------------
+
+def _cuda_include():
+    nvcc = setup_py.find_nvcc()
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if nvcc:
+        roots.append(os.path.dirname(os.path.dirname(nvcc)))
+    for root in filter(None, roots):
+        if os.path.isfile(os.path.join(root, "include", "cuda_bf16.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+def _build_emulated(out_dir: Path):
+    """gapkern._C built from csrc/ and python/ with g++ and GAPKERN_EMULATE (see csrc/emulate/host.h)."""
+    pybind11 = pytest.importorskip("pybind11", reason="pybind11 builds the emulated extension")
+    cxx, include = shutil.which("g++"), _cuda_include()
+    if cxx is None or include is None:
+        pytest.skip("the emulated kernels need g++ and the CUDA headers")
+    flags = ["-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-pthread", "-DGAPKERN_EMULATE",
+             f"-I{ROOT / 'csrc'}", f"-I{include}", f"-I{pybind11.get_include()}",
+             f"-I{sysconfig.get_paths()['include']}"]
+    sources = [*(ROOT / "csrc").glob("*.cu"), ROOT / "csrc/emulate/runtime.cpp", ROOT / "python/bindings.cpp"]
+
+    def compile_one(src):
+        obj = out_dir / (src.name + ".o")
+        lang = ["-x", "c++"] if src.suffix == ".cu" else []
+        run = subprocess.run([cxx, *flags, *lang, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+        if run.returncode:
+            pytest.fail(f"emulated build of {src.name} failed:\n{run.stderr[-4000:]}")
+        return str(obj)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        objects = list(pool.map(compile_one, sources))
+    target = out_dir / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    run = subprocess.run([cxx, "-shared", "-pthread", *objects, "-o", str(target)], capture_output=True, text=True)
+    if run.returncode:
+        pytest.fail(f"linking the emulated extension failed:\n{run.stderr[-4000:]}")
+    spec = importlib.util.spec_from_file_location("gapkern_emulated._C", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def emulated_C(tmp_path_factory):
+    return _build_emulated(tmp_path_factory.mktemp("emulated_C"))
+
+
+@pytest.fixture
+def emulated(emulated_C, monkeypatch):
+    """gapkern.ops._cuda running the emulated kernels on CPU tensors."""
+    from gapkern.ops import _cuda
+
+    monkeypatch.setattr(_cuda, "_C", emulated_C)
+    monkeypatch.setattr(_cuda, "_on_gpu", lambda *tensors: None)
+    monkeypatch.setattr(_cuda, "_launch", lambda t: (0, 0))
+    monkeypatch.setattr(_cuda, "_workspaces", {})
+    monkeypatch.setattr(_cuda, "_derived", {})
+    faulthandler.dump_traceback_later(600, exit=True)  # a barrier bug would hang: fail instead
+    yield _cuda
+    faulthandler.cancel_dump_traceback_later()
+
+
+EMU_DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16"),
+              pytest.param(torch.float16, id="f16")]
+# (D, d, B): odd sizes; B = 9 and 70 take 2 and 16 row tiles (two row groups of 64 at 70).
+EMU_CASES = [pytest.param((200, 37, 1), id="D200-d37-B1"), pytest.param((200, 37, 9), id="D200-d37-B9"),
+             pytest.param((96, 40, 70), id="D96-d40-B70")]
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize("shape", EMU_CASES)
+@pytest.mark.parametrize("whiten", [False, True], ids=["plain", "whitened"])
+def test_emulated_latent_step_matches_reference(emulated, dtype, shape, whiten):
+    D, d, B = shape
+    c = Case(D, d, B, dtype, "cpu")
+    sigma = c.sigma if whiten else None
+    for _ in range(2):  # the second call reuses the workspace: arrival counters were reset
+        out = c.out_buffer()
+        emulated.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, sigma, c.tau, 1e-6, c.mask, out)
+        ref = R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma)
+        R.assert_matches(out[c.mask], ref[c.mask])
+        assert (out[~c.mask] == 7.0).all(), "rows outside latent_mask must stay untouched"
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+def test_emulated_latent_step_strided_without_mean_or_tau(emulated, dtype):
+    c = Case(200, 37, 3, dtype, "cpu", strided=True)
+    buf = c.out_buffer(strided=True)
+    emulated.latent_step(c.hidden, c.weight, None, c.basis, None, c.sigma, None, 1e-6, None, buf)
+    R.assert_matches(buf, R.latent_step(c.hidden, c.weight, None, c.basis, None, None, sigma=c.sigma))
+    parent = buf._base
+    assert (parent[:, 0] == 7.0).all() and (parent[:, 2] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+def test_emulated_identity_head_and_zero_rows(emulated, dtype):
+    c = Case(200, 37, 3, dtype, "cpu")
+    out = c.out_buffer()
+    emulated.latent_step(c.hidden, None, None, None, None, None, c.tau, 1e-6, c.mask, out)
+    R.assert_matches(out[c.mask], R.latent_step(c.hidden, tau=c.tau)[c.mask])
+    assert (out[~c.mask] == 7.0).all()
+    zeros = torch.zeros_like(c.hidden)
+    zero_mean = torch.zeros_like(c.mean)
+    got = c.out_buffer()
+    emulated.latent_step(zeros, c.weight, None, c.basis, zero_mean, c.sigma, c.tau, 1e-6, None, got)
+    assert torch.isfinite(got).all() and (got == 0).all()
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize("shape", EMU_CASES)
+def test_emulated_pca_project_matches_reference(emulated, dtype, shape):
+    """Half types with unit-stride hidden take the tensor-core projection kernel."""
+    D, d, B = shape
+    c = Case(D, d, B, dtype, "cpu")
+    for bias in (c.bias, None):
+        R.assert_matches(emulated.pca_project(c.hidden, c.weight, bias), R.project(c.hidden, c.weight, bias))
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+def test_emulated_small_ops_match_reference(emulated, dtype):
+    c = Case(200, 37, 5, dtype, "cpu", strided=True)
+    R.assert_matches(emulated.pca_project(c.hidden, c.weight, c.bias), R.project(c.hidden, c.weight, c.bias))
+    coeffs = torch.randn(5, 37).to(dtype)
+    R.assert_matches(emulated.pca_reconstruct(coeffs, c.basis, c.mean, c.sigma),
+                     R.reconstruct(coeffs, c.basis, c.mean, c.sigma))
+    R.assert_matches(emulated.norm_calibrate(c.hidden, c.tau, 1e-6), R.calibrate(c.hidden, c.tau))
+    broadcast = torch.tensor([2.5]).expand(5)  # a scalar target: stride 0
+    R.assert_matches(emulated.norm_calibrate(c.hidden, broadcast, 1e-6), R.calibrate(c.hidden, 2.5))
+    ids = c.token_ids.clone()
+    ids[c.mask] = 10 ** 6
+    out = c.out_buffer(strided=True)
+    emulated.reembed(ids, c.hidden.float(), c.mask, c.embed, out)
+    ref = torch.where(c.mask[:, None], R.f64(c.hidden.float()), R.f64(c.embed)[c.token_ids.clamp(max=96)])
+    R.assert_matches(out, ref)
+
+
+def test_emulated_head_cache_follows_its_tensors(emulated):
+    """Packed weights are rebuilt after an in-place update and dropped with the tensor."""
+    c = Case(96, 40, 2, torch.bfloat16, "cpu")
+    weight = c.weight.clone()
+    out = c.out_buffer()
+    emulated.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    weight.mul_(-0.5)
+    emulated.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    R.assert_matches(out, R.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, c.tau))
+    assert len(emulated._derived) == 1
+    del weight
+    assert not emulated._derived
+
+
+def test_emulated_ema_update(emulated):
+    state = torch.zeros(1)
+    emulated.ema_update(state, torch.tensor([2.0, 4.0]), 0.9)
+    assert state.item() == pytest.approx(3.0)
+    emulated.ema_update(state, torch.tensor([13.0], dtype=torch.bfloat16), 0.9)
+    assert state.item() == pytest.approx(0.9 * 3.0 + 0.1 * 13.0, rel=1e-6)
+
+
+# -- on a GPU ----------------------------------------------------------------------
+
+def _graph_case(dtype, head):
+    c = Case(3584, 629, 5, dtype, "cuda")
+    weight, bias, basis, mean = (c.weight, c.bias, c.basis, c.mean) if head else (None, None, None, None)
+    sigma = c.sigma if head else None
+    return c, dict(weight=weight, bias=bias, basis=basis, mean=mean, sigma=sigma)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize("head", [True, False], ids=["pca-head", "identity"])
+def test_latent_step_in_a_cuda_graph_matches_the_torch_backend(dtype, head):
+    """Capture one latent step (cuda backend) in a CUDA graph; replays on fresh inputs match the torch backend."""
+    c, kw = _graph_case(dtype, head)
+    hidden, tau, out = c.hidden.clone(), c.tau.clone(), c.out_buffer()
+
+    def step(o):
+        ops.latent_step(hidden, kw["weight"], kw["bias"], kw["basis"], kw["mean"], tau, sigma=kw["sigma"],
+                        latent_mask=c.mask, out=o)
+
+    ops.set_backend("cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: workspace and packed head cached, kernels loaded
+        for _ in range(2):
+            step(out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(out)
+    for trial in range(3):
+        hidden.copy_(torch.randn_like(hidden, dtype=torch.float32).to(hidden.dtype) * (trial + 1))
+        tau.copy_(torch.rand_like(tau) * 5 + 1)
+        out.fill_(7.0)
+        graph.replay()
+        torch.cuda.synchronize()
+        ops.set_backend("torch")
+        expected = c.out_buffer()
+        step(expected)
+        ops.set_backend("cuda")
+        ref = R.latent_step(hidden, kw["weight"], kw["bias"], kw["basis"], kw["mean"], tau, sigma=kw["sigma"])
+        mask = c.mask.cpu()
+        R.assert_matches(out[c.mask], ref[mask])
+        R.assert_matches(expected[c.mask], ref[mask])
+        assert (out[~c.mask] == 7.0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B", [1, 64, 70, 256])
+def test_latent_step_is_deterministic_and_reuses_its_workspace(dtype, B):
+    """Repeated calls give bit-identical results (split-K sums in a fixed order, counters reset)."""
+    ops.set_backend("cuda")
+    c = Case(3584, 629, B, dtype, "cuda")
+    first, again = c.out_buffer(), c.out_buffer()
+    ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma, out=first)
+    for _ in range(3):
+        ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma, out=again)
+    assert torch.equal(first, again)
+    R.assert_matches(first, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma))
+
+
+@pytest.mark.gpu
+def test_packed_head_is_rebuilt_after_an_in_place_update():
+    ops.set_backend("cuda")
+    c = Case(2048, 311, 3, torch.bfloat16, "cuda")
+    weight = c.weight.clone()
+    out = c.out_buffer()
+    ops.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, c.tau, out=out)
+    with torch.no_grad():
+        weight.mul_(-0.5)
+    ops.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, c.tau, out=out)
+    R.assert_matches(out, R.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, c.tau))
