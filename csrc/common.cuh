@@ -10,6 +10,7 @@
 #endif
 
 #include <cstdint>
+#include <string>
 
 #include "gapkern.h"
 #include "runtime.h"
@@ -26,6 +27,17 @@ void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t str
 
 using bf16 = __nv_bfloat16;
 using f16 = __half;
+
+// Calls f(T{}) with the storage type T of a float dtype code.
+template <typename F>
+void dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32: f(float{}); break;
+    case DType::BF16: f(bf16{}); break;
+    case DType::F16: f(f16{}); break;
+    default: throw Error("gapkern cuda backend: unsupported dtype code " + std::to_string(int(dtype)));
+  }
+}
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }

@@ -157,16 +157,6 @@ void reconstruct(const Launch& L, int B, int D, int d, Mat coeffs, Mat basis, Ve
   launch(p, L.stream);
 }
 
-template <typename F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F32: f(float{}); break;
-    case DType::BF16: f(bf16{}); break;
-    case DType::F16: f(f16{}); break;
-    default: throw Error("gapkern cuda backend: unsupported dtype code " + std::to_string(int(dtype)));
-  }
-}
-
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 }  // namespace

@@ -159,6 +159,26 @@ __device__ __forceinline__ void store_fragment(T* cf, int ntw, int kt, int ntg, 
   p[4] = from_f<T>(x - to_f(hi));
 }
 
+// Adds up the per-warp accumulators of a block's k-slots through shared memory `red`
+// ([warps][NT][32][4] floats): the warps with wk == 0 end with the block's sums.
+template <int NT>
+__device__ __forceinline__ void reduce_slots(float (&acc)[NT][4], float* red, int warp, int lane, int wk,
+                                             int slots, int MB) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+    *reinterpret_cast<float4*>(red + ((warp * NT + nt) * 32 + lane) * 4) =
+        make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
+  __syncthreads();
+  if (wk != 0) return;
+  for (int q = 1; q < slots; ++q) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float4 v = *reinterpret_cast<const float4*>(red + (((warp + q * MB) * NT + nt) * 32 + lane) * 4);
+      acc[nt][0] += v.x; acc[nt][1] += v.y; acc[nt][2] += v.z; acc[nt][3] += v.w;
+    }
+  }
+}
+
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads) project_kernel(const ProjectArgs<T> a) {
   __shared__ __align__(16) unsigned char smem[kSmem];
@@ -205,22 +225,7 @@ __global__ void __launch_bounds__(kThreads) project_kernel(const ProjectArgs<T> 
 
   // Add up the k-slots of the block: warps with wk == 0 end with the block's sums.
   float* red = reinterpret_cast<float*>(smem);  // [warps][NT][32][4]
-  if (slots > 1) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-      *reinterpret_cast<float4*>(red + ((warp * NT + nt) * 32 + lane) * 4) =
-          make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
-    __syncthreads();
-    if (wk == 0) {
-      for (int q = 1; q < slots; ++q) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const float4 v = *reinterpret_cast<const float4*>(red + (((warp + q * MB) * NT + nt) * 32 + lane) * 4);
-          acc[nt][0] += v.x; acc[nt][1] += v.y; acc[nt][2] += v.z; acc[nt][3] += v.w;
-        }
-      }
-    }
-  }
+  if (slots > 1) reduce_slots<NT>(acc, red, warp, lane, wk, slots, MB);
   const int per_mt = NT * 128;
   if (wk == 0 && active) {
     float* dst = a.part + ((int64_t(ng) * pl.S + s) * pl.MT1 + mt) * per_mt;
@@ -361,19 +366,8 @@ __global__ void __launch_bounds__(kThreads) reconstruct_kernel(const ReconArgs<T
       }
   }
 
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-    *reinterpret_cast<float4*>(red + ((warp * NT + nt) * 32 + lane) * 4) =
-        make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
-  __syncthreads();
+  reduce_slots<NT>(acc, red, warp, lane, wk, slots, MB);
   if (wk == 0) {
-    for (int q = 1; q < slots; ++q) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const float4 v = *reinterpret_cast<const float4*>(red + (((warp + q * MB) * NT + nt) * 32 + lane) * 4);
-        acc[nt][0] += v.x; acc[nt][1] += v.y; acc[nt][2] += v.z; acc[nt][3] += v.w;
-      }
-    }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll

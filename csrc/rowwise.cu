@@ -65,16 +65,6 @@ reembed_kernel(const void* ids, DType ids_dtype, int64_t sid, const void* latent
   }
 }
 
-template <typename F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F32: f(float{}); break;
-    case DType::BF16: f(bf16{}); break;
-    case DType::F16: f(f16{}); break;
-    default: throw Error("gapkern cuda backend: unsupported dtype code " + std::to_string(int(dtype)));
-  }
-}
-
 }  // namespace
 
 void add_rowwise_kernels(std::vector<const void*>& out) {
