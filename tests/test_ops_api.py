@@ -126,6 +126,33 @@ def test_torch_compile_traces_through_latent_step():
     R.assert_matches(coeffs, R.project(c.hidden, c.weight, c.bias))
 
 
+def test_torch_compile_traces_through_every_op():
+    c = small()
+    state = torch.zeros(1)
+
+    def every_op(h, w, b, U, m, tau, mask, ids, embed, state):
+        coeffs = ops.pca_project(h, w, b)
+        z = ops.norm_calibrate(ops.pca_reconstruct(coeffs, U, m, c.sigma), tau)
+        ops.ema_update(state, torch.linalg.vector_norm(h, dim=1), 0.5)
+        return z, ops.reembed(ids, z, mask, embed)
+
+    seen = []
+
+    def recording(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    compiled = torch.compile(every_op, fullgraph=True, backend=recording)
+    z, embeds = compiled(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, c.mask, c.token_ids, c.embed, state)
+    ref = R.calibrate(R.reconstruct(R.project(c.hidden, c.weight, c.bias), c.basis, c.mean, c.sigma), c.tau)
+    R.assert_matches(z, ref)
+    R.assert_matches(embeds[c.mask], ref[c.mask])
+    R.assert_matches(embeds[~c.mask], R.f64(c.embed)[c.token_ids[~c.mask]])
+    assert state.item() == pytest.approx(torch.linalg.vector_norm(c.hidden, dim=1).mean().item(), rel=1e-6)
+    ops_seen = {t.split(".")[1] for t in seen if t.startswith("gapkern.")}
+    assert ops_seen == {"pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed_out"}, seen
+
+
 def test_torch_compile_inductor_fullgraph():
     c = small()
     compiled = torch.compile(lambda h: ops.latent_step(h, c.weight, c.bias, c.basis, c.mean, c.tau) + 1.0,

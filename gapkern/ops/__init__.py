@@ -80,7 +80,9 @@ def pca_reconstruct(coeffs, basis, mean=None, sigma=None):
     V.size("coeffs", coeffs, 1, basis.shape[1], "d, the columns of basis")
     if coeffs.shape[0] == 0:
         return coeffs.new_empty(0, basis.shape[0])
-    return module_for(coeffs.device, coeffs.dtype).pca_reconstruct(coeffs, basis, mean, sigma)
+    if _eager():
+        return module_for(coeffs.device, coeffs.dtype).pca_reconstruct(coeffs, basis, mean, sigma)
+    return torch.ops.gapkern.pca_reconstruct(coeffs, basis, mean, sigma)
 
 
 def norm_calibrate(latents, tau, eps=1e-6):
@@ -92,7 +94,9 @@ def norm_calibrate(latents, tau, eps=1e-6):
     eps = V.eps_value(eps)
     if latents.shape[0] == 0:
         return torch.empty_like(latents)
-    return module_for(latents.device, latents.dtype).norm_calibrate(latents, tau, eps)
+    if _eager():
+        return module_for(latents.device, latents.dtype).norm_calibrate(latents, tau, eps)
+    return torch.ops.gapkern.norm_calibrate(latents, tau, eps)
 
 
 def ema_update(tau_state, observed, decay=0.99):
@@ -107,8 +111,12 @@ def ema_update(tau_state, observed, decay=0.99):
     V.same_device(tau_state.device, observed=observed)
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
         raise ValueError(f"decay: expected a number in [0, 1), got {decay!r}")
-    if observed.shape[0] > 0:
+    if observed.shape[0] == 0:
+        return tau_state
+    if _eager():
         module_for(tau_state.device, observed.dtype).ema_update(tau_state, observed, float(decay))
+    else:
+        torch.ops.gapkern.ema_update(tau_state, observed, float(decay))
     return tau_state
 
 
@@ -127,8 +135,12 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out=None):
     _check_out(out, rows, embed_weight.shape[1], embed_weight.dtype, token_ids.device)
     if out is None:
         out = embed_weight.new_empty(rows, embed_weight.shape[1])
-    if rows:
+    if rows == 0:
+        return out
+    if _eager():
         module_for(token_ids.device, embed_weight.dtype).reembed(token_ids, latents, latent_mask, embed_weight, out)
+    else:
+        torch.ops.gapkern.reembed_out(token_ids, latents, latent_mask, embed_weight, out)
     return out
 
 

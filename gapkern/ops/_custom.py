@@ -54,6 +54,49 @@ def _project_backward(ctx, grad):
 pca_project.register_autograd(_project_backward, setup_context=_project_setup)
 
 
+# -- the other ops (no autograd) ---------------------------------------------
+
+@torch.library.custom_op("gapkern::pca_reconstruct", mutates_args=())
+def pca_reconstruct(coeffs: Tensor, basis: Tensor, mean: Optional[Tensor], sigma: Optional[Tensor]) -> Tensor:
+    return module_for(coeffs.device, coeffs.dtype).pca_reconstruct(coeffs, basis, mean, sigma)
+
+
+@pca_reconstruct.register_fake
+def _(coeffs, basis, mean, sigma):
+    return coeffs.new_empty(coeffs.shape[0], basis.shape[0])
+
+
+@torch.library.custom_op("gapkern::norm_calibrate", mutates_args=())
+def norm_calibrate(latents: Tensor, tau: Tensor, eps: float) -> Tensor:
+    return module_for(latents.device, latents.dtype).norm_calibrate(latents, tau, eps)
+
+
+@norm_calibrate.register_fake
+def _(latents, tau, eps):
+    return torch.empty_like(latents)
+
+
+@torch.library.custom_op("gapkern::ema_update", mutates_args=("tau_state",))
+def ema_update(tau_state: Tensor, observed: Tensor, decay: float) -> None:
+    module_for(tau_state.device, observed.dtype).ema_update(tau_state, observed, decay)
+
+
+@ema_update.register_fake
+def _(tau_state, observed, decay):
+    return None
+
+
+@torch.library.custom_op("gapkern::reembed_out", mutates_args=("out",))
+def reembed_out(token_ids: Tensor, latents: Tensor, latent_mask: Tensor, embed_weight: Tensor,
+                out: Tensor) -> None:
+    module_for(token_ids.device, embed_weight.dtype).reembed(token_ids, latents, latent_mask, embed_weight, out)
+
+
+@reembed_out.register_fake
+def _(token_ids, latents, latent_mask, embed_weight, out):
+    return None
+
+
 # -- latent_step --------------------------------------------------------------
 
 @torch.library.custom_op("gapkern::latent_step_out", mutates_args=("out",))
