@@ -16,20 +16,22 @@ def _acc(t):
 
 
 def _project(hidden, weight, bias):
-    c = _acc(hidden) @ _acc(weight)
-    return c if bias is None else c + _acc(bias)
+    if bias is None:
+        return _acc(hidden) @ _acc(weight)
+    return torch.addmm(_acc(bias), _acc(hidden), _acc(weight))
 
 
 def _reconstruct(coeffs32, basis, mean, sigma):
     c = coeffs32 if sigma is None else coeffs32 * _acc(sigma)
-    z = c @ _acc(basis).T
-    return z if mean is None else z + _acc(mean)
+    if mean is None:
+        return c @ _acc(basis).T
+    return torch.addmm(_acc(mean), c, _acc(basis).T)
 
 
 def _calibrate(z32, tau, eps):
     """z' = z * tau / max(||z||, eps); rows with tau <= 0 stay as they are."""
     norm = torch.linalg.vector_norm(z32, dim=1).clamp_min(eps)
-    scale = torch.where(tau > 0, tau.to(norm.dtype) / norm, torch.ones_like(norm))
+    scale = torch.where(tau > 0, tau.to(norm.dtype) / norm, 1.0)
     return z32 * scale[:, None]
 
 
