@@ -270,11 +270,13 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     _check_supported(generation_config, stopping_criteria, model_kwargs)
     gap, cfg, device = model.gap, model.gap.config, input_ids.device
     rows, length = input_ids.shape
-    total = generation_config.max_length
+    # HF's merged criteria: a MaxLengthCriteria / EosTokenCriteria the caller passed replaces the default one
+    lengths = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
+    total = min(lengths) if lengths else generation_config.max_length
     if total <= length:
         raise ValueError(f"generate: max_length {total} leaves no room after the {length}-token prompt")
-    eos = generation_config._eos_token_tensor
-    eos = None if eos is None else eos.reshape(-1).to(device)
+    eos = [c.eos_token_id.reshape(-1).to(device) for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
+    eos = torch.cat(eos) if eos else None
     pad_id = 0 if generation_config._pad_token_tensor is None else int(generation_config._pad_token_tensor)
     static, graph = _modes(model, device, cuda_graph, static_cache, generation_config)
     dec = _decoder(model, rows, total, static, graph)
