@@ -6,7 +6,8 @@
 #
 # The lent GPU machines reach no package index: the build uses what is installed there
 # (torch, setuptools, pybind11, cmake, ninja), hence --no-build-isolation --no-deps.
-# Benchmark results go to benchmarks/results/cuda-<gpu>-<date>.json.
+# Benchmark results go to benchmarks/results/cuda-<gpu>-<date>.json (raw) and its summary (.md,
+# .summary.json, .png: commit these).
 # Tuning without rebuilding: GAPKERN_LATENT_PLAN="mb=4,splits=7" (csrc/latent_mma.cu, make_plan).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,8 @@ for step in "${steps[@]}"; do
     bench)
       mkdir -p benchmarks/results
       "$PY" -m pytest benchmarks/ --benchmark-only -q --benchmark-json="$results"
-      echo "benchmark results: $results"
+      "$PY" -m benchmarks.report "$results"  # the committed summary: .md, .summary.json, .png
+      echo "benchmark results: $results (raw, not committed) and its summary beside it"
       ;;
     *)
       echo "unknown step '$step' (build, tests, memcheck, bench)" >&2
