@@ -19,7 +19,7 @@ import math
 import re
 import string
 
-__all__ = ["extract_answer", "is_correct", "score", "parse_number"]
+__all__ = ["extract_answer", "is_correct", "score", "parse_number", "choice_letter"]
 
 CATEGORIES = ("perception", "reasoning")
 RELATIVE_TOLERANCE = 1e-6
