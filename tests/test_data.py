@@ -275,6 +275,22 @@ def test_image_inputs_whole_image_and_crop(folder):
         image_inputs(path, VISION, box=[0, 0, 225, 10])
 
 
+def test_visual_tokens_come_in_row_major_merged_grid_order(folder):
+    """What pool_targets assumes: merged token k covers merged cell (k // w, k % w) of the image."""
+    h, w, cell = 3, 5, 28  # 28 = patch 14 x merge 2
+    red = torch.arange(h * w, dtype=torch.uint8).reshape(h, w) * 10
+    pixels = torch.zeros(h * cell, w * cell, 3, dtype=torch.uint8)
+    pixels[..., 0] = red.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    path = str(folder / "cells.png")
+    PIL.Image.fromarray(pixels.numpy()).save(path)
+    inputs = image_inputs(path, VISION)
+    assert merged_grid(inputs["image_grid_thw"], VISION) == (h, w)
+    tokens = inputs["pixel_values"].reshape(h * w, 4, 3, -1)  # (merged token, its 2x2 patches, channel, pixels)
+    expected = (red.flatten().float() / 255 - 0.48145466) / 0.26862954
+    torch.testing.assert_close(tokens[:, :, 0].amin((1, 2)), expected)
+    torch.testing.assert_close(tokens[:, :, 0].amax((1, 2)), expected)
+
+
 # ---- target shards -------------------------------------------------------------------------------------
 
 
