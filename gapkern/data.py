@@ -1,0 +1,249 @@
+"""The sample file, teacher responses, latent targets and their shards (SPEC 4.1, 4.2, 4.4).
+
+- ``load_samples``: reads a JSONL sample file, validates every line, and
+  resolves image paths against the file's folder; a bad line is an error
+  ``file:line:field: what was expected``.
+- ``teacher_response``: ``<think>`` + steps + ``</think><answer>`` + answer
+  + ``</answer>``, a latent step being start + K x pad + end + open + parser
+  + close in the profile's tokens (``latent=False`` drops latent steps whole).
+- ``pool_targets``: merged-grid embeddings adaptive-average-pooled to g x g.
+- ``image_inputs``: an image file (or a crop of it) as the model's pixel inputs.
+- ``TargetWriter`` / ``TargetReader``: targets in safetensors shards keyed
+  ``"{id}/{step}"`` (step = the index in ``steps``), with a JSON index
+  (``gapkern.targets``, re-exported here).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from .config import PROFILES
+from .targets import TargetReader, TargetWriter, latent_keys  # the shards live in their own module
+
+__all__ = ["SampleError", "load_samples", "teacher_response", "latent_keys", "pool_targets", "image_inputs",
+           "merged_grid", "TargetWriter", "TargetReader"]
+
+CATEGORIES = ("perception", "reasoning")
+
+
+class SampleError(ValueError):
+    """A malformed sample line: the message starts with ``file:line:field``."""
+
+
+def load_samples(path: str) -> list[dict]:
+    """Every sample of a JSONL file, validated; image paths made absolute and ``image`` given as ``images``.
+
+    Blank lines are skipped. Ids must be unique (they key the latent targets).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: no sample file at {path!r}")
+    folder, samples, seen, sizes = os.path.dirname(os.path.abspath(path)), [], {}, {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            check = _Check(f"{path}:{number}", folder, sizes)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SampleError(f"{path}:{number}:line: not valid JSON ({e.msg} at column {e.colno})") from None
+            sample = check.sample(obj)
+            if sample["id"] in seen:
+                check.fail("id", f"{sample['id']!r} is already the id of line {seen[sample['id']]}")
+            seen[sample["id"]] = number
+            samples.append(sample)
+    if not samples:
+        raise ValueError(f"path: {path!r} holds no samples")
+    return samples
+
+
+class _Check:
+    """Validation of one line; ``fail`` raises SampleError naming file, line and field."""
+
+    def __init__(self, where: str, folder: str, sizes: dict):
+        self.where, self.folder, self.sizes = where, folder, sizes
+
+    def fail(self, field: str, message: str):
+        raise SampleError(f"{self.where}:{field}: {message}")
+
+    def sample(self, obj) -> dict:
+        if not isinstance(obj, dict):
+            self.fail("line", f"expected a JSON object, got {type(obj).__name__}")
+        out = dict(obj)
+        for field in ("id", "question", "task"):
+            self.text(out, field)
+        if "image" in out and "images" in out:
+            self.fail("image", "give 'image' or 'images', not both")
+        images = [out.pop("image")] if "image" in out else out.get("images", [])
+        field = "image" if "image" in obj else "images"
+        if not isinstance(images, list):
+            self.fail(field, f"expected a list of paths, got {type(images).__name__}")
+        out["images"] = [self.image(f"{field}[{i}]" if field == "images" else field, p) for i, p in enumerate(images)]
+        self.answer(out)
+        if out.get("category") not in CATEGORIES:
+            self.fail("category", f"expected one of {', '.join(CATEGORIES)}, got {out.get('category')!r}")
+        if "steps" in out:
+            if not isinstance(out["steps"], list):
+                self.fail("steps", f"expected a list of steps, got {type(out['steps']).__name__}")
+            out["steps"] = [self.step(f"steps[{i}]", s) for i, s in enumerate(out["steps"])]
+        return out
+
+    def text(self, obj: dict, field: str, where: str | None = None) -> str:
+        value = obj.get(field)
+        if not isinstance(value, str) or not value.strip():
+            self.fail(where or field, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def image(self, field: str, value) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(field, f"expected an image path, got {value!r}")
+        path = os.path.join(self.folder, value)  # an absolute value stays as it is
+        if not os.path.isfile(path):
+            self.fail(field, f"no file at {path!r}")
+        return path
+
+    def answer(self, out: dict) -> None:
+        choices, answer = out.get("choices"), out.get("answer")
+        if choices is not None:
+            if (not isinstance(choices, list) or not 2 <= len(choices) <= 26
+                    or not all(isinstance(c, str) and c.strip() for c in choices)):
+                self.fail("choices", f"expected a list of 2 to 26 non-empty strings, got {choices!r}")
+            letters = [chr(ord("A") + i) for i in range(len(choices))]
+            if answer not in letters:
+                self.fail("answer", f"expected a letter {letters[0]}-{letters[-1]} (one per choice), got {answer!r}")
+        elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
+            self.fail("answer", f"expected a non-empty string or a number, got {answer!r}")
+        elif isinstance(answer, float) and not math.isfinite(answer):
+            self.fail("answer", f"expected a finite number, got {answer!r}")
+
+    def step(self, field: str, step) -> dict:
+        if not isinstance(step, dict):
+            self.fail(field, f"expected an object with 'text', or 'latent' and 'parser', got {step!r}")
+        if set(step) == {"text"}:
+            self.text(step, "text", f"{field}.text")
+            return step
+        if set(step) != {"latent", "parser"}:
+            self.fail(field, f"expected the keys 'text', or 'latent' and 'parser', got {sorted(step)}")
+        self.text(step, "parser", f"{field}.parser")
+        latent = step["latent"]
+        if not isinstance(latent, dict) or "image" not in latent or not set(latent) <= {"image", "box"}:
+            self.fail(f"{field}.latent", f"expected an object with 'image' and an optional 'box', got {latent!r}")
+        path = self.image(f"{field}.latent.image", latent["image"])
+        out = {"image": path}
+        if "box" in latent:
+            out["box"] = self.box(f"{field}.latent.box", latent["box"], path)
+        return {"latent": out, "parser": step["parser"]}
+
+    def box(self, field: str, box, path: str) -> list:
+        numbers = isinstance(box, list) and len(box) == 4 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+        if not numbers or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+            self.fail(field, f"expected [x0, y0, x1, y1] with 0 <= x0 < x1 and 0 <= y0 < y1, got {box!r}")
+        size = self.image_size(field, path)
+        if size is not None and (box[2] > size[0] or box[3] > size[1]):
+            self.fail(field, f"{box!r} reaches outside the {size[0]}x{size[1]} image {path!r}")
+        return box
+
+    def image_size(self, field: str, path: str):
+        """(width, height) from the file's header; None without Pillow (the bounds are then checked on use)."""
+        if path not in self.sizes:
+            try:
+                from PIL import Image
+            except ImportError:
+                return None
+            try:
+                with Image.open(path) as img:
+                    self.sizes[path] = img.size
+            except OSError as e:
+                self.fail(field, f"cannot read the image {path!r} ({e})")
+        return self.sizes[path]
+
+
+def teacher_response(sample: dict, config, *, latent: bool = True) -> str:
+    """``<think>`` + the steps joined by newlines + ``</think><answer>`` + answer + ``</answer>``.
+
+    A latent step is ``start + K * pad + end + open + parser + close`` in the
+    tokens of ``config.profile``, ``K = config.latent_budget``. With
+    ``latent=False`` every latent step (its span and its description) is left
+    out: the plain-text form easy lines train on (SPEC 4.4).
+    """
+    profile = getattr(config, "profile", None)
+    if profile not in PROFILES:
+        raise ValueError(f"config: expected a GapConfig with a profile among {', '.join(PROFILES)}, got {config!r}")
+    start, end, pad, open_, close = PROFILES[profile]
+    parts = []
+    for step in sample.get("steps") or []:
+        if "text" in step:
+            parts.append(step["text"])
+        elif latent:
+            parts.append(start + pad * config.latent_budget + end + open_ + step["parser"] + close)
+    return f"<think>{chr(10).join(parts)}</think><answer>{sample['answer']}</answer>"
+
+
+def pool_targets(embeds: torch.Tensor, grid, g: int) -> torch.Tensor:
+    """``embeds (h*w, D)`` in row-major merged-grid order -> ``(g*g, D)``, adaptive-average-pooled, row-major.
+
+    Cell (i, j) averages rows ``floor(i*h/g) .. ceil((i+1)*h/g) - 1`` and
+    columns ``floor(j*w/g) .. ceil((j+1)*w/g) - 1`` (adaptive pooling's bins,
+    which overlap when g does not divide the grid). Accumulates in float32 at
+    least; returns ``embeds``' dtype.
+    """
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 2 or not embeds.is_floating_point():
+        raise ValueError(f"embeds: expected a float tensor (h*w, D), got {getattr(embeds, 'shape', embeds)!r}")
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
+        raise ValueError(f"grid: expected (h, w), two positive ints, got {grid!r}")
+    h, w = grid
+    if h * w != embeds.shape[0]:
+        raise ValueError(f"grid: {h}x{w} = {h * w} cells, but embeds has {embeds.shape[0]} rows")
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"g: expected a positive int (K = g*g targets), got {g!r}")
+    dim = embeds.shape[1]
+    compute = torch.promote_types(embeds.dtype, torch.float32)
+    cells = embeds.to(compute).T.reshape(1, dim, h, w)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(cells, g)
+    return pooled.reshape(dim, g * g).T.contiguous().to(embeds.dtype)
+
+
+def image_inputs(path: str, vision_config, *, box=None, settings: dict | None = None) -> dict:
+    """An image file, or its pixel crop ``box = [x0, y0, x1, y1]``, as ``pixel_values`` / ``image_grid_thw``.
+
+    Resized as Qwen2.5-VL's processor does (``smart_resize`` to multiples of
+    patch x merge within ``settings``' min / max pixels; ``settings`` from
+    ``gapkern.models.prompt.image_settings``, defaults without). Needs Pillow.
+    """
+    from .models.prompt import image_settings, pixel_inputs, read_image, smart_resize
+
+    settings = settings or image_settings(None)
+    factor = vision_config.patch_size * vision_config.spatial_merge_size
+    bounds = settings["min_pixels"], settings["max_pixels"]
+    if box is None:
+        image = read_image(path, factor, *bounds)
+    else:
+        image = _read_crop(path, box, factor, *bounds, smart_resize)
+    return pixel_inputs(image, vision_config, settings["mean"], settings["std"])
+
+
+def _read_crop(path, box, factor, min_pixels, max_pixels, smart_resize) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        x0, y0, x1, y1 = (round(v) for v in box)
+        if not (0 <= x0 < x1 <= img.width and 0 <= y0 < y1 <= img.height):
+            raise ValueError(f"box: {list(box)!r} is not a crop of the {img.width}x{img.height} image {path!r}")
+        crop = img.convert("RGB").crop((x0, y0, x1, y1))
+    h, w = smart_resize(crop.height, crop.width, factor, min_pixels, max_pixels)
+    crop = crop.resize((w, h), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float() / 255
+
+
+def merged_grid(image_grid_thw: torch.Tensor, vision_config) -> tuple[int, int]:
+    """(h, w) of one image's merged patch grid: the layout of its visual input embeddings."""
+    _, gh, gw = (int(v) for v in image_grid_thw.reshape(-1, 3)[0])
+    merge = vision_config.spatial_merge_size
+    return gh // merge, gw // merge
+
