@@ -21,8 +21,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 TINY_BUDGET, TINY_SPAN_AT, TINY_IMAGE = 8, 2, 224
 
 
-class UsageError(Exception):
-    """A bad argument: printed as one line, exit status 2."""
+from .commands import UsageError, add_all
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on cuda, else float32")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=generate)
+    add_all(commands)
     return parser
 
 
