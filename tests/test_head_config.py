@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import gapkern
 from gapkern import GapConfig, PCALatentHead
@@ -75,14 +76,103 @@ def test_head_save_failure_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_folder_write_failure_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """atomic_folder: a failed write, and a failed move half-way, both leave the old files."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("old config")
+    (folder / "model.safetensors").write_text("old weights")
+
+    def write(tmp):
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write("new config")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        gapkern._io.atomic_folder(str(folder), write)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"], "no temporary folder left behind"
+    assert (folder / "config.json").read_text() == "old config"
+
+    def write_both(tmp):
+        for name in ("config.json", "model.safetensors"):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write("new " + name)
+
+    moves, real_replace = [], os.replace
+
+    def replace_failing_on_the_last_move(src, dst):
+        moves.append(dst)
+        if len(moves) == 4:  # set aside config, move it in, set aside the weights, then fail
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(gapkern._io.os, "replace", replace_failing_on_the_last_move)
+    with pytest.raises(OSError, match="rename failed"):
+        gapkern._io.atomic_folder(str(folder), write_both)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {
+        "config.json": "old config", "model.safetensors": "old weights"}
+    gapkern._io.atomic_folder(str(folder), write_both)
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {
+        "config.json": "new config.json", "model.safetensors": "new model.safetensors"}
+
+    with pytest.raises(OSError, match="disk full"):  # a new folder is not created by a failed write
+        gapkern._io.atomic_folder(str(tmp_path / "new"), write)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    gapkern._io.atomic_folder(str(tmp_path / "new"), write_both)
+    os.makedirs(tmp_path / "plain")
+    assert os.stat(tmp_path / "new").st_mode == os.stat(tmp_path / "plain").st_mode, "not mkdtemp's private mode"
+
+
 def test_head_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="path: no head file"):
         PCALatentHead.load(str(tmp_path / "missing.safetensors"))
-    from safetensors.torch import save_file
-
     save_file({"basis": torch.eye(4, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a PCALatentHead file"):
         PCALatentHead.load(str(tmp_path / "other.safetensors"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_head_load_of_a_damaged_file_names_the_file(tmp_path, damage):
+    head, *_ = head_and_data()
+    path = tmp_path / "head.safetensors"
+    head.save(str(path))
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:-16], "garbage": b"not a safetensors file at all", "empty": b""}[damage])
+    with pytest.raises(ValueError, match="is not a readable safetensors file") as err:
+        PCALatentHead.load(str(path))
+    assert str(path) in str(err.value)
+
+
+# (what to change in a saved head's tensors, the error type, words the message must hold)
+BAD_FILES = {
+    "bias-broadcasts": (lambda t: t.update(bias=t["bias"][:1]), ValueError, ["'bias'", "expected shape (6,)"]),
+    "weight-int32": (lambda t: t.update(weight=t["weight"].to(torch.int32)), TypeError, ["'weight'", "int32"]),
+    "weight-transposed": (lambda t: t.update(weight=t["weight"].T.contiguous()), ValueError, ["'weight'", "(48, 6)"]),
+    "mean-short": (lambda t: t.update(mean=t["mean"][:-1]), ValueError, ["'mean'", "(48,)"]),
+    "sigma-float16": (lambda t: t.update(sigma=t["sigma"].half()), TypeError, ["'sigma'", "float16"]),
+    "bias-2d": (lambda t: t.update(bias=t["bias"][None]), ValueError, ["'bias'", "1-D"]),
+    "sigma-zero": (lambda t: t["sigma"].__setitem__(2, 0.0), ValueError, ["sigma", "positive"]),
+    "weight-nan": (lambda t: t["weight"].__setitem__((0, 0), float("nan")), ValueError, ["weight", "finite"]),
+    "extra-tensor": (lambda t: t.update(scale=torch.ones(6)), ValueError, ["unexpected", "'scale'"]),
+    "sigma-dropped": (lambda t: t.pop("sigma"), ValueError, ["whitened=True", "'sigma'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_head_load_checks_every_tensor_and_names_it_and_the_file(tmp_path, case):
+    edit, error, words = BAD_FILES[case]
+    head, *_ = head_and_data()
+    path = tmp_path / "head.safetensors"
+    head.save(str(path))
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"gapkern": '{"whitened": true}'})
+    with pytest.raises(error) as err:
+        PCALatentHead.load(str(path))
+    for word in [str(path), *words]:
+        assert word in str(err.value), (word, str(err.value))
 
 
 def test_head_rejects_bad_shapes():
@@ -92,6 +182,25 @@ def test_head_rejects_bad_shapes():
         PCALatentHead(torch.eye(8, 3), torch.zeros(8), torch.ones(4))
     with pytest.raises(ValueError, match="basis: expected a 2-D tensor"):
         PCALatentHead(torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"basis: expected shape \(D, d\) with 1 <= d <= D"):
+        PCALatentHead(torch.eye(8, 0), torch.zeros(8))
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")], ids=["zero", "negative", "nan", "inf"])
+def test_head_rejects_sigma_that_is_not_positive_and_finite(value):
+    """sigma divides the weight and bias: a zero gave inf weights and NaN latents."""
+    sigma = torch.ones(3)
+    sigma[1] = value
+    with pytest.raises(ValueError, match="sigma: expected (positive|finite) values"):
+        PCALatentHead(torch.eye(8, 3), torch.zeros(8), sigma)
+
+
+@pytest.mark.parametrize("name", ["basis", "mean"])
+def test_head_rejects_non_finite_basis_or_mean(name):
+    tensors = {"basis": torch.eye(8, 3), "mean": torch.zeros(8)}
+    tensors[name].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=f"{name}: expected finite values"):
+        PCALatentHead(tensors["basis"], tensors["mean"])
 
 
 @pytest.mark.parametrize("field,value,match", [
