@@ -1,6 +1,7 @@
 """PCALatentHead and GapConfig: the head's PCA start, its file round trip, the config's checks."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -206,9 +207,12 @@ def test_head_rejects_non_finite_basis_or_mean(name):
 @pytest.mark.parametrize("field,value,match", [
     ("latent_budget", 0, "latent_budget: expected at least 1"),
     ("latent_start_id", -1, "latent_start_id: expected a non-negative int"),
+    ("latent_pad_id", 1, "expected three different ids, got 1, 2, 1"),
     ("calibration", "l2", "calibration: expected one of none, rms, ema"),
     ("ema_decay", 1.0, r"ema_decay: expected a number in \[0, 1\)"),
-    ("eps", 0.0, "eps: expected a positive number"),
+    ("ema_decay", float("nan"), r"ema_decay: expected a number in \[0, 1\)"),
+    ("eps", 0.0, "eps: expected a positive finite number"),
+    ("eps", float("inf"), "eps: expected a positive finite number"),
     ("profile", "x", "profile: expected one of gap, monet"),
 ])
 def test_gap_config_checks_its_fields(field, value, match):
@@ -226,4 +230,48 @@ def test_gap_config_from_tokenizer_and_dict_round_trip():
     assert (cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id) == tuple(
         tok.convert_tokens_to_ids(t) for t in ("<latent>", "</latent>", "<latent_pad>"))
     assert cfg.latent_budget == 4 and cfg.calibration == "rms" and cfg.profile == "gap"
-    assert GapConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg
+    assert GapConfig.from_dict(cfg.to_dict()) == cfg
+
+
+IDS = dict(latent_start_id=1, latent_end_id=2, latent_pad_id=3)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("latent_start_id", True, "an int"), ("latent_end_id", 2.0, "an int"), ("latent_pad_id", "3", "an int"),
+    ("latent_budget", 4.0, "an int"), ("latent_budget", None, "an int"), ("latent_budget", False, "an int"),
+    ("calibration", 1, "a string"), ("calibration", None, "a string"), ("profile", ["gap"], "a string"),
+    ("ema_decay", "0.9", "a number"), ("ema_decay", True, "a number"), ("eps", None, "a number"),
+])
+def test_gap_config_checks_every_field_type_by_name(field, value, expected):
+    with pytest.raises(TypeError, match=f"^{field}: expected {expected}, got {type(value).__name__}"):
+        GapConfig(**{**IDS, field: value})
+    with pytest.raises(TypeError, match=f"^{field}: expected {expected}"):
+        GapConfig.from_dict({**IDS, field: value})
+
+
+def test_gap_config_floats_accept_ints():
+    cfg = GapConfig(**IDS, ema_decay=0, eps=1)
+    assert cfg.ema_decay == 0.0 and isinstance(cfg.ema_decay, float) and isinstance(cfg.eps, float)
+
+
+def test_gap_config_from_dict_refuses_unknown_keys_and_non_dicts():
+    """A misspelt key was dropped silently: {"latent_budjet": 4} gave latent_budget 16."""
+    with pytest.raises(ValueError, match="unknown GapConfig field 'latent_budjet' \\(did you mean 'latent_budget'\\?\\)"):
+        GapConfig.from_dict({**IDS, "latent_budjet": 4})
+    with pytest.raises(ValueError, match="unknown GapConfig field 'zzz'; the fields are latent_start_id"):
+        GapConfig.from_dict({**IDS, "zzz": 4})
+    with pytest.raises(TypeError, match="data: expected a dict of GapConfig fields, got NoneType"):
+        GapConfig.from_dict(None)
+    with pytest.raises(ValueError, match="data: missing GapConfig field\\(s\\) latent_end_id, latent_pad_id"):
+        GapConfig.from_dict({"latent_start_id": 1})
+
+
+def test_gap_config_is_frozen_and_replace_checks_again():
+    """A field changed in place reached generate unchecked (latent_budget -3: pads forever)."""
+    cfg = GapConfig(**IDS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.latent_budget = -3
+    assert cfg.latent_budget == 16
+    assert dataclasses.replace(cfg, latent_budget=4).latent_budget == 4
+    with pytest.raises(ValueError, match="latent_budget: expected at least 1"):
+        dataclasses.replace(cfg, latent_budget=-3)
