@@ -1,12 +1,15 @@
-"""File writes that leave no half-written file behind."""
+"""File writes that leave no half-written file behind, and reads that name the file they failed on."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-__all__ = ["atomic_save_file", "load_file", "atomic_write"]
+__all__ = ["atomic_save_file", "atomic_write", "atomic_folder", "read_safetensors"]
 
 
 def atomic_write(path: str, write) -> None:
@@ -26,3 +29,78 @@ def atomic_write(path: str, write) -> None:
 
 def atomic_save_file(tensors, path: str, metadata=None) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_folder(path: str, write, stale=lambda name: False) -> None:
+    """Call ``write(tmp_folder)``, then move every file it wrote into the folder ``path``: all or none.
+
+    Files of ``path`` that the write replaces, and those ``stale(name)`` marks (a previous save's
+    shards), are set aside and put back if a move fails, so a failed write leaves ``path`` as it was
+    (a checkpoint's new config.json never sits beside its old weights).
+    """
+    path = os.path.realpath(path)  # the temporary folder must sit on the same file system
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"path: {path!r} is a file, expected a folder")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
+    try:
+        write(tmp)
+        # the folder itself is made, not renamed from tmp: mkdtemp's folder is private (mode 0700)
+        new_folder = not os.path.exists(path)
+        os.makedirs(path, exist_ok=True)
+        try:
+            _move_in(tmp, path, stale)
+        except BaseException:
+            if new_folder:
+                os.rmdir(path)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_in(tmp: str, path: str, stale) -> None:
+    new = sorted(os.listdir(tmp))
+    old = [name for name in os.listdir(path) if name not in new and stale(name)]
+    backup = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".old-{os.path.basename(path)}-")
+    set_aside, moved_in = [], []
+    try:
+        for name in new:
+            if os.path.lexists(os.path.join(path, name)):
+                os.replace(os.path.join(path, name), os.path.join(backup, name))
+                set_aside.append(name)
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+            moved_in.append(name)
+        for name in old:
+            os.replace(os.path.join(path, name), os.path.join(backup, name))
+            set_aside.append(name)
+    except BaseException:
+        for name in moved_in:
+            _remove(os.path.join(path, name))
+        for name in set_aside:
+            os.replace(os.path.join(backup, name), os.path.join(path, name))
+        os.rmdir(backup)  # empty now; had a restore failed, the old files would still be there
+        raise
+    shutil.rmtree(backup)
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def read_safetensors(path: str, device="cpu") -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a safetensors file; a damaged or truncated file is a ValueError naming it."""
+    try:
+        with safe_open(path, "pt", device=str(device)) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"path: {path!r} is not a readable safetensors file ({exc})") from None
+
+
+def read_json(path: str):
+    """A JSON file's content; a file that is not JSON is a ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"path: {path!r} is not a JSON file ({exc})") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import os
 import statistics
 import sys
@@ -75,6 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _check_args(args):
+    """The checks that need no model: each bad value is one line naming its option."""
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens: expected at least 1")
+    if args.latent_budget is not None and args.latent_budget < 1:
+        raise UsageError("--latent-budget: expected at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature: expected a finite number >= 0 (0 decodes greedily), got {args.temperature}")
+    if args.span_at is not None and not -1 <= args.span_at < args.max_new_tokens:
+        raise UsageError(f"--span-at: expected -1 (never) or a new position in [0, {args.max_new_tokens}) "
+                         f"(--max-new-tokens {args.max_new_tokens}), got {args.span_at}")
+    if not args.model and args.profile not in (None, "gap"):
+        raise UsageError(f"--profile: the tiny model has only the gap profile's tokens; {args.profile!r} "
+                         "needs --model")
+
+
 def _device_dtype(args):
     import torch
 
@@ -85,10 +101,27 @@ def _device_dtype(args):
         device = torch.device(device)
     except RuntimeError as exc:
         raise UsageError(f"--device: {exc}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device: cuda requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device: {args.device!r}, but there are {torch.cuda.device_count()} CUDA devices")
     name = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     return device, getattr(torch, name)
+
+
+def _check_backend(device, dtype):
+    """GAPKERN_BACKEND is read when gapkern is imported; a bad one would fail at the first latent."""
+    from . import ops
+
+    try:
+        ops.module_for(device, dtype)
+    except ValueError:
+        raise UsageError(f"GAPKERN_BACKEND: expected one of {', '.join(ops._backends.NAMES)}, "
+                         f"got {os.environ.get('GAPKERN_BACKEND')!r}") from None
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"GAPKERN_BACKEND: {exc}") from None
 
 
 def _load_head(spec):
@@ -99,7 +132,7 @@ def _load_head(spec):
         return spec
     try:
         return PCALatentHead.load(spec)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, TypeError) as exc:
         raise UsageError(f"--head: {exc}") from None
 
 
@@ -120,15 +153,30 @@ def _checkpoint(path):
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         raise UsageError(f"--model: no checkpoint folder at {path!r} (expected a folder with config.json)")
-    with open(config) as f:
-        data = json.load(f)
+    data = _json_object(config)
     if data.get("model_type") != "qwen2_5_vl":
         raise UsageError(f"--model: {path!r} holds a {data.get('model_type')!r} checkpoint; "
                          "gapkern generate runs Qwen2.5-VL (model_type 'qwen2_5_vl')")
+    _json_object(os.path.join(path, "preprocessor_config.json"), required=False)  # image_settings reads it later
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     if not any(os.path.isfile(os.path.join(path, f)) for f in tokenizer_files):
         raise UsageError(f"--model: no tokenizer in {path!r}; save it beside the weights "
                          "(tokenizer.save_pretrained(PATH)): the prompt is built with its chat template")
+    return data
+
+
+def _json_object(path, required=True):
+    """A JSON object file of the checkpoint (None when absent and not ``required``)."""
+    from ._io import read_json
+
+    if not required and not os.path.isfile(path):
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--model: {path!r} holds a JSON {type(data).__name__}, expected an object")
     return data
 
 
@@ -141,8 +189,10 @@ def _chat_template(tokenizer, path):
         with open(jinja) as f:
             tokenizer.chat_template = f.read()
     elif os.path.isfile(js):
-        with open(js) as f:
-            tokenizer.chat_template = json.load(f)["chat_template"]
+        template = _json_object(js).get("chat_template")
+        if not isinstance(template, str):
+            raise UsageError(f"--model: {js!r} has no 'chat_template' string")
+        tokenizer.chat_template = template
     else:
         raise UsageError(f"--model: the tokenizer in {path!r} has no chat template")
 
@@ -155,28 +205,47 @@ def _load(args, dtype):
     path = args.model
     data = _checkpoint(path)
     head = _load_head(args.head)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers and tokenizers raise many kinds for a damaged tokenizer file
+        raise UsageError(f"--model: the tokenizer in {path!r} does not load: {' '.join(str(exc).split())}") from None
     _chat_template(tokenizer, path)
     print(f"loading {path} ...", file=sys.stderr)
     overrides = {k: v for k, v in (("latent_budget", args.latent_budget), ("calibration", args.calibration))
                  if v is not None}
     if data.get("gap"):
-        model = GapQwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model = _from_pretrained(GapQwen2_5_VLForConditionalGeneration, path, dtype)
         cfg = dataclasses.replace(model.gap.config, **overrides)
         head = model.gap.head if head is None else None if head == "none" else head
         if args.profile is not None and args.profile != cfg.profile:
             raise UsageError(f"--profile: {path!r} was saved with profile {cfg.profile!r}")
     else:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model = _from_pretrained(Qwen2_5_VLForConditionalGeneration, path, dtype)
         overrides.setdefault("calibration", "rms")
         cfg = add_latent_tokens(tokenizer, model, profile=args.profile or "gap", **overrides)
         head = None if head in (None, "none") else head
     return model, tokenizer, head, cfg, f"{path} ({type(model).__name__})", []
 
 
-def _patch(model, head, cfg):
+def _from_pretrained(cls, path, dtype):
+    from safetensors import SafetensorError
+
+    from .models.qwen2_5_vl import CheckpointError
+
+    try:
+        return cls.from_pretrained(path, dtype=dtype)
+    except (CheckpointError, OSError) as exc:  # OSError: transformers' "no weights file in ..."
+        raise UsageError(f"--model: {' '.join(str(exc).split())}") from None
+    except SafetensorError as exc:
+        raise UsageError(f"--model: a weights file in {path!r} is damaged ({exc})") from None
+
+
+def _patch(model, head, cfg, args):
     import gapkern
 
+    dim = model.config.text_config.hidden_size
+    if head is not None and head.hidden_size != dim:
+        raise UsageError(f"--head: {args.head!r} has hidden size {head.hidden_size}, the model {dim}")
     ema = model.gap.tau_ema.clone() if "gap" in model._modules else None
     gapkern.patch(model, head, cfg)
     if ema is not None:  # a saved running target survives a new head / config
@@ -198,7 +267,10 @@ def _inputs(args, model, tokenizer, device):
         except ImportError:
             raise UsageError("--image: reading an image file needs Pillow (pip install pillow); "
                              "without --image a synthetic image is used") from None
-        image = read_image(args.image, factor, settings["min_pixels"], settings["max_pixels"])
+        try:
+            image = read_image(args.image, factor, settings["min_pixels"], settings["max_pixels"])
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise UsageError(f"--image: {exc}") from None
         what = f"{os.path.basename(args.image)} at {image.shape[2]}x{image.shape[1]}"
     try:
         batch = chat_inputs(model, tokenizer, args.prompt, image, settings["mean"], settings["std"])
@@ -245,10 +317,7 @@ def _ms(values):
 
 
 def generate(args) -> int:
-    if args.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens: expected at least 1")
-    if args.latent_budget is not None and args.latent_budget < 1:
-        raise UsageError("--latent-budget: expected at least 1")
+    _check_args(args)
     import torch
     from tqdm import tqdm
     from transformers import LogitsProcessorList
@@ -256,12 +325,13 @@ def generate(args) -> int:
     from .models import ForceTokens, StepTrace
 
     device, dtype = _device_dtype(args)
+    _check_backend(device, dtype)
     if not args.model and device.type == "cpu":
         torch.set_num_threads(1)  # the tiny model's matmuls gain nothing from threads, and lose on a busy CPU
     torch.manual_seed(args.seed)
     model, tokenizer, head, cfg, name, banned = _load(args, dtype) if args.model else _tiny(args, dtype)
     model = model.to(device).eval()
-    _patch(model, head, cfg)
+    _patch(model, head, cfg, args)
     batch, image_what = _inputs(args, model, tokenizer, device)
     prompt_len = batch["input_ids"].shape[1]
     span_at = args.span_at if args.span_at is not None else -1 if args.model else TINY_SPAN_AT

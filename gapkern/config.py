@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # profile -> (start, end, pad, description open, description close)
@@ -10,9 +13,21 @@ PROFILES = {
     "monet": ("<abs_vis_token>", "</abs_vis_token>", "<abs_vis_token_pad>", "<observation>", "</observation>"),
 }
 CALIBRATIONS = ("none", "rms", "ema")
+_IDS = ("latent_start_id", "latent_end_id", "latent_pad_id")
 
 
-@dataclass
+def _check_type(name, value, kind):
+    """``kind`` int: an int, not a bool; float: an int or float, not a bool; str: a str."""
+    ok = isinstance(value, str) if kind is str else (
+        not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float)))
+    if not ok:
+        expected = {int: "an int", float: "a number", str: "a string"}[kind]
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+# Frozen: the decode loop reads these once per generate call and keeps a decoder keyed by them, so a
+# field changed in place would reach it unchecked; dataclasses.replace makes a new, checked config.
+@dataclass(frozen=True)
 class GapConfig:
     latent_start_id: int
     latent_end_id: int
@@ -24,28 +39,37 @@ class GapConfig:
     profile: str = "gap"
 
     def __post_init__(self):
-        for name in ("latent_start_id", "latent_end_id", "latent_pad_id", "latent_budget"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+        for field in dataclasses.fields(self):
+            _check_type(field.name, getattr(self, field.name), {"int": int, "float": float, "str": str}[field.type])
+        for name in _IDS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a non-negative int, got {getattr(self, name)!r}")
+        start, end, pad = (getattr(self, name) for name in _IDS)
+        if len({start, end, pad}) < 3:
+            raise ValueError(f"latent_start_id, latent_end_id, latent_pad_id: expected three different ids, "
+                             f"got {start}, {end}, {pad}")
         if self.latent_budget < 1:
             raise ValueError(f"latent_budget: expected at least 1 latent per span, got {self.latent_budget}")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration: expected one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: expected a number in [0, 1), got {self.ema_decay!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps: expected a positive number, got {self.eps!r}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps: expected a positive finite number, got {self.eps!r}")
         if self.profile not in PROFILES:
             raise ValueError(f"profile: expected one of {', '.join(PROFILES)}, got {self.profile!r}")
+        for name in ("ema_decay", "eps"):  # 0 and 0.0 are one setting: store floats, so to_dict is stable
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
     def from_tokenizer(cls, tokenizer, profile: str = "gap", **kw) -> "GapConfig":
         """Fill the start / end / pad ids from the profile's token strings."""
         if profile not in PROFILES:
             raise ValueError(f"profile: expected one of {', '.join(PROFILES)}, got {profile!r}")
+        if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
+            raise TypeError(f"tokenizer: expected a Hugging Face tokenizer, got {type(tokenizer).__name__}")
         ids = {}
-        for field, token in zip(("latent_start_id", "latent_end_id", "latent_pad_id"), PROFILES[profile]):
+        for field, token in zip(_IDS, PROFILES[profile]):
             tid = tokenizer.convert_tokens_to_ids(token)
             if tid is None or tid == getattr(tokenizer, "unk_token_id", object()):
                 raise ValueError(
@@ -59,6 +83,18 @@ class GapConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GapConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_dict(cls, data: Mapping) -> "GapConfig":
+        """The inverse of :meth:`to_dict`. Every key must be a field (a misspelt one is an error,
+        not a silent default), and the three ids are required."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data: expected a dict of GapConfig fields, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; the fields are {', '.join(names)}"
+                raise ValueError(f"data: unknown GapConfig field {key!r}{hint}")
+        missing = [name for name in _IDS if name not in data]
+        if missing:
+            raise ValueError(f"data: missing GapConfig field(s) {', '.join(missing)}")
+        return cls(**data)

@@ -1,6 +1,7 @@
 """``gapkern generate`` in-process and as the console script, and the decode-loop trace it prints from."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessorList
 
 import gapkern
@@ -140,11 +142,16 @@ def test_model_plain_checkpoint_gets_the_profile_tokens(capsys, plain_checkpoint
     assert after == pytest.approx([visual] * 3, rel=1e-3)
 
 
-def assert_usage_error(code, out, err, *words):
-    assert code == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+def assert_usage_error(code, out, err, *words, loading=False):
+    """rc 2, nothing on stdout, one error line on stderr (the last, after progress lines when ``loading``)."""
+    assert code == 2 and out == "", (code, out, err)
+    lines = err.strip().splitlines()
+    if loading:
+        assert lines[0].startswith("loading "), err
+        lines = lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith("gapkern generate: error: ") and "Traceback" not in err, err
     for word in words:
-        assert word in err, err
+        assert word in lines[0], err
 
 
 def test_model_bad_path_is_a_one_line_error(capsys, tmp_path):
@@ -159,6 +166,86 @@ def test_other_bad_arguments_are_one_line_errors(capsys, tmp_path):
     assert_usage_error(*run(capsys, "--head", str(tmp_path / "head.safetensors")), "--head")
     assert_usage_error(*run(capsys, "--image", str(tmp_path / "cat.png")), "--image")
     assert_usage_error(*run(capsys, "--max-new-tokens", "0"), "--max-new-tokens")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--temperature", "-1"], ["--temperature", "-1.0"]),
+    (["--temperature", "nan"], ["--temperature", "nan"]),
+    (["--temperature", "inf"], ["--temperature", "inf"]),
+    (["--span-at", "6", "--max-new-tokens", "6"], ["--span-at", "[0, 6)", "got 6"]),
+    (["--span-at", "-2"], ["--span-at", "got -2"]),
+    (["--profile", "monet"], ["--profile", "gap profile", "'monet'"]),
+    (["--device", "meta"], ["--device", "'meta'"]),
+])
+def test_values_that_were_ignored_are_one_line_errors(capsys, argv, words):
+    """Silently ignored before: a negative or NaN temperature decoded greedily, a span outside the
+    run was never forced, the tiny model ran the gap profile for --profile monet."""
+    assert_usage_error(*run(capsys, *argv), *words)
+
+
+@pytest.fixture(scope="module")
+def bad_heads(tmp_path_factory):
+    path = tmp_path_factory.mktemp("heads")
+    model, _ = tiny_qwen2_5_vl(seed=0)
+    tiny_head(model).save(str(path / "good.safetensors"))
+    data = (path / "good.safetensors").read_bytes()
+    (path / "damaged.safetensors").write_bytes(data[:-20])
+    gapkern.PCALatentHead(torch.eye(32, 4), torch.zeros(32)).save(str(path / "d32.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize("name,words", [
+    ("damaged", ["--head", "damaged.safetensors", "not a readable safetensors file"]),
+    ("d32", ["--head", "d32.safetensors", "hidden size 32", "64"]),
+])
+def test_bad_head_files_are_one_line_errors(capsys, bad_heads, name, words):
+    assert_usage_error(*run(capsys, "--head", str(bad_heads / f"{name}.safetensors")), *words)
+
+
+def broken_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def edit_gap(**fields):
+    def edit(path):
+        data = json.loads((path / "config.json").read_text())
+        data["gap"].update(fields)
+        (path / "config.json").write_text(json.dumps(data))
+    return edit
+
+
+def drop_gap_tensors(path):
+    weights = load_file(path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("gap.")}, path / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case,edit,words,loading", [
+    ("config-not-json", lambda p: (p / "config.json").write_text("{not json"), ["config.json", "not a JSON"], False),
+    ("config-a-list", lambda p: (p / "config.json").write_text("[1]"), ["config.json", "JSON list"], False),
+    ("tokenizer-not-json", lambda p: (p / "tokenizer.json").write_text("nope"), ["tokenizer", "does not load"],
+     False),
+    ("no-weights", lambda p: (p / "model.safetensors").unlink(), ["model.safetensors"], True),
+    ("weights-truncated", lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:999]),
+     ["weights file", "damaged"], True),
+    ("gap-tensors-missing", drop_gap_tensors, ["gap.head.weight", "gap.head.basis"], True),
+    ("gap-ids-outside-vocab", edit_gap(latent_pad_id=999), ["latent_pad_id=999", "vocabulary"], True),
+    ("gap-key-misspelt", edit_gap(latent_budjet=4), ["'latent_budjet'"], True),
+])
+def test_damaged_checkpoints_are_one_line_errors(capsys, tmp_path, gap_checkpoint, case, edit, words, loading):
+    path = broken_copy(gap_checkpoint, tmp_path / case, edit)
+    code, out, err = run(capsys, "--model", str(path), "--max-new-tokens", "3")
+    assert_usage_error(code, out, err, "--model", *words, loading=loading)
+
+
+def test_bogus_backend_is_a_one_line_error():
+    """GAPKERN_BACKEND is read at import: a bad one failed with a traceback at the first latent."""
+    env = {**os.environ, "GAPKERN_BACKEND": "bogus", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "gapkern.cli", "generate", "--max-new-tokens", "4"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert_usage_error(done.returncode, done.stdout, done.stderr, "GAPKERN_BACKEND", "'bogus'", "torch")
 
 
 def test_image_file_without_pillow_says_so(capsys, tmp_path):

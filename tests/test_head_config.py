@@ -1,10 +1,12 @@
 """PCALatentHead and GapConfig: the head's PCA start, its file round trip, the config's checks."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import gapkern
 from gapkern import GapConfig, PCALatentHead
@@ -75,14 +77,103 @@ def test_head_save_failure_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_folder_write_failure_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """atomic_folder: a failed write, and a failed move half-way, both leave the old files."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("old config")
+    (folder / "model.safetensors").write_text("old weights")
+
+    def write(tmp):
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write("new config")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        gapkern._io.atomic_folder(str(folder), write)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"], "no temporary folder left behind"
+    assert (folder / "config.json").read_text() == "old config"
+
+    def write_both(tmp):
+        for name in ("config.json", "model.safetensors"):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write("new " + name)
+
+    moves, real_replace = [], os.replace
+
+    def replace_failing_on_the_last_move(src, dst):
+        moves.append(dst)
+        if len(moves) == 4:  # set aside config, move it in, set aside the weights, then fail
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(gapkern._io.os, "replace", replace_failing_on_the_last_move)
+    with pytest.raises(OSError, match="rename failed"):
+        gapkern._io.atomic_folder(str(folder), write_both)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {
+        "config.json": "old config", "model.safetensors": "old weights"}
+    gapkern._io.atomic_folder(str(folder), write_both)
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {
+        "config.json": "new config.json", "model.safetensors": "new model.safetensors"}
+
+    with pytest.raises(OSError, match="disk full"):  # a new folder is not created by a failed write
+        gapkern._io.atomic_folder(str(tmp_path / "new"), write)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    gapkern._io.atomic_folder(str(tmp_path / "new"), write_both)
+    os.makedirs(tmp_path / "plain")
+    assert os.stat(tmp_path / "new").st_mode == os.stat(tmp_path / "plain").st_mode, "not mkdtemp's private mode"
+
+
 def test_head_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="path: no head file"):
         PCALatentHead.load(str(tmp_path / "missing.safetensors"))
-    from safetensors.torch import save_file
-
     save_file({"basis": torch.eye(4, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a PCALatentHead file"):
         PCALatentHead.load(str(tmp_path / "other.safetensors"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_head_load_of_a_damaged_file_names_the_file(tmp_path, damage):
+    head, *_ = head_and_data()
+    path = tmp_path / "head.safetensors"
+    head.save(str(path))
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:-16], "garbage": b"not a safetensors file at all", "empty": b""}[damage])
+    with pytest.raises(ValueError, match="is not a readable safetensors file") as err:
+        PCALatentHead.load(str(path))
+    assert str(path) in str(err.value)
+
+
+# (what to change in a saved head's tensors, the error type, words the message must hold)
+BAD_FILES = {
+    "bias-broadcasts": (lambda t: t.update(bias=t["bias"][:1]), ValueError, ["'bias'", "expected shape (6,)"]),
+    "weight-int32": (lambda t: t.update(weight=t["weight"].to(torch.int32)), TypeError, ["'weight'", "int32"]),
+    "weight-transposed": (lambda t: t.update(weight=t["weight"].T.contiguous()), ValueError, ["'weight'", "(48, 6)"]),
+    "mean-short": (lambda t: t.update(mean=t["mean"][:-1]), ValueError, ["'mean'", "(48,)"]),
+    "sigma-float16": (lambda t: t.update(sigma=t["sigma"].half()), TypeError, ["'sigma'", "float16"]),
+    "bias-2d": (lambda t: t.update(bias=t["bias"][None]), ValueError, ["'bias'", "1-D"]),
+    "sigma-zero": (lambda t: t["sigma"].__setitem__(2, 0.0), ValueError, ["sigma", "positive"]),
+    "weight-nan": (lambda t: t["weight"].__setitem__((0, 0), float("nan")), ValueError, ["weight", "finite"]),
+    "extra-tensor": (lambda t: t.update(scale=torch.ones(6)), ValueError, ["unexpected", "'scale'"]),
+    "sigma-dropped": (lambda t: t.pop("sigma"), ValueError, ["whitened=True", "'sigma'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_head_load_checks_every_tensor_and_names_it_and_the_file(tmp_path, case):
+    edit, error, words = BAD_FILES[case]
+    head, *_ = head_and_data()
+    path = tmp_path / "head.safetensors"
+    head.save(str(path))
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"gapkern": '{"whitened": true}'})
+    with pytest.raises(error) as err:
+        PCALatentHead.load(str(path))
+    for word in [str(path), *words]:
+        assert word in str(err.value), (word, str(err.value))
 
 
 def test_head_rejects_bad_shapes():
@@ -92,14 +183,36 @@ def test_head_rejects_bad_shapes():
         PCALatentHead(torch.eye(8, 3), torch.zeros(8), torch.ones(4))
     with pytest.raises(ValueError, match="basis: expected a 2-D tensor"):
         PCALatentHead(torch.ones(8), torch.zeros(8))
+    with pytest.raises(ValueError, match=r"basis: expected shape \(D, d\) with 1 <= d <= D"):
+        PCALatentHead(torch.eye(8, 0), torch.zeros(8))
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")], ids=["zero", "negative", "nan", "inf"])
+def test_head_rejects_sigma_that_is_not_positive_and_finite(value):
+    """sigma divides the weight and bias: a zero gave inf weights and NaN latents."""
+    sigma = torch.ones(3)
+    sigma[1] = value
+    with pytest.raises(ValueError, match="sigma: expected (positive|finite) values"):
+        PCALatentHead(torch.eye(8, 3), torch.zeros(8), sigma)
+
+
+@pytest.mark.parametrize("name", ["basis", "mean"])
+def test_head_rejects_non_finite_basis_or_mean(name):
+    tensors = {"basis": torch.eye(8, 3), "mean": torch.zeros(8)}
+    tensors[name].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=f"{name}: expected finite values"):
+        PCALatentHead(tensors["basis"], tensors["mean"])
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("latent_budget", 0, "latent_budget: expected at least 1"),
     ("latent_start_id", -1, "latent_start_id: expected a non-negative int"),
+    ("latent_pad_id", 1, "expected three different ids, got 1, 2, 1"),
     ("calibration", "l2", "calibration: expected one of none, rms, ema"),
     ("ema_decay", 1.0, r"ema_decay: expected a number in \[0, 1\)"),
-    ("eps", 0.0, "eps: expected a positive number"),
+    ("ema_decay", float("nan"), r"ema_decay: expected a number in \[0, 1\)"),
+    ("eps", 0.0, "eps: expected a positive finite number"),
+    ("eps", float("inf"), "eps: expected a positive finite number"),
     ("profile", "x", "profile: expected one of gap, monet"),
 ])
 def test_gap_config_checks_its_fields(field, value, match):
@@ -117,4 +230,48 @@ def test_gap_config_from_tokenizer_and_dict_round_trip():
     assert (cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id) == tuple(
         tok.convert_tokens_to_ids(t) for t in ("<latent>", "</latent>", "<latent_pad>"))
     assert cfg.latent_budget == 4 and cfg.calibration == "rms" and cfg.profile == "gap"
-    assert GapConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg
+    assert GapConfig.from_dict(cfg.to_dict()) == cfg
+
+
+IDS = dict(latent_start_id=1, latent_end_id=2, latent_pad_id=3)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("latent_start_id", True, "an int"), ("latent_end_id", 2.0, "an int"), ("latent_pad_id", "3", "an int"),
+    ("latent_budget", 4.0, "an int"), ("latent_budget", None, "an int"), ("latent_budget", False, "an int"),
+    ("calibration", 1, "a string"), ("calibration", None, "a string"), ("profile", ["gap"], "a string"),
+    ("ema_decay", "0.9", "a number"), ("ema_decay", True, "a number"), ("eps", None, "a number"),
+])
+def test_gap_config_checks_every_field_type_by_name(field, value, expected):
+    with pytest.raises(TypeError, match=f"^{field}: expected {expected}, got {type(value).__name__}"):
+        GapConfig(**{**IDS, field: value})
+    with pytest.raises(TypeError, match=f"^{field}: expected {expected}"):
+        GapConfig.from_dict({**IDS, field: value})
+
+
+def test_gap_config_floats_accept_ints():
+    cfg = GapConfig(**IDS, ema_decay=0, eps=1)
+    assert cfg.ema_decay == 0.0 and isinstance(cfg.ema_decay, float) and isinstance(cfg.eps, float)
+
+
+def test_gap_config_from_dict_refuses_unknown_keys_and_non_dicts():
+    """A misspelt key was dropped silently: {"latent_budjet": 4} gave latent_budget 16."""
+    with pytest.raises(ValueError, match="unknown GapConfig field 'latent_budjet' \\(did you mean 'latent_budget'\\?\\)"):
+        GapConfig.from_dict({**IDS, "latent_budjet": 4})
+    with pytest.raises(ValueError, match="unknown GapConfig field 'zzz'; the fields are latent_start_id"):
+        GapConfig.from_dict({**IDS, "zzz": 4})
+    with pytest.raises(TypeError, match="data: expected a dict of GapConfig fields, got NoneType"):
+        GapConfig.from_dict(None)
+    with pytest.raises(ValueError, match="data: missing GapConfig field\\(s\\) latent_end_id, latent_pad_id"):
+        GapConfig.from_dict({"latent_start_id": 1})
+
+
+def test_gap_config_is_frozen_and_replace_checks_again():
+    """A field changed in place reached generate unchecked (latent_budget -3: pads forever)."""
+    cfg = GapConfig(**IDS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.latent_budget = -3
+    assert cfg.latent_budget == 16
+    assert dataclasses.replace(cfg, latent_budget=4).latent_budget == 4
+    with pytest.raises(ValueError, match="latent_budget: expected at least 1"):
+        dataclasses.replace(cfg, latent_budget=-3)

@@ -1,17 +1,21 @@
 """Patching a loaded Qwen2.5-VL: per instance, exactly undone; the Gap class's checkpoint; latent tokens."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessorList, Qwen2_5_VLForConditionalGeneration
 from transformers.generation import GenerationMixin
 
 import gapkern
 from gapkern.models import (ForceTokens, GapQwen2_5_VLForConditionalGeneration, add_latent_tokens, is_patched,
                             tiny_head, tiny_prompts, tiny_qwen2_5_vl)
+from gapkern.models.qwen2_5_vl import CheckpointError
 
 ROWS = [(4, None), (2, (56, 56)), (3, (56, 84))]
 
@@ -174,3 +178,183 @@ def test_add_latent_tokens_adds_profile_tokens_and_resizes(profile):
     batch = tiny_prompts(ids, ROWS[:1])
     out = model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, batch["input_ids"].shape[1] + 4)
+
+
+# ---- a checkpoint's GAP parts are checked when loaded -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gap_saved(tmp_path_factory):
+    """A saved Gap model (PCA head, K=2, ema target 5.0) and its ids."""
+    path = tmp_path_factory.mktemp("gap")
+    model, ids = tiny_qwen2_5_vl(seed=0, model_class=GapQwen2_5_VLForConditionalGeneration)
+    model.set_gap(tiny_head(model), ids.gap_config(latent_budget=2, calibration="ema"))
+    model.gap.tau_ema.fill_(5.0)
+    model.save_pretrained(path)
+    return path, ids
+
+
+def edited_copy(src, dst, config=None, tensors=None):
+    """A copy of checkpoint ``src`` with ``config(dict)`` / ``tensors(dict)`` applied in place."""
+    shutil.copytree(src, dst)
+    if config is not None:
+        data = json.loads((dst / "config.json").read_text())
+        config(data)
+        (dst / "config.json").write_text(json.dumps(data))
+    if tensors is not None:
+        weights = load_file(dst / "model.safetensors")
+        tensors(weights)
+        save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def drop_gap_tensors(weights, keep=()):
+    for key in [k for k in weights if k.startswith("gap.") and k not in keep]:
+        del weights[key]
+
+
+def test_load_without_the_gap_tensors_is_an_error_naming_them_and_the_folder(tmp_path, gap_saved):
+    """It loaded uninitialised memory into the head and tau_ema, and generated from it."""
+    path = edited_copy(gap_saved[0], tmp_path / "ckpt", tensors=drop_gap_tensors)
+    with pytest.raises(CheckpointError) as err:
+        GapQwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    for word in (str(path), "gap.head.weight", "gap.head.basis", "gap.head.sigma"):
+        assert word in str(err.value), word
+
+
+def test_load_with_a_gap_tensor_of_another_shape_is_an_error_even_when_mismatches_are_allowed(tmp_path, gap_saved):
+    """ignore_mismatched_sizes=True re-initialises a mismatched tensor: uninitialised memory again."""
+    path = edited_copy(gap_saved[0], tmp_path / "ckpt", tensors=lambda w: w.update({"gap.head.bias": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match="gap.head.bias"):
+        GapQwen2_5_VLForConditionalGeneration.from_pretrained(path, ignore_mismatched_sizes=True)
+
+
+def test_load_without_tau_ema_starts_with_no_target(tmp_path, gap_saved):
+    """Only the running target missing (a gap entry written by hand): a clean state, 0 = nothing observed."""
+    path = edited_copy(gap_saved[0], tmp_path / "ckpt", tensors=lambda w: w.pop("gap.tau_ema"))
+    model, info = GapQwen2_5_VLForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    assert "gap.tau_ema" in info["missing_keys"]
+    assert model.gap.tau_ema.tolist() == [0.0] and model.gap.tau_ema.dtype == torch.float32
+    assert model.gap.head.sigma is not None and bool((model.gap.head.sigma > 0).all())
+
+
+@pytest.mark.parametrize("case,edit,words", [
+    ("ids-outside-vocab", lambda c: c["gap"].update(latent_start_id=500), ["latent_start_id=500", "vocabulary"]),
+    ("misspelt-key", lambda c: c["gap"].update(latent_budjet=4), ["'latent_budjet'", "latent_budget"]),
+    ("wrong-type", lambda c: c["gap"].update(latent_budget="4"), ["latent_budget: expected an int"]),
+    ("not-a-dict", lambda c: c.update(gap=[1, 2]), ["expected a dict"]),
+    ("bad-head-rank", lambda c: c["gap"].update(head={"rank": 0, "whitened": True}), ["head: rank"]),
+])
+def test_load_checks_the_gap_entry_of_config_json(tmp_path, gap_saved, case, edit, words):
+    """Ids outside the vocabulary loaded, and spans never opened; a misspelt key was dropped silently."""
+    path = edited_copy(gap_saved[0], tmp_path / "ckpt", config=edit)
+    with pytest.raises(CheckpointError) as err:
+        GapQwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    for word in [str(path), "config.json 'gap'", *words]:
+        assert word in str(err.value), (word, str(err.value))
+
+
+@pytest.mark.parametrize("tensor,value,words", [
+    ("gap.head.sigma", 0.0, ["sigma", "positive"]),
+    ("gap.head.weight", float("nan"), ["weight", "finite"]),
+    ("gap.tau_ema", -1.0, ["tau_ema", "non-negative"]),
+])
+def test_load_checks_the_values_of_the_gap_tensors(tmp_path, gap_saved, tensor, value, words):
+    path = edited_copy(gap_saved[0], tmp_path / "ckpt", tensors=lambda w: w[tensor].view(-1).__setitem__(0, value))
+    with pytest.raises(CheckpointError) as err:
+        GapQwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    for word in [str(path), *words]:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_plain_class_loads_a_gap_checkpoint_and_patch_reads_its_config(gap_saved):
+    """model.config.gap holds the GapConfig fields and "head": patch(model) separates them."""
+    path, ids = gap_saved
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    assert model.config.gap["head"] == {"rank": 8, "whitened": True}
+    gapkern.patch(model, tiny_head(model))
+    assert model.gap.config == ids.gap_config(latent_budget=2, calibration="ema")
+    gapkern.unpatch(model)
+
+
+def test_the_gap_config_of_a_patched_model_cannot_be_changed_in_place():
+    """latent_budget set to -3 after patching made generate emit pads forever."""
+    model, ids = tiny_qwen2_5_vl(seed=0)
+    gapkern.patch(model, None, ids.gap_config(latent_budget=2))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.gap.config.latent_budget = -3
+    with pytest.raises(TypeError, match="config: expected a gapkern.GapConfig"):
+        model.gap.config = {"latent_budget": 3}
+    with pytest.raises(ValueError, match="latent_start_id=1000 is outside the vocabulary"):
+        model.gap.config = dataclasses.replace(model.gap.config, latent_start_id=1000)
+    model.gap.config = dataclasses.replace(model.gap.config, latent_budget=3)
+    assert model.gap.config.latent_budget == 3
+    gapkern.unpatch(model)
+
+
+def test_save_writes_the_state_the_model_has_now(tmp_path):
+    """A config replaced after patching is what config.json gets, not the one of patch time."""
+    model, ids = tiny_qwen2_5_vl(seed=0, model_class=GapQwen2_5_VLForConditionalGeneration)
+    model.set_gap(tiny_head(model), ids.gap_config(latent_budget=2))
+    model.gap.config = dataclasses.replace(model.gap.config, latent_budget=5, calibration="rms")
+    model.save_pretrained(tmp_path)
+    loaded = GapQwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.gap.config == model.gap.config
+
+
+# ---- save_pretrained writes config.json and the weights, or neither ----------------------------------------
+
+
+def folder_bytes(path):
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def failing_weight_write(monkeypatch):
+    """The weight write fails half-way, after config.json was written (transformers writes it first)."""
+    import transformers.modeling_utils as mu
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mu, "safe_save_file", broken)
+
+
+@pytest.mark.parametrize("how", ["gap-class", "patched"])
+def test_save_whose_weight_write_fails_leaves_the_folder_unchanged(tmp_path, monkeypatch, how):
+    """It left a new config.json (K=3) beside the old weights."""
+    cls = GapQwen2_5_VLForConditionalGeneration if how == "gap-class" else None
+    model, ids = tiny_qwen2_5_vl(seed=0, model_class=cls)
+    if how == "gap-class":
+        model.set_gap(tiny_head(model), ids.gap_config(latent_budget=2))
+    else:
+        gapkern.patch(model, tiny_head(model), ids.gap_config(latent_budget=2))
+    path = tmp_path / "ckpt"
+    model.save_pretrained(path)
+    before = folder_bytes(path)
+    model.set_gap(None, ids.gap_config(latent_budget=3)) if how == "gap-class" else gapkern.patch(
+        model, None, ids.gap_config(latent_budget=3))
+    failing_weight_write(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(path)
+    assert folder_bytes(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "no temporary folder left behind"
+    monkeypatch.undo()
+    model.save_pretrained(path)
+    loaded = GapQwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    assert loaded.gap.config.latent_budget == 3 and loaded.gap.head is None
+
+
+def test_save_over_a_sharded_checkpoint_replaces_its_shards(tmp_path):
+    model, ids = tiny_qwen2_5_vl(seed=0, model_class=GapQwen2_5_VLForConditionalGeneration)
+    model.set_gap(tiny_head(model), ids.gap_config(latent_budget=2))
+    path = tmp_path / "ckpt"
+    model.save_pretrained(path, max_shard_size="200KB")
+    assert any("-of-" in p.name for p in path.iterdir()) and (path / "model.safetensors.index.json").exists()
+    (path / "notes.txt").write_text("mine")
+    model.save_pretrained(path)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "notes.txt"]
+    loaded = GapQwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

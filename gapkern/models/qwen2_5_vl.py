@@ -1,26 +1,59 @@
 """Qwen2.5-VL: patch / unpatch a loaded model, the Gap model class, the calibration targets.
 
-``patch`` binds a latent-aware ``generate`` to one instance
-(``model.__dict__["generate"]``) and adds one submodule, ``model.gap``
-(:class:`GapState`: the GapConfig, the head, the running ema target).
+``patch`` binds a latent-aware ``generate`` and an all-or-nothing
+``save_pretrained`` to one instance (``model.__dict__``) and adds one
+submodule, ``model.gap`` (:class:`GapState`: the GapConfig, the head, the
+running ema target).
 Nothing at class or module level changes, so other models of the class are
 untouched; ``unpatch`` removes exactly what ``patch`` added.
 """
 from __future__ import annotations
 
+import os
+import re
 import types
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .. import ops
+from .._io import atomic_folder
 from ..config import GapConfig
 from ..head import PCALatentHead
 from .generate import gap_generate
 
 MODEL_TYPE = "qwen2_5_vl"
-_BOUND = ("generate",)  # instance attributes patch() binds
+_BOUND = ("generate", "save_pretrained")  # instance attributes patch() binds
 _MISSING = object()
+# A previous save's shards and index, which a new save replaces (transformers deletes such shards too).
+_STALE_WEIGHTS = re.compile(r"model(\.[^.]+)?(-\d{5}-of-\d{5}\.(safetensors|bin)|\.safetensors\.index\.json)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose GAP parts (``config.json``'s ``gap``, the ``gap.*`` tensors) are missing or wrong."""
+
+
+def check_ids(config: GapConfig, vocab: int) -> None:
+    """The latent ids must be in the vocabulary, or spans never open (the start id is never sampled)."""
+    for name in ("latent_start_id", "latent_end_id", "latent_pad_id"):
+        if getattr(config, name) >= vocab:
+            raise ValueError(f"config: {name}={getattr(config, name)} is outside the vocabulary ({vocab} ids); "
+                             "add the profile's tokens first (gapkern.models.add_latent_tokens)")
+
+
+def _head_spec(spec, hidden_size: int):
+    """``{"rank": d, "whitened": bool}`` (the head's shape in ``model.config.gap``) or None."""
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping) or set(spec) != {"rank", "whitened"}:
+        raise ValueError(f"head: expected null or {{\"rank\": d, \"whitened\": true|false}}, got {spec!r}")
+    rank, whitened = spec["rank"], spec["whitened"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= hidden_size:
+        raise ValueError(f"head: rank: expected an int in [1, {hidden_size}] (the hidden size), got {rank!r}")
+    if not isinstance(whitened, bool):
+        raise ValueError(f"head: whitened: expected true or false, got {whitened!r}")
+    return rank, whitened
 
 
 class GapState(nn.Module):
@@ -31,16 +64,27 @@ class GapState(nn.Module):
     model and is saved with it; it stays float32 when the model is cast.
     """
 
-    def __init__(self, config: GapConfig, head: PCALatentHead | None = None):
+    def __init__(self, config: GapConfig, head: PCALatentHead | None = None, vocab_size: int | None = None):
         super().__init__()
-        if not isinstance(config, GapConfig):
-            raise TypeError(f"config: expected a gapkern.GapConfig, got {type(config).__name__}")
         if head is not None and not isinstance(head, PCALatentHead):
             raise TypeError(f"head: expected a gapkern.PCALatentHead or None, got {type(head).__name__}")
+        self.vocab_size = vocab_size
+        self.decoder = None  # the static decoder (and its CUDA graph) kept for the next generate call
         self.config = config
         self.head = head
         self.register_buffer("tau_ema", torch.zeros(1, dtype=torch.float32))
-        self.decoder = None  # the static decoder (and its CUDA graph) kept for the next generate call
+
+    @property
+    def config(self) -> GapConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: GapConfig):  # a new config is checked like the first (a GapConfig is frozen)
+        if not isinstance(config, GapConfig):
+            raise TypeError(f"config: expected a gapkern.GapConfig, got {type(config).__name__}")
+        if self.vocab_size is not None:
+            check_ids(config, self.vocab_size)
+        self._config = config
 
     def _apply(self, fn, recurse=True):
         tau = self.tau_ema
@@ -57,15 +101,35 @@ class GapState(nn.Module):
         head = None if self.head is None else {"rank": self.head.rank, "whitened": self.head.sigma is not None}
         return {**self.config.to_dict(), "head": head}
 
+    @staticmethod
+    def split(data: Mapping) -> tuple[dict, object]:
+        """``model.config.gap`` -> (the GapConfig fields, the head's shape or None)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"gap: expected a dict of GapConfig fields and 'head', got {type(data).__name__}")
+        return {k: v for k, v in data.items() if k != "head"}, data.get("head")
+
     @classmethod
-    def from_dict(cls, data: dict, hidden_size: int) -> "GapState":
+    def from_dict(cls, data: Mapping, hidden_size: int, vocab_size: int | None = None) -> "GapState":
         """An empty state of the right shapes; the checkpoint fills in the values."""
+        fields, spec = cls.split(data)
+        config, spec = GapConfig.from_dict(fields), _head_spec(spec, hidden_size)
         head = None
-        if data.get("head"):
-            rank, whitened = data["head"]["rank"], data["head"]["whitened"]
+        if spec is not None:
+            rank, whitened = spec
             basis = torch.eye(hidden_size, rank)
             head = PCALatentHead(basis, torch.zeros(hidden_size), torch.ones(rank) if whitened else None)
-        return cls(GapConfig.from_dict(data), head)
+        return cls(config, head, vocab_size)
+
+    def validate(self) -> "GapState":
+        """Check values filled in after construction (a checkpoint load): the head's, and ``tau_ema``
+        (0 or NaN: nothing observed yet; a negative or infinite target would scale every latent)."""
+        if self.head is not None:
+            self.head.validate()
+        tau = self.tau_ema
+        if not tau.is_meta and bool((tau < 0).any() | tau.isinf().any()):
+            raise ValueError(f"tau_ema: expected a non-negative finite target norm (0 or NaN: none yet), "
+                             f"got {tau.tolist()}")
+        return self
 
     def targets(self, norms: torch.Tensor | None, image_mask: torch.Tensor | None, rows: int):
         """tau (rows,) float32 for SPEC section 2's calibration, or None for ``none``.
@@ -105,14 +169,13 @@ def _resolve_config(model, config):
         data = getattr(model.config, "gap", None)
         if not data:
             raise ValueError("config: pass a gapkern.GapConfig (e.g. GapConfig.from_tokenizer(tokenizer))")
-        config = GapConfig.from_dict(data)
+        try:
+            config = GapConfig.from_dict(GapState.split(data)[0])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"config: model.config.gap: {exc}") from None
     if not isinstance(config, GapConfig):
         raise TypeError(f"config: expected a gapkern.GapConfig, got {type(config).__name__}")
-    vocab = model.get_input_embeddings().num_embeddings
-    for name in ("latent_start_id", "latent_end_id", "latent_pad_id"):
-        if getattr(config, name) >= vocab:
-            raise ValueError(f"config: {name}={getattr(config, name)} is outside the vocabulary ({vocab} ids); "
-                             "add the profile's tokens first (gapkern.models.add_latent_tokens)")
+    check_ids(config, model.get_input_embeddings().num_embeddings)
     return config
 
 
@@ -124,7 +187,7 @@ def _attach(model, head, config) -> GapState:
         if head.hidden_size != dim:
             raise ValueError(f"head: hidden size {head.hidden_size} does not match the model's {dim}")
         head.to(device=model.device, dtype=model.dtype)
-    state = GapState(config, head).to(model.device)
+    state = GapState(config, head, model.get_input_embeddings().num_embeddings).to(model.device)
     model.add_module("gap", state)
     model.config.gap = state.to_dict()
     return state
@@ -153,6 +216,7 @@ def patch(model, head: PCALatentHead | None = None, config: GapConfig | None = N
     saved["rope_deltas"] = model.model.rope_deltas
     _attach(model, head, config)
     model.__dict__["generate"] = types.MethodType(gap_generate, model)
+    model.__dict__["save_pretrained"] = types.MethodType(_patched_save_pretrained, model)
     model.__dict__["_gap_saved"] = saved
     return model
 
@@ -176,6 +240,21 @@ def unpatch(model):
     return model
 
 
+def _save_atomically(model, save, save_directory, *args, **kwargs):
+    """``save(tmp_folder, ...)`` beside ``save_directory``, then the files moved in: all or none."""
+    if "gap" in model._modules:  # config.json describes the state saved, even one changed since patching
+        model.config.gap = model.gap.to_dict()
+    if kwargs.get("push_to_hub"):  # the hub repo is named after the folder, not the temporary one
+        kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
+    atomic_folder(save_directory, lambda tmp: save(tmp, *args, **kwargs),
+                  stale=lambda name: _STALE_WEIGHTS.fullmatch(name) is not None)
+
+
+def _patched_save_pretrained(self, save_directory, *args, **kwargs):
+    """Hugging Face's ``save_pretrained``, but a failed write leaves the folder as it was."""
+    _save_atomically(self, type(self).save_pretrained.__get__(self), save_directory, *args, **kwargs)
+
+
 def _base_class():
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -187,16 +266,40 @@ class GapQwen2_5_VLForConditionalGeneration(_base_class()):
 
     ``save_pretrained`` writes the head, its PCA buffers and the running ema
     target into ``model.safetensors`` (under ``gap.``) and the GapConfig into
-    ``config.json`` (``"gap"``); ``from_pretrained`` reads them back. Loading a
-    plain Qwen2.5-VL checkpoint gives a model without GAP parts: add them with
-    :meth:`set_gap`.
+    ``config.json`` (``"gap"``), all files or none; ``from_pretrained`` reads them
+    back and checks them (:class:`CheckpointError`). Loading a plain Qwen2.5-VL
+    checkpoint gives a model without GAP parts: add them with :meth:`set_gap`.
     """
 
     def __init__(self, config):
         super().__init__(config)
         data = getattr(config, "gap", None)
         if data:
-            self.gap = GapState.from_dict(data, config.text_config.hidden_size)
+            text = config.text_config
+            try:
+                self.gap = GapState.from_dict(data, text.hidden_size, text.vocab_size)
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(f"config.json 'gap': {exc}") from None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Hugging Face's ``from_pretrained``; the GAP parts are checked: a ``gap.head.*`` tensor missing
+        from the weights is an error (not uninitialised memory), a missing ``gap.tau_ema`` starts at 0
+        (nothing observed yet, as for an output-as-input checkpoint given a ``gap`` entry by hand)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        where = os.fspath(pretrained_model_name_or_path)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args,
+                                                  output_loading_info=True, **kwargs)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+        if "gap" in model._modules:
+            _check_loaded(model, info, where)
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Hugging Face's ``save_pretrained``, but a failed write leaves the folder as it was."""
+        _save_atomically(self, super().save_pretrained, save_directory, *args, **kwargs)
 
     def set_gap(self, head: PCALatentHead | None, config: GapConfig):
         """Attach (or replace) the head and GapConfig."""
@@ -207,6 +310,23 @@ class GapQwen2_5_VLForConditionalGeneration(_base_class()):
         return self
 
     generate = gap_generate
+
+
+def _check_loaded(model, info, where):
+    mismatched = {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
+    bad = sorted(k for k in set(info.get("missing_keys", ())) | mismatched
+                 if k.startswith("gap.") and k != "gap.tau_ema")
+    if bad:
+        raise CheckpointError(
+            f"{where}: config.json has a 'gap' entry with a head, but the weights lack (or have other shapes "
+            f"for) {', '.join(bad)}; save with GapQwen2_5_VLForConditionalGeneration.save_pretrained, or drop "
+            "'head' from config.json's 'gap' and attach a head with set_gap")
+    if "gap.tau_ema" in info.get("missing_keys", ()) or "gap.tau_ema" in mismatched:
+        model.gap.tau_ema = torch.zeros(1, dtype=torch.float32, device=model.gap.tau_ema.device)
+    try:
+        model.gap.validate()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: the weights' gap.* tensors: {exc}") from None
 
 
 def _register_checkpoint_layout():
