@@ -12,14 +12,24 @@ from safetensors.torch import save_file
 __all__ = ["atomic_save_file", "atomic_write", "atomic_folder", "read_safetensors"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)``, then rename onto ``path``; on failure remove the temp file."""
+    """Call ``write(tmp_path)``, then rename onto ``path``; on failure remove the temp file.
+
+    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -62,6 +62,16 @@ def test_head_save_load_round_trip(tmp_path, whitened):
     assert os.listdir(tmp_path) == ["head.safetensors"], "no temporary file left behind"
 
 
+def test_atomic_write_gives_the_usual_permissions(tmp_path):
+    head, *_ = head_and_data()
+    before = os.umask(0o022)
+    try:
+        head.save(str(tmp_path / "head.safetensors"))
+    finally:
+        os.umask(before)
+    assert (tmp_path / "head.safetensors").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+
+
 def test_head_save_failure_leaves_no_file(tmp_path, monkeypatch):
     head, *_ = head_and_data()
     path = tmp_path / "head.safetensors"
