@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ._io import atomic_save_file, atomic_write, load_file
+from ._io import atomic_save_file, atomic_write, read_safetensors
 from .head import PCALatentHead
 
 __all__ = ["PCAStats", "write_fit_summary"]
@@ -202,7 +202,7 @@ class PCAStats:
     def load(cls, path: str, device=None) -> "PCAStats":
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path: no PCA statistics file at {path!r}")
-        tensors = load_file(path, device=str(device or "cpu"))
+        tensors, _ = read_safetensors(path, device=device or "cpu")
         if set(tensors) != {"count", "sum", "outer"}:
             raise ValueError(f"path: {path!r} is not a PCAStats file (tensors {sorted(tensors)})")
         stats = cls(tensors["sum"].shape[0])

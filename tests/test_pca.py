@@ -226,6 +226,10 @@ def test_errors_name_the_argument(tmp_path):
     PCALatentHead(torch.eye(D)[:, :2], torch.zeros(D)).save(str(tmp_path / "head.safetensors"))
     with pytest.raises(ValueError, match="is not a PCAStats file"):
         PCAStats.load(str(tmp_path / "head.safetensors"))
+    stats.save(str(tmp_path / "stats.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "stats.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="cut.safetensors' is not a readable safetensors file"):
+        PCAStats.load(str(tmp_path / "cut.safetensors"))
     with pytest.raises(ValueError, match="other: expected statistics of width 24"):
         stats.merge(PCAStats(D + 1))
 
