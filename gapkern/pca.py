@@ -22,10 +22,11 @@ import os
 
 import torch
 
+from . import distributed
 from ._io import atomic_save_file, atomic_write, read_safetensors
 from .head import PCALatentHead
 
-__all__ = ["PCAStats", "write_fit_summary"]
+__all__ = ["PCAStats", "fit_images", "write_fit_summary"]
 
 
 class PCAStats:
@@ -209,6 +210,29 @@ class PCAStats:
         stats.device = tensors["sum"].device
         stats._count, stats._sum, stats._outer = tensors["count"].reshape(()), tensors["sum"], tensors["outer"]
         return stats
+
+
+def fit_images(model, images, *, settings: dict | None = None, batch_images: int = 8,
+               progress: bool | None = None) -> PCAStats:
+    """The statistics of the visual input embeddings of ``images`` (``(path, box)`` pairs, e.g.
+    ``gapkern.data.sample_images``), streamed through the model's vision tower, every merged token a row.
+
+    Under torchrun rank r takes images r, r + world, ... and the statistics
+    are all-reduced, so every rank (each must call this) returns the sums of
+    all images. The sums live where the embeddings are (see PCAStats).
+    """
+    from tqdm import tqdm
+
+    from .data import image_embeddings
+
+    rank, world = distributed.rank_world()
+    stats = PCAStats(model.config.text_config.hidden_size)
+    mine = list(images)[rank::world]
+    with tqdm(total=len(mine), desc="pca", unit="image", disable=distributed.bar_disable(progress)) as bar:
+        for embeds, _ in image_embeddings(model, mine, settings=settings, batch_images=batch_images):
+            stats.update(embeds)
+            bar.update()
+    return stats.all_reduce()
 
 
 def write_fit_summary(stats: PCAStats, rank: int, json_path: str, png_path: str | None = None,

@@ -1,0 +1,146 @@
+"""What the stage commands share: the model options, loading a local checkpoint, the ranks, the sample file."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from . import UsageError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_model_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, metavar="PATH",
+                        help="a local Qwen2.5-VL checkpoint folder (plain, or saved by gapkern)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N; "
+                                                             "under torchrun each rank uses cuda:LOCAL_RANK")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on cuda, else float32")
+
+
+def positive_int(value: int, option: str) -> int:
+    if value < 1:
+        raise UsageError(f"{option}: expected a positive integer, got {value}")
+    return value
+
+
+def fraction(value: float, option: str) -> float:
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise UsageError(f"{option}: expected a fraction in (0, 1], got {value}")
+    return value
+
+
+def checkpoint_config(path: str) -> dict:
+    """The checkpoint's config.json, after checking that it is a Qwen2.5-VL folder."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise UsageError(f"--model: no checkpoint folder at {path!r} (expected a folder with config.json)")
+    try:
+        with open(config, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model: cannot read {config!r} ({exc})") from None
+    if not isinstance(data, dict) or data.get("model_type") != "qwen2_5_vl":
+        kind = data.get("model_type") if isinstance(data, dict) else None
+        raise UsageError(f"--model: {path!r} holds a {kind!r} checkpoint; "
+                         "expected Qwen2.5-VL (model_type 'qwen2_5_vl')")
+    return data
+
+
+def read_samples(path: str) -> list[dict]:
+    """The validated sample file; a bad line is a one-line error naming file:line:field."""
+    from ..data import load_samples
+
+    try:
+        return load_samples(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--samples: {exc}") from None
+
+
+@dataclass
+class Place:
+    """Where this process runs: its rank among ``world`` (1 without torchrun), device and dtype."""
+
+    rank: int
+    world: int
+    device: object
+    dtype: object
+
+
+def start(args) -> Place:
+    """Resolve --device / --dtype; under torchrun join the process group (a rank on CUDA takes cuda:LOCAL_RANK)."""
+    import torch
+
+    from .. import distributed
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device: {exc}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device: cuda requested but no CUDA device is available")
+    rank, world, local = distributed.init_from_env(device.type)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+    name = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    return Place(rank, world, device, getattr(torch, name))
+
+
+def load_model(path: str, place: Place):
+    """``from_pretrained`` on a local folder, in eval mode on the place's device: the Gap class when config.json
+    has a ``"gap"`` entry (its head and GapConfig come with it), else the plain Qwen2.5-VL class."""
+    import sys
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    from ..models import GapQwen2_5_VLForConditionalGeneration
+
+    config = checkpoint_config(path)
+    cls = GapQwen2_5_VLForConditionalGeneration if config.get("gap") else Qwen2_5_VLForConditionalGeneration
+    bars = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # HF's loading bars print even into a log file; ours are quiet there
+        hf_logging.disable_progress_bar()
+    try:
+        model = cls.from_pretrained(path, dtype=place.dtype)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model.to(place.device).eval()
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer, with a chat template (a processor's chat_template.jinja / .json if need be)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model: no usable tokenizer in {path!r} ({exc}); save it beside the weights") from None
+    if not tokenizer.chat_template:
+        jinja, js = os.path.join(path, "chat_template.jinja"), os.path.join(path, "chat_template.json")
+        if os.path.isfile(jinja):
+            with open(jinja, encoding="utf-8") as f:
+                tokenizer.chat_template = f.read()
+        elif os.path.isfile(js):
+            with open(js, encoding="utf-8") as f:
+                tokenizer.chat_template = json.load(f).get("chat_template")
+        if not tokenizer.chat_template:
+            raise UsageError(f"--model: the tokenizer in {path!r} has no chat template")
+    return tokenizer
+
+
+def hidden_size(config: dict) -> int:
+    """D, the language model's width, from a checkpoint's config.json."""
+    return (config.get("text_config") or config)["hidden_size"]
+
+
+def gap_settings(config: dict) -> dict:
+    """The GapConfig fields a gapkern-saved checkpoint's config.json carries ({} for a plain checkpoint)."""
+    return config.get("gap") or {}
