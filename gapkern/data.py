@@ -10,6 +10,7 @@
 - ``image_inputs``: an image file (or a crop of it) as the model's pixel inputs.
 - ``visual_embeddings`` / ``image_embeddings``: the merger outputs (visual
   input embeddings) of images, per image, in row-major merged-grid order.
+- ``uses_latents``: whether a line trains with its latent steps (SPEC 4.4).
 - ``TargetWriter`` / ``TargetReader``: targets in safetensors shards keyed
   ``"{id}/{step}"`` (step = the index in ``steps``), with a JSON index
   (``gapkern.targets``, re-exported here).
@@ -26,7 +27,7 @@ from .config import PROFILES
 from .targets import TargetReader, TargetWriter, latent_keys  # the shards live in their own module
 
 __all__ = ["SampleError", "load_samples", "teacher_response", "latent_keys", "pool_targets", "image_inputs",
-           "merged_grid", "visual_embeddings", "image_embeddings", "sample_images",
+           "merged_grid", "visual_embeddings", "image_embeddings", "sample_images", "uses_latents",
            "TargetWriter", "TargetReader"]
 
 CATEGORIES = ("perception", "reasoning")
@@ -302,3 +303,8 @@ def sample_images(samples: list[dict], *, latent: bool = False) -> list[tuple[st
             seen.setdefault((path, None if box is None else tuple(box)), (path, box))
     return list(seen.values())
 
+
+
+def uses_latents(sample: dict) -> bool:
+    """Whether a line trains with its latent steps: a hard line, or any line that was not curated (SPEC 4.4)."""
+    return sample.get("hard", True) is not False
