@@ -10,6 +10,8 @@
 - ``image_inputs``: an image file (or a crop of it) as the model's pixel inputs.
 - ``visual_embeddings`` / ``image_embeddings``: the merger outputs (visual
   input embeddings) of images, per image, in row-major merged-grid order.
+- ``question_text``: the user turn's text of a sample; every prompt of the
+  GAP path (curation, training, evaluation) is built from it.
 - ``uses_latents``: whether a line trains with its latent steps (SPEC 4.4).
 - ``TargetWriter`` / ``TargetReader``: targets in safetensors shards keyed
   ``"{id}/{step}"`` (step = the index in ``steps``), with a JSON index
@@ -27,7 +29,7 @@ from .config import PROFILES
 from .targets import TargetReader, TargetWriter, latent_keys  # the shards live in their own module
 
 __all__ = ["SampleError", "load_samples", "teacher_response", "latent_keys", "pool_targets", "image_inputs",
-           "merged_grid", "visual_embeddings", "image_embeddings", "sample_images", "uses_latents",
+           "merged_grid", "visual_embeddings", "image_embeddings", "sample_images", "question_text", "uses_latents",
            "TargetWriter", "TargetReader"]
 
 CATEGORIES = ("perception", "reasoning")
@@ -303,6 +305,26 @@ def sample_images(samples: list[dict], *, latent: bool = False) -> list[tuple[st
             seen.setdefault((path, None if box is None else tuple(box)), (path, box))
     return list(seen.values())
 
+
+ANSWER_FORMAT = {  # the last line of every question: where the answer goes (what evaluate.extract_answer reads)
+    True: "Answer with the option's letter inside <answer></answer>.",
+    False: "Give the final answer inside <answer></answer>.",
+}
+
+
+def question_text(sample: dict) -> str:
+    """The user turn's text: the question, one line per choice (``A. red``), then :data:`ANSWER_FORMAT`.
+
+    The images come before this text in the same turn (one image entry each,
+    in ``images`` order). Curation, training and evaluation all build their
+    prompts from this one function, so the model is asked the same way in each.
+    """
+    lines = [sample["question"].strip()]
+    choices = sample.get("choices")
+    if choices:
+        lines += [f"{chr(ord('A') + i)}. {choice}" for i, choice in enumerate(choices)]
+    lines.append(ANSWER_FORMAT[bool(choices)])
+    return "\n".join(lines)
 
 
 def uses_latents(sample: dict) -> bool:

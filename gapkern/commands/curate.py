@@ -1,0 +1,87 @@
+"""Capacity filter (SPEC 4.4): sample the base model N times per question; a line is hard when no attempt is right.
+
+Prompts are the question (and choices) with the line's images, through the
+tokenizer's chat template (gapkern.prompts); attempts come from the patched,
+batched generate, each line's drawn with seeds derived from --seed and its
+id; answers are judged by gapkern.evaluate. OUT gets every input line (image
+paths absolute) plus "attempts", "n_correct" and "hard". Results are appended
+line by line under OUT.parts/ while the run goes: killed and rerun with the
+same options, it continues where it stopped and ends with the same OUT as an
+uninterrupted run. Under torchrun the ranks split the lines.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from . import UsageError
+from ._common import add_model_arguments, load_model, load_tokenizer, positive_int, read_samples, start
+
+NAME = "curate"
+HELP = "sample the base model N times per question and mark the lines it always misses as hard"
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--samples", required=True, metavar="FILE", help="the sample file (JSONL, SPEC 4.1)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the curated sample file to write (JSONL)")
+    # --n alone would break under torchrun: its own parser takes --n for an ambiguous prefix of --nnodes / ...
+    parser.add_argument("--attempts", "--n", dest="n", type=int, default=8, metavar="N",
+                        help="attempts per question, N in SPEC 4.4 (default 8; --n works without torchrun)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0; 0: greedy)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
+                        help="new tokens per attempt (default 512)")
+    parser.add_argument("--batch", type=int, default=8, metavar="LINES",
+                        help="questions per generate call, N rows each (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="run seed; each line's attempts derive from it and the id")
+
+
+def _check(args) -> None:
+    for option in ("attempts", "max_new_tokens", "batch"):
+        positive_int(getattr(args, "n" if option == "attempts" else option), "--" + option.replace("_", "-"))
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature: expected a finite number >= 0, got {args.temperature}")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out: {args.out!r} is a folder; expected a file name")
+
+
+def _prepare(model, tokenizer):
+    """Patch the model for its generate; returns the ids it must not sample (a plain model writes no latents)."""
+    import gapkern
+    from ..models import add_latent_tokens
+
+    if "gap" in model._modules:  # a gapkern checkpoint: its own head and GapConfig
+        gapkern.patch(model, model.gap.head, model.gap.config)
+        return []
+    config = add_latent_tokens(tokenizer, model, profile="gap")
+    gapkern.patch(model, None, config)
+    return [config.latent_start_id]
+
+
+def run(args) -> int:
+    from .. import distributed
+    from ..curate import curate
+    from ..models.prompt import image_settings
+
+    _check(args)
+    samples = read_samples(args.samples)
+    place = start(args)
+    try:
+        tokenizer = load_tokenizer(args.model)
+        model = load_model(args.model, place)
+        suppress = _prepare(model, tokenizer)
+        try:
+            summary = curate(model, tokenizer, samples, args.out, n=args.n, temperature=args.temperature,
+                             max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
+                             settings=image_settings(args.model), suppress=suppress,
+                             identity={"model": os.path.abspath(args.model)})
+        except (FileExistsError, ValueError) as exc:
+            raise UsageError(f"--out: {exc}") from None
+    finally:
+        distributed.close()
+    if place.rank == 0:
+        lines, hard = summary["lines"], summary["hard"]
+        print(f"hard        {hard} of {lines} lines ({hard / lines:.1%}): no attempt of {args.n} correct")
+        print(f"sampled     {lines - summary['resumed']} line(s) now, {summary['resumed']} done by an earlier run")
+        print(f"wrote       {args.out}")
+    return 0

@@ -1,0 +1,62 @@
+"""Chat prompts of samples, batched with left padding, as Qwen2.5-VL's processor would build them.
+
+One user turn per sample: an image entry per image (``images`` order), then
+:func:`gapkern.data.question_text`. The tokenizer's chat template renders it;
+each image's one placeholder token is expanded to one token per merged patch.
+Left padding puts every row's last prompt token in the last column, where
+``generate`` continues.
+"""
+from __future__ import annotations
+
+import torch
+
+from .data import image_inputs, question_text
+
+__all__ = ["prompt_messages", "prompt_text", "prompt_batch"]
+
+
+def prompt_messages(sample: dict) -> list[dict]:
+    """The chat messages of a sample's question: one user turn, images first."""
+    content = [{"type": "image"} for _ in sample.get("images", [])]
+    content.append({"type": "text", "text": question_text(sample)})
+    return [{"role": "user", "content": content}]
+
+
+def prompt_text(tokenizer, sample: dict) -> str:
+    """The chat template over :func:`prompt_messages`, with the assistant turn opened (one placeholder per image)."""
+    return tokenizer.apply_chat_template(prompt_messages(sample), tokenize=False, add_generation_prompt=True)
+
+
+def expand_images(text: str, image_token: str, counts: list[int]) -> str:
+    """Each image's placeholder ``image_token`` repeated to that image's number of visual tokens."""
+    parts = text.split(image_token)
+    if len(parts) - 1 != len(counts):
+        raise ValueError(f"tokenizer: its chat template placed {len(parts) - 1} {image_token!r} for "
+                         f"{len(counts)} image(s)")
+    out = [parts[0]]
+    for count, part in zip(counts, parts[1:]):
+        out += [image_token * count, part]
+    return "".join(out)
+
+
+def prompt_batch(model, tokenizer, samples: list[dict], *, settings: dict | None = None) -> dict:
+    """``input_ids``, ``attention_mask`` (left-padded), ``mm_token_type_ids``, and the images' ``pixel_values`` /
+    ``image_grid_thw`` (absent when no sample has an image), on the CPU."""
+    vision, image_id = model.config.vision_config, model.config.image_token_id
+    image_token = tokenizer.convert_ids_to_tokens(image_id)
+    texts, pixels, expected = [], [], 0
+    for sample in samples:
+        inputs = [image_inputs(path, vision, settings=settings) for path in sample.get("images", [])]
+        counts = [int(i["image_grid_thw"].prod()) // vision.spatial_merge_size ** 2 for i in inputs]
+        texts.append(expand_images(prompt_text(tokenizer, sample), image_token, counts))
+        pixels += inputs
+        expected += sum(counts)
+    batch = dict(tokenizer(texts, return_tensors="pt", padding=True, padding_side="left"))
+    image_mask = batch["input_ids"] == image_id
+    if int(image_mask.sum()) != expected:
+        raise ValueError(f"tokenizer: {image_token!r} did not tokenize to the model's image token id {image_id}")
+    batch["mm_token_type_ids"] = image_mask.long()
+    if pixels:
+        batch["pixel_values"] = torch.cat([i["pixel_values"] for i in pixels])
+        batch["image_grid_thw"] = torch.cat([i["image_grid_thw"] for i in pixels])
+    return batch
