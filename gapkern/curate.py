@@ -29,7 +29,11 @@ from ._io import atomic_write
 from .evaluate import is_correct
 from .prompts import prompt_batch
 
-__all__ = ["derive_seed", "SeededSampler", "sample_attempts", "judge", "curate"]
+__all__ = ["derive_seed", "SeededSampler", "sample_attempts", "judge", "curate", "ResumeError"]
+
+
+class ResumeError(ValueError):
+    """OUT or OUT.parts holds something this run cannot continue (other settings, other lines, a damaged part)."""
 
 
 def derive_seed(*parts) -> int:
@@ -118,8 +122,8 @@ class _Parts:
             changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
             if changed:
                 what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-                raise FileExistsError(f"out: {self.folder!r} holds an interrupted run with other settings ({what}); "
-                                      "rerun with its settings, or remove it to start over")
+                raise ResumeError(f"out: {self.folder!r} holds an interrupted run with other settings ({what}); "
+                                  "rerun with its settings, or remove it to start over")
             return
         os.makedirs(self.folder, exist_ok=True)
         atomic_write(path, lambda tmp: _write_json(tmp, settings))
@@ -162,7 +166,8 @@ def _complete_lines(path: str) -> dict[str, str]:
         try:
             lines[json.loads(raw)["id"]] = raw.decode("utf-8")
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"out: {path}:{number} is not a curated line; remove the file to redo its lines") from None
+            raise ResumeError(f"out: {path}:{number} is not a curated line; remove that file to redo its lines") \
+                from None
     return lines
 
 
@@ -184,11 +189,14 @@ def _finished(out: str, samples: list[dict]) -> bool:
     """A finished OUT (no parts left) of these samples: nothing to do. Another file there is an error."""
     if not os.path.isfile(out) or os.path.isdir(out + ".parts"):
         return False
-    with open(out, encoding="utf-8") as f:
-        ids = [json.loads(line).get("id") for line in f if line.strip()]
+    try:
+        with open(out, encoding="utf-8") as f:
+            ids = [json.loads(line).get("id") for line in f if line.strip()]
+    except (ValueError, AttributeError):
+        ids = None
     if ids != [s["id"] for s in samples]:
-        raise FileExistsError(f"out: {out!r} exists and is not the curation of these samples; remove it or "
-                              "choose another --out")
+        raise ResumeError(f"out: {out!r} exists and is not the curation of these samples; remove it or "
+                          "choose another --out")
     return True
 
 
@@ -198,8 +206,9 @@ def curate(model, tokenizer, samples: list[dict], out: str, *, n: int = 8, tempe
     """Curate ``samples`` (``load_samples``' output) into the JSONL file ``out``; resumes an interrupted run.
 
     Under torchrun each rank takes every world-th line and must call this
-    with the same arguments. ``identity`` (e.g. the model path) joins n,
-    temperature, max_new_tokens and seed in what a resumed run must match.
+    with the same arguments. ``identity`` (e.g. the model path) joins the
+    samples (a digest), n, temperature, max_new_tokens and seed in what a
+    resumed run must match.
     Returns ``{"lines", "hard", "resumed"}`` (resumed: lines an interrupted run had finished).
     """
     from tqdm import tqdm
@@ -208,7 +217,9 @@ def curate(model, tokenizer, samples: list[dict], out: str, *, n: int = 8, tempe
     if _finished(out, samples):
         return {"lines": len(samples), "hard": _count_hard(out), "resumed": len(samples)}
     parts = _Parts(out, rank)
-    run = {**(identity or {}), "n": n, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
+    digest = hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()[:16]
+    run = {**(identity or {}), "samples": digest, "n": n, "temperature": temperature,
+           "max_new_tokens": max_new_tokens, "seed": seed}
     if rank == 0:
         parts.settle(run)
     distributed.barrier()

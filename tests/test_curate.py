@@ -149,20 +149,48 @@ def test_killed_run_resumes_to_the_same_output(capsys, folder, tmp_path, monkeyp
     assert not (tmp_path / "cur.jsonl.parts").exists()
 
 
-def test_resume_refuses_other_settings_and_a_finished_file_is_kept(capsys, folder, tmp_path):
-    parts = tmp_path / "cur.jsonl.parts"
-    parts.mkdir()
-    (parts / "settings.json").write_text(json.dumps({"model": str(folder / "model"), "n": N, "temperature": 1.0,
-                                                     "max_new_tokens": NEW, "seed": 0}))
+def test_resume_refuses_other_settings_and_a_finished_file_is_kept(capsys, folder, tmp_path, monkeypatch):
+    def killed(*args, **kw):
+        raise Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(gapkern.curate, "sample_attempts", killed)
+        with pytest.raises(Killed):
+            curate(capsys, folder, tmp_path / "cur.jsonl")
+    settings = json.loads((tmp_path / "cur.jsonl.parts" / "settings.json").read_text())
+    assert {k: settings[k] for k in ("model", "n", "temperature", "max_new_tokens", "seed")} == {
+        "model": str(folder / "model"), "n": N, "temperature": 1.0, "max_new_tokens": NEW, "seed": 0}
     err = curate(capsys, folder, tmp_path / "cur.jsonl", "--seed", "3", code=2)
     assert "--out: " in err and "other settings (seed 0 -> 3)" in err and err.count("\n") == 1
+    edited = read_jsonl(folder / "train.jsonl")
+    edited[6]["question"] = "Another question?"
+    write_jsonl(folder / "edited.jsonl", edited)
+    err = curate(capsys, folder, tmp_path / "cur.jsonl", samples="edited.jsonl", code=2)
+    assert "other settings (samples " in err
     curate(capsys, folder, tmp_path / "cur.jsonl")  # the same settings: it resumes (from nothing)
     done = (tmp_path / "cur.jsonl").read_bytes()
     assert "0 line(s) now, 7 done" in curate(capsys, folder, tmp_path / "cur.jsonl")
     assert (tmp_path / "cur.jsonl").read_bytes() == done
     write_jsonl(folder / "two.jsonl", [line(0), line(1)])
     err = curate(capsys, folder, tmp_path / "cur.jsonl", samples="two.jsonl", code=2)
-    assert "is not the curation of these samples" in err
+    assert "is not the curation of these samples" in err and err.count("\n") == 1
+
+
+def test_a_damaged_part_file_is_a_one_line_error(capsys, folder, tmp_path):
+    curate(capsys, folder, tmp_path / "cur.jsonl", "--batch", "7")
+    parts = tmp_path / "again.jsonl.parts"
+    parts.mkdir()
+    (parts / "part-00001.jsonl").write_text((tmp_path / "cur.jsonl").read_text().splitlines()[0] + "\n{oops\n")
+    err = curate(capsys, folder, tmp_path / "again.jsonl", "--batch", "7", code=2)
+    assert f"--out: {parts / 'part-00001.jsonl'}:2 is not a curated line" in err and err.count("\n") == 1
+
+
+def test_a_gap_checkpoint_curates_with_its_own_config(capsys, folder, tmp_path):
+    checkpoint(tmp_path / "gap", gap_budget=2)
+    code = main(["curate", "--model", str(tmp_path / "gap"), "--samples", str(folder / "train.jsonl"),
+                 "--out", str(tmp_path / "cur.jsonl"), "--n", "2", "--max-new-tokens", "4"])
+    assert code == 0, capsys.readouterr().err
+    assert [len(one["attempts"]) for one in read_jsonl(tmp_path / "cur.jsonl")] == [2] * 7
 
 
 @pytest.mark.parametrize("argv, option", [(["--n", "0"], "--attempts"), (["--temperature", "-1"], "--temperature"),

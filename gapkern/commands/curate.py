@@ -46,12 +46,12 @@ def _check(args) -> None:
 
 
 def _prepare(model, tokenizer):
-    """Patch the model for its generate; returns the ids it must not sample (a plain model writes no latents)."""
+    """Patch a plain model for the latent-aware generate; returns the ids it must not sample (it was never
+    trained to write latents). A gapkern checkpoint is ready as loaded: its head, GapConfig and running target."""
     import gapkern
     from ..models import add_latent_tokens
 
-    if "gap" in model._modules:  # a gapkern checkpoint: its own head and GapConfig
-        gapkern.patch(model, model.gap.head, model.gap.config)
+    if "gap" in model._modules:
         return []
     config = add_latent_tokens(tokenizer, model, profile="gap")
     gapkern.patch(model, None, config)
@@ -60,7 +60,7 @@ def _prepare(model, tokenizer):
 
 def run(args) -> int:
     from .. import distributed
-    from ..curate import curate
+    from ..curate import ResumeError, curate
     from ..models.prompt import image_settings
 
     _check(args)
@@ -75,8 +75,8 @@ def run(args) -> int:
                              max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
                              settings=image_settings(args.model), suppress=suppress,
                              identity={"model": os.path.abspath(args.model)})
-        except (FileExistsError, ValueError) as exc:
-            raise UsageError(f"--out: {exc}") from None
+        except ResumeError as exc:
+            raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     finally:
         distributed.close()
     if place.rank == 0:
