@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 
 import transformers
-from packaging.version import Version
 
 MIN_VERSION = "5.17"
 TESTED = "5.17 to 5.24"
 
 
+def _release(version: str) -> tuple[int, int]:
+    return tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
 def check_version(version: str = transformers.__version__) -> None:
     """The loop reads generate's internals as 5.17 shaped them; older releases fail obscurely, so say so here."""
-    if Version(version).release < Version(MIN_VERSION).release:
+    if _release(version) < _release(MIN_VERSION):
         raise ImportError(f"gapkern's generate needs transformers >= {MIN_VERSION} (tested {TESTED}); "
                           f"found {version}: pip install -U transformers")
 
