@@ -297,3 +297,23 @@ def test_decode_step_never_syncs_on_gpu(graph, monkeypatch):
     out = model.generate(**batch, cuda_graph=graph, **kw)
     assert [len(z) for z in out.latents] == [K, 2 * K, 0]
     gapkern.unpatch(model)
+
+
+def test_kept_static_decoder_follows_set_attn_implementation():
+    """The kept static decoder prebuilds its attention mask for one kernel: after
+    ``set_attn_implementation`` it must not be reused (a boolean sdpa mask fed to eager attention)."""
+    model, ids = tiny_qwen2_5_vl(seed=0, attn_implementation="sdpa")
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    cfg = ids.gap_config(latent_budget=K)
+    procs = forcing(batch, ids, schedule(ids))
+    gapkern.patch(model, tiny_head(model), cfg)
+    try:
+        for kind in ("sdpa", "eager", "sdpa"):
+            model.set_attn_implementation(kind)
+            seq, latents, _ = naive_generate(model, batch, cfg, model.gap.head, None, STEPS, procs)
+            out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, logits_processor=procs,
+                                 return_dict_in_generate=True, static_cache=True)
+            assert_same_generation(out, seq, latents)
+            assert model.gap.decoder.attention == kind
+    finally:
+        gapkern.unpatch(model)

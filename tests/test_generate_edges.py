@@ -145,3 +145,27 @@ def test_stopping_criteria_passed_by_the_caller_are_honoured(tiny, kind, static)
     finally:
         gapkern.unpatch(model)
     assert torch.equal(out, ref), f"\n{out}\n{ref}"
+
+
+def test_bad_inputs_fail_up_front_naming_the_argument(tiny):
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    one = {k: v[1:2] if k != "pixel_values" and k != "image_grid_thw" else v for k, v in batch.items()}
+    gapkern.patch(model, tiny_head(model), ids.gap_config(latent_budget=2))
+    try:
+        def check(match, **kw):
+            with pytest.raises(ValueError, match=match):
+                model.generate(**kw, max_new_tokens=3)
+
+        check(r"input_ids: empty prompts \(shape \(1, 0\)\)", input_ids=torch.zeros(1, 0, dtype=torch.long))
+        check(r"input_ids: empty prompts", input_ids=torch.zeros(2, 0, dtype=torch.long),
+              attention_mask=torch.zeros(2, 0, dtype=torch.long))
+        check(r"input_ids: no rows \(shape \(0, 4\)\)", input_ids=torch.zeros(0, 4, dtype=torch.long),
+              attention_mask=torch.zeros(0, 4, dtype=torch.long))
+        check(r"attention_mask: rows \[0\] mask out their whole prompt",
+              **{**batch, "attention_mask": batch["attention_mask"] * torch.tensor([[0], [1], [1]])})
+        check("image_grid_thw: required with pixel_values", **{k: v for k, v in batch.items() if k != "image_grid_thw"})
+        # two images' patches for a prompt with one image's tokens: the extra embeddings must not vanish silently
+        check("pixel_values: 10 image embeddings for 4 image tokens", **one)
+    finally:
+        gapkern.unpatch(model)

@@ -13,6 +13,9 @@ forces the end token. The device keeps the counter in a tensor that the
 it knows each row's mode without reading the device. Only a step where some
 live row is in text mode runs the LM head and reads the sampled tokens back:
 that read is the loop's one host sync, and a latent span has none.
+
+What HF hands the loop (it differs between releases: :mod:`.hf_compat`) is
+read by :mod:`.loop_inputs`, which also continues a caller's ``past_key_values``.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from .. import ops
+from . import hf_compat as hf
+from .loop_inputs import OWN_NORMS, check_inputs, mrope, own_norms, take_prompt, targets
 
 STATIC_BUCKET = 128  # static caches are sized in multiples of this, so a captured graph serves many lengths
 GRAPH_ATTENTION = ("sdpa", "eager")  # attention kernels the decode step can take a prebuilt mask for
@@ -80,7 +85,7 @@ class Decoder:
         self.config, self.lm, self.head, self.static = model.config, lm, gap.head, static
         self.rows, self.max_len, self.budget, self.eps = rows, max_len, cfg.latent_budget, cfg.eps
         self.ids = (cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id)
-        self.attention = lm.config._attn_implementation
+        self.attention = hf.attention_kind(model)
         self.embed = model.get_input_embeddings()
         self.end_embed = self.embed.weight[cfg.latent_end_id]
         self.embeds = torch.zeros(rows, 1, dim, dtype=dtype, device=device)  # next input, written in place
@@ -95,24 +100,31 @@ class Decoder:
         self.tau = None if cfg.calibration == "none" else torch.zeros(rows, dtype=torch.float32, device=device)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len) if static else None
         self.graph = self.hidden = None
-        self.made_for = self.key(gap, rows, max_len, static)
+        self.made_for = self.key(model, rows, max_len, static)
 
     @staticmethod
-    def key(gap, rows, max_len, static):
-        """What a kept decoder must match to be reused: shapes, head and GapConfig."""
-        return rows, max_len, static, id(gap.head), tuple(gap.config.to_dict().values())
+    def key(model, rows, max_len, static):
+        """What a kept decoder must match to be reused: shapes, the attention kernel (it prebuilt the mask for
+        it), the head and the GapConfig."""
+        gap = model.gap
+        return rows, max_len, static, hf.attention_kind(model), id(gap.head), tuple(gap.config.to_dict().values())
 
-    def start(self, input_ids, attention_mask, position_ids, pad_id, eos):
-        """Reset the state for a new batch whose prompt the next :func:`prefill` writes."""
+    def start(self, input_ids, attention_mask, position_ids, pad_id, eos, past=None):
+        """Reset the state for a new batch whose prompt the next :func:`prefill` writes.
+
+        ``past``: a caller's DynamicCache holding the conversation's start (dynamic decoders only).
+        """
         length = input_ids.shape[1]
-        if self.static:
+        if past is not None:
+            self.cache = past
+        elif self.static:
             self.cache.reset()
         else:
             self.cache = DynamicCache(config=self.config)
         self.valid.zero_()
         self.valid[:, :length] = attention_mask.bool()
         self.cur.fill_(length)
-        self.pos.copy_(position_ids[-3:, :, -1:] + 1)
+        self.pos.copy_(mrope(position_ids)[:, :, -1:] + 1)
         self.left.copy_(torch.where(input_ids[:, -1] == self.ids[0], self.budget + 1, 0))
         self.done.zero_()
         self.pad.fill_(pad_id)
@@ -154,7 +166,7 @@ class Decoder:
         self.valid.index_fill_(1, self.cur, True)
         valid = self.valid if self.static else self.valid[:, :kv_len]
         out = self.lm(inputs_embeds=self.embeds, attention_mask=self._mask(valid), position_ids=self.pos,
-                      past_key_values=self.cache, use_cache=True)
+                      use_cache=True, **{hf.CACHE_KEYWORD: self.cache})
         self.pos += 1
         self.cur += 1
         hidden = out.last_hidden_state[:, -1]
@@ -168,7 +180,7 @@ class Decoder:
         return self.hidden
 
     def _state(self):
-        layers = [layer.cumulative_length for layer in self.cache.layers]
+        layers = hf.static_lengths(self.cache)
         return [self.embeds, self.pos, self.valid, self.cur, self.left, self.text, self.tokens, *layers]
 
     def warm_up(self, runs: int = 2):
@@ -194,22 +206,32 @@ class Decoder:
 
 
 def prefill(model, cache, input_ids, attention_mask, position_ids, pixel_values=None, image_grid_thw=None,
-            pixel_values_videos=None, video_grid_thw=None, **_):
-    """Run the prompt into ``cache``; returns (last hidden (B, D), visual-embedding norms, image mask)."""
-    embeds = model.get_input_embeddings()(input_ids)
+            pixel_values_videos=None, video_grid_thw=None, mm_encoder_outputs=None, past=0):
+    """Run the prompt from position ``past`` on into ``cache`` (which holds the positions before).
+
+    Returns (last hidden (B, D), visual-embedding norms (N,) in prompt order, image mask (B, L - past)).
+    """
+    new = input_ids[:, past:]
+    embeds = model.get_input_embeddings()(new)
+    visual = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                  video_grid_thw=video_grid_thw, mm_encoder_outputs=mm_encoder_outputs)
     norms = image_mask = None
-    if pixel_values is not None:
-        feats = torch.cat(model.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
+    for kind, token, arg in (("image", model.config.image_token_id, "pixel_values"),
+                             ("video", model.config.video_token_id, "pixel_values_videos")):
+        feats = hf.visual_features(model, visual, kind)
+        if feats is None:
+            continue
+        mask = new == token
+        slots = int(mask.sum())
+        if slots != feats.shape[0]:  # masked_scatter would drop extra embeddings silently
+            raise ValueError(f"{arg}: {feats.shape[0]} {kind} embeddings for {slots} {kind} tokens in input_ids")
         feats = feats.to(embeds.device, embeds.dtype)
-        image_mask = input_ids == model.config.image_token_id
-        embeds = embeds.masked_scatter(image_mask[..., None], feats)
-        norms = torch.linalg.vector_norm(feats.float(), dim=-1)
-    if pixel_values_videos is not None:
-        feats = torch.cat(model.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output)
-        video_mask = (input_ids == model.config.video_token_id)[..., None]
-        embeds = embeds.masked_scatter(video_mask, feats.to(embeds.device, embeds.dtype))
+        embeds = embeds.masked_scatter(mask[..., None], feats)
+        if kind == "image":
+            norms, image_mask = torch.linalg.vector_norm(feats.float(), dim=-1), mask
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                     position_ids=position_ids, past_key_values=cache, use_cache=True)
+                                     position_ids=mrope(position_ids)[..., past:], use_cache=True,
+                                     **{hf.CACHE_KEYWORD: cache})
     return out.last_hidden_state[:, -1].contiguous(), norms, image_mask
 
 
@@ -233,7 +255,7 @@ def _decoder(model, rows, max_len, static, graph):
     if static:
         max_len = -(-max_len // STATIC_BUCKET) * STATIC_BUCKET
         kept = gap.decoder
-        if kept is not None and kept.made_for == Decoder.key(gap, rows, max_len, static) and (
+        if kept is not None and kept.made_for == Decoder.key(model, rows, max_len, static) and (
                 (kept.graph is not None) == graph):
             return kept
     dec = Decoder(model, rows, max_len, static)
@@ -241,8 +263,13 @@ def _decoder(model, rows, max_len, static, graph):
     return dec
 
 
-def _modes(model, device, cuda_graph, static_cache, generation_config):
-    attention = model.model.language_model.config._attn_implementation
+def _modes(model, device, cuda_graph, static_cache, generation_config, continuing=False):
+    attention = hf.attention_kind(model)
+    if continuing:
+        if cuda_graph or static_cache or generation_config.cache_implementation == "static":
+            raise ValueError("past_key_values: a continued conversation decodes on the caller's DynamicCache; "
+                             "static_cache, cuda_graph and cache_implementation='static' need a fresh prompt")
+        return False, False
     on_cuda = device.type == "cuda"
     graph = on_cuda and attention in GRAPH_ATTENTION if cuda_graph is None else bool(cuda_graph)
     if graph and not on_cuda:
@@ -277,17 +304,16 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
         raise ValueError(f"generate: max_length {total} leaves no room after the {length}-token prompt")
     eos = [c.eos_token_id.reshape(-1).to(device) for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
     eos = torch.cat(eos) if eos else None
-    pad_id = 0 if generation_config._pad_token_tensor is None else int(generation_config._pad_token_tensor)
-    static, graph = _modes(model, device, cuda_graph, static_cache, generation_config)
+    pad_id = hf.pad_id(generation_config)
+    prompt = take_prompt(model, input_ids, model_kwargs)
+    static, graph = _modes(model, device, cuda_graph, static_cache, generation_config, prompt.past is not None)
     dec = _decoder(model, rows, total, static, graph)
 
-    attention_mask, position_ids = model_kwargs.pop("attention_mask"), model_kwargs.pop("position_ids")
-    position_ids = position_ids[None].expand(3, -1, -1) if position_ids.dim() == 2 else position_ids
-    model_kwargs.pop("past_key_values", None)  # HF's cache: the decoder brings its own
-    dec.start(input_ids, attention_mask, position_ids, pad_id, eos)
-    hidden, norms, image_mask = prefill(model, dec.cache, input_ids, attention_mask, position_ids, **model_kwargs)
+    dec.start(input_ids, prompt.attention_mask, prompt.position_ids, pad_id, eos, prompt.past)
+    hidden, norms, image_mask = prefill(model, dec.cache, input_ids, prompt.attention_mask, prompt.position_ids,
+                                        past=prompt.past_len, **prompt.visual)
     if dec.tau is not None:
-        dec.tau.copy_(gap.targets(norms, image_mask, rows))
+        dec.tau.copy_(targets(gap, prompt, norms, image_mask, rows))
     if graph and dec.graph is None:
         dec.capture()
     starts = [cfg.latent_budget + 1 if t == cfg.latent_start_id else 0 for t in _to_host(input_ids[:, -1])]
@@ -325,7 +351,10 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
         return seq[:, :new]
     stacked = torch.stack(snapshots) if snapshots else hidden.new_zeros(0, rows, hidden.shape[-1])
     latents = tuple(stacked[w, b].float() for b, w in enumerate(written))
-    return GapGenerateOutput(sequences=seq[:, :new], latents=latents, past_key_values=None if static else dec.cache)
+    cache = None if static else dec.cache  # a static cache is the kept decoder's: the next call rewrites it
+    if cache is not None and prompt.past is None:
+        setattr(cache, OWN_NORMS, own_norms(norms, image_mask, rows, device))
+    return GapGenerateOutput(sequences=seq[:, :new], latents=latents, **{hf.OUTPUT_CACHE: cache})
 
 
 def gap_generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
@@ -338,7 +367,9 @@ def gap_generate(self, inputs=None, generation_config=None, logits_processor=Non
     step; ``static_cache=True`` runs the same static-cache step eagerly (CPU
     too). ``trace=StepTrace()`` (opt-in: it synchronises every step) records
     per-step times and latent norms. With ``return_dict_in_generate=True`` the
-    output carries ``latents``.
+    output carries ``latents``, and (dynamic cache) the cache to continue the
+    conversation with: ``past_key_values=out.past_key_values`` (``out.cache``
+    on transformers 5.24+) and the whole conversation as ``input_ids``.
     """
     if "gap" not in self._modules:
         raise RuntimeError("generate: this model has no GapConfig; patch it (gapkern.patch) or call set_gap")
@@ -347,6 +378,7 @@ def gap_generate(self, inputs=None, generation_config=None, logits_processor=Non
     for name, value in (("assistant_model", assistant_model), ("streamer", streamer), ("synced_gpus", synced_gpus)):
         if value:
             raise NotImplementedError(f"generate: {name} is not supported by the latent-aware generate")
+    check_inputs(inputs, kwargs)
     return GenerationMixin.generate(
         self, inputs, generation_config, logits_processor, stopping_criteria, prefix_allowed_tokens_fn,
         negative_prompt_ids=negative_prompt_ids, negative_prompt_attention_mask=negative_prompt_attention_mask,

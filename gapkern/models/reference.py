@@ -24,17 +24,31 @@ def latent_step64(hidden, head=None, tau=None, eps=1e-6):
     return z
 
 
+def _place_latents(embeds, slots, latents):
+    """``embeds`` with row ``b``'s ``latents[b]`` (n, D) at its ``n`` placeholder ``slots`` (B, L)."""
+    embeds = embeds.clone()
+    for b, z in enumerate(latents):
+        at = slots[b].nonzero().flatten()
+        if len(at) != len(z):
+            raise ValueError(f"prompt_latents: row {b} has {len(at)} latent placeholders but {len(z)} latents")
+        embeds[b, at] = z.to(embeds.dtype)
+    return embeds
+
+
 def _eos_ids(model) -> set[int]:
     eos = model.generation_config.eos_token_id
     return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
 @torch.no_grad()
-def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: int = 16, processors=None):
+def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: int = 16, processors=None,
+                   prompt_latents=None):
     """Greedy latent-aware generation of ``steps`` new positions for a prompt ``batch`` (the processor's output).
 
     ``head`` a PCALatentHead or None (output-as-input); ``tau`` per-row
-    calibration targets (floats) or None. Returns ``(sequences (B, L + n),
+    calibration targets (floats) or None; ``prompt_latents`` (a conversation
+    that holds earlier spans): per row the (n, D) latents fed at the prompt's
+    ``latent_pad_id`` positions, in order. Returns ``(sequences (B, L + n),
     latents: per row a float32 (n_latents, D) tensor, text_steps: per step
     whether some live row sampled a token)``.
     """
@@ -47,6 +61,8 @@ def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: i
     if "pixel_values" in batch:
         feats = torch.cat(model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
         embeds = embeds.masked_scatter((input_ids == model.config.image_token_id)[..., None], feats.to(embeds.dtype))
+    if prompt_latents is not None:
+        embeds = _place_latents(embeds, input_ids == gap_config.latent_pad_id, prompt_latents)
     pos, _ = model.model.get_rope_index(input_ids, batch["mm_token_type_ids"],
                                         image_grid_thw=batch.get("image_grid_thw"), attention_mask=att)
     start, end, lpad = gap_config.latent_start_id, gap_config.latent_end_id, gap_config.latent_pad_id

@@ -1,0 +1,157 @@
+"""What the latent-aware generate relies on in transformers beyond its public API (gapkern.models.hf_compat).
+
+Each test pins one behaviour of the installed release; a release that changes it fails here, by name,
+instead of generating wrong tokens. CI runs this file on the floor (5.17) and on the latest release.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import Cache
+
+from gapkern.models import hf_compat as hf, loop_inputs, tiny_prompts, tiny_qwen2_5_vl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+VERSION = f"transformers {transformers.__version__}"
+ROWS = [(4, None), (2, (56, 56)), (3, (56, 84))]
+KNOWN = {"attention_mask", "position_ids", "cache", "past_key_values", *loop_inputs.VISUAL, *loop_inputs.IGNORED}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_qwen2_5_vl(seed=0)
+
+
+def loop_call(model, **kw):
+    """What ``generate`` hands a custom decoding loop (an unpatched model, so only HF prepares it)."""
+    seen = {}
+
+    def spy(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+            streamer=None, **model_kwargs):
+        seen.update(model_kwargs, input_ids=input_ids, generation_config=generation_config)
+        return input_ids
+
+    model.generate(**kw, max_new_tokens=3, do_sample=False, custom_generate=spy)
+    return seen
+
+
+def test_version_check_names_the_floor():
+    for old in ("5.16.2", "4.57.0"):
+        with pytest.raises(ImportError, match=r"transformers >= 5\.17 .*found " + old):
+            hf.check_version(old)
+    for ok in ("5.17.0", "5.17.0.dev0", "5.24.0", transformers.__version__):
+        hf.check_version(ok)
+
+
+def test_private_attribute_gone_names_the_release():
+    with pytest.raises(RuntimeError, match=rf"{VERSION}: GenerationConfig\._gone_ is gone"):
+        hf.private(transformers.GenerationConfig(), "_gone_")
+
+
+@pytest.mark.parametrize("rows", [ROWS, ROWS[1:2], ROWS[:1]], ids=["padded-images", "one-image", "text"])
+def test_loop_receives_only_keywords_decode_handles(tiny, rows):
+    model, ids = tiny
+    seen = loop_call(model, **tiny_prompts(ids, rows, seed=1))
+    new = set(seen) - KNOWN - {"input_ids", "generation_config"}
+    assert not new, (f"{VERSION} hands custom decoding loops new keywords {sorted(new)}: make "
+                     "gapkern.models.loop_inputs.take_prompt use them (or list them in IGNORED if they change nothing)")
+    caches = [seen[k] for k in ("cache", "past_key_values") if seen.get(k) is not None]
+    assert len(caches) == 1 and isinstance(caches[0], Cache) and caches[0].get_seq_length() == 0, (
+        f"{VERSION}: the loop no longer gets one fresh cache as 'cache' or 'past_key_values' ({caches})")
+
+
+def test_attention_mask_reaches_the_loop_whole_or_as_none_when_all_ones(tiny):
+    """5.24 drops an all-ones mask to None; 5.17 passes it. Any other change (a 4-D mask, a padded mask
+    dropped) must fail here, and the positions must still cover the whole prompt (continuation checks)."""
+    model, ids = tiny
+    padded = tiny_prompts(ids, ROWS, seed=1)
+    seen = loop_call(model, **padded)
+    assert torch.equal(seen["attention_mask"], padded["attention_mask"]), f"{VERSION} changed a padded mask"
+    assert seen["position_ids"].shape[-1] == padded["input_ids"].shape[1]
+    full = tiny_prompts(ids, ROWS[1:2], seed=1)
+    seen = loop_call(model, **full)
+    mask = seen["attention_mask"]
+    assert mask is None or torch.equal(mask, full["attention_mask"]), f"{VERSION} changed an all-ones mask: {mask}"
+    assert seen["position_ids"].shape[-1] == full["input_ids"].shape[1]
+    seen.pop("generation_config")
+    prompt = loop_inputs.take_prompt(model, seen.pop("input_ids"), seen)
+    assert torch.equal(prompt.attention_mask, full["attention_mask"])  # and decode reads what it got
+
+
+def test_pad_token_tensor_is_prepared_for_the_loop(tiny):
+    model, ids = tiny
+    gc = loop_call(model, **tiny_prompts(ids, ROWS, seed=1))["generation_config"]
+    assert torch.is_tensor(hf.private(gc, "_pad_token_tensor")), f"{VERSION}: _pad_token_tensor is not a tensor"
+    assert hf.pad_id(gc) == ids.pad
+
+
+def test_attn_implementation_follows_set_attn_implementation():
+    model, _ = tiny_qwen2_5_vl(seed=0, attn_implementation="sdpa")
+    assert hf.attention_kind(model) == "sdpa"
+    model.set_attn_implementation("eager")
+    assert hf.attention_kind(model) == "eager", f"{VERSION}: set_attn_implementation left the language model's"
+
+
+def test_static_cache_layers_advance_cumulative_length_in_place(tiny):
+    """A captured decode step writes the cache at ``cumulative_length``: it must be one tensor, advanced in place."""
+    model, _ = tiny
+    text = model.config.text_config
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    shape = (2, text.num_key_value_heads, 3, text.hidden_size // text.num_attention_heads)
+    keys, values = torch.randn(shape), torch.randn(shape)
+    cache.update(keys, values, 0)
+    lengths = hf.static_lengths(cache)
+    assert len(lengths) == text.num_hidden_layers and int(lengths[0]) == 3
+    cache.update(keys[:, :, :1], values[:, :, :1], 0)
+    assert hf.static_lengths(cache)[0] is lengths[0] and int(lengths[0]) == 4, f"{VERSION}: not advanced in place"
+    torch.testing.assert_close(cache.layers[0].keys[:, :, 3], keys[:, :, 0])  # written at the old length
+    cache.reset()
+    assert hf.static_lengths(cache)[0] is lengths[0] and int(lengths[0]) == 0, f"{VERSION}: reset replaced it"
+
+
+def test_image_features_arrive_as_per_image_pooler_outputs(tiny):
+    """``get_image_features(...).pooler_output`` is one (tokens, D) tensor per image, and what the loop
+    reads (5.24: HF's own encoding, ``mm_encoder_outputs``) is the same embeddings."""
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    with torch.no_grad():
+        pooled = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+    tokens = (batch["image_grid_thw"].prod(1) // 4).tolist()
+    assert [tuple(p.shape) for p in pooled] == [(n, model.config.text_config.hidden_size) for n in tokens]
+    seen = loop_call(model, **batch)
+    feats = hf.visual_features(model, seen, "image")
+    torch.testing.assert_close(feats, torch.cat(pooled))
+
+
+def test_continuation_positions_come_from_the_kept_rope_deltas(tiny):
+    """HF keeps the rope deltas of the last prompt on ``model.model.rope_deltas`` and hands a continued
+    conversation positions ``text + delta``; they must equal M-RoPE over the whole conversation."""
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(out, hf.OUTPUT_CACHE)
+    assert isinstance(cache, DynamicCache), f"{VERSION}: generate's output has no {hf.OUTPUT_CACHE}"
+    _, deltas = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                           image_grid_thw=batch["image_grid_thw"],
+                                           attention_mask=batch["attention_mask"])
+    assert torch.equal(model.model.rope_deltas, deltas), f"{VERSION}: rope deltas not kept on model.model"
+    whole = torch.cat([out.sequences, torch.full((3, 2), 20)], 1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(3, whole.shape[1] - batch["input_ids"].shape[1],
+                                                          dtype=torch.long)], 1)
+    seen = loop_call(model, input_ids=whole, attention_mask=mask, **{hf.OUTPUT_CACHE: cache})
+    want, _ = model.model.get_rope_index(whole, (whole == ids.image_pad).long(),
+                                         image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
+    got = loop_inputs.mrope(seen["position_ids"])
+    held = cache.get_seq_length()
+    assert torch.equal(got[..., held:], want[..., held:]), f"{VERSION}: continuation positions moved"
+
+
+def test_decode_refuses_keywords_it_does_not_know(tiny):
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS[:1], seed=1)
+    seen = loop_call(model, **batch)
+    seen.pop("generation_config")
+    with pytest.raises(NotImplementedError, match="new_thing reached the decoding loop"):
+        loop_inputs.take_prompt(model, seen.pop("input_ids"), {**seen, "new_thing": 1})
