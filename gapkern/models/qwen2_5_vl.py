@@ -9,6 +9,7 @@ untouched; ``unpatch`` removes exactly what ``patch`` added.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import types
@@ -255,6 +256,15 @@ def _patched_save_pretrained(self, save_directory, *args, **kwargs):
     _save_atomically(self, type(self).save_pretrained.__get__(self), save_directory, *args, **kwargs)
 
 
+def _with_latent_arguments(base_forward) -> inspect.Signature:
+    sig = inspect.signature(base_forward)
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+             for name, default in (("latent_targets", None), ("latent_loss_weight", 1.0))]
+    return sig.replace(parameters=params[:at] + extra + params[at:])
+
+
 def _base_class():
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -310,6 +320,19 @@ class GapQwen2_5_VLForConditionalGeneration(_base_class()):
         return self
 
     generate = gap_generate
+
+    def forward(self, *args, latent_targets=None, latent_loss_weight=1.0, **kwargs):
+        """The base forward; with ``latent_targets`` the teacher-forced training forward (``gapkern.train.gap_forward``)."""
+        if latent_targets is None:
+            return super().forward(*args, **kwargs)
+        if args:
+            raise TypeError("forward: pass input_ids and the other inputs by keyword when latent_targets is given")
+        from ..train.forward import gap_forward
+
+        return gap_forward(self, latent_targets=latent_targets, latent_loss_weight=latent_loss_weight, **kwargs)
+
+    # the base signature plus the two latent arguments: transformers reads it (logits_to_keep, label names)
+    forward.__signature__ = _with_latent_arguments(_base_class().forward)
 
 
 def _check_loaded(model, info, where):
