@@ -8,12 +8,11 @@
   ``latent_loss``, and the whole ``gapkern train`` run (imported on first use:
   it pulls in transformers' Trainer and accelerate).
 """
+from .collate import GapCollator, question_text
 from .forward import GapCausalLMOutput, gap_forward, latent_loss
 
-__all__ = ["gap_forward", "GapCausalLMOutput", "latent_loss", "GapTrainer",
-           "train", "TrainSettings"]
-
-_LAZY = ("GapTrainer", "train", "TrainSettings")
+_LAZY = ("GapTrainer", "train", "load_training_samples", "load_model", "SAMPLES")
+__all__ = ["gap_forward", "GapCausalLMOutput", "latent_loss", "GapCollator", "question_text", *_LAZY]
 
 
 def __getattr__(name):
