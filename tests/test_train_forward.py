@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from gapkern.models import GapQwen2_5_VLForConditionalGeneration, tiny_head, tiny_qwen2_5_vl
-from gapkern.train import gap_forward, latent_loss
+from gapkern.train import GapCausalLMOutput, gap_forward, latent_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,7 +122,9 @@ def test_gradients_reach_head_and_lm(tiny):
     model.set_gap(tiny_head(model, rank=8), ids.gap_config(latent_budget=K))
     model.zero_grad(set_to_none=True)
     batch = _batch(ids)
-    out = model(**batch, latent_targets=_targets(model, batch, ids))
+    # what generate-style callers pass is dropped: training keeps no cache and returns an output object
+    out = model(**batch, latent_targets=_targets(model, batch, ids), use_cache=True, return_dict=False)
+    assert isinstance(out, GapCausalLMOutput)
     out.loss.backward()
     lm = model.model.language_model
     for name, param in (("head.weight", model.gap.head.weight), ("head.bias", model.gap.head.bias),

@@ -43,6 +43,8 @@ def gap_forward(model, input_ids=None, *, attention_mask=None, labels=None, pixe
     then in position order (None is the same as no rows). Other keyword
     arguments go to the inner ``Qwen2_5_VLModel`` (e.g. ``output_hidden_states``).
     """
+    for name in ("use_cache", "return_dict", "logits_to_keep"):  # training: no cache, every logit, an output object
+        kwargs.pop(name, None)
     state = model._modules.get("gap")
     if state is None:
         raise ValueError("model: no GapConfig attached; call model.set_gap(head, config) before training")
