@@ -24,13 +24,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def task(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train")
     base, head = make_checkpoint(folder)
-    data, curated, _ = make_data(folder, n=8, k=4)
+    data, curated, _ = make_data(folder, base, n=8, g=2)
     return {"base": base, "head": head, "data": data, "curated": curated, "folder": folder}
 
 
 def args(task, out, *more):
-    return ["train", "--model", task["base"], "--data", task["data"], "--curated", task["curated"],
-            "--head", task["head"], "--out", str(out), "--lr", "1e-3", "--batch", "2", *more]
+    return ["train", "--model", task["base"], "--data", task["data"], "--head", task["head"], "--out", str(out),
+            "--lr", "1e-3", "--batch", "2", *more]
 
 
 def logged(out) -> list[dict]:
@@ -53,7 +53,7 @@ def test_train_from_the_command_line_lowers_the_loss_and_saves_a_gap_checkpoint(
                                                                       "--logging-steps", "5", "--save-steps", "100")],
                           capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "trained      40 steps on 8 lines (4 hard) x 1 process(es)" in done.stdout
+    assert "trained      40 steps on 8 lines (4 with latents) x 1 process(es)" in done.stdout
     logs = logged(out)
     assert [e["step"] for e in logs] == list(range(5, 45, 5))
     for key, factor in (("loss", 0.75), ("text_loss", 0.8), ("latent_loss", 0.9)):
@@ -102,7 +102,7 @@ def test_two_rank_ddp_on_cpu_lowers_the_loss(task, tmp_path):
                                           "--save-steps", "100")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("trained      20 steps on 8 lines (4 hard) x 2 process(es)") == 1  # rank 0 reports
+    assert done.stdout.count("trained      20 steps on 8 lines (4 with latents) x 2 process(es)") == 1  # rank 0 reports
     logs = logged(out)
     assert logs[-1]["epoch"] == pytest.approx(10.0)  # 2 ranks x 2 rows x 20 steps over 8 lines
     assert logs[-1]["loss"] < 0.85 * logs[0]["loss"]
@@ -148,10 +148,20 @@ def test_output_as_input_without_head(task, tmp_path):
     assert any(e["latent_loss"] > 0 for e in logged(out))  # hidden states against the targets, over D
 
 
+def test_curated_override_trains_every_line_as_text(task, tmp_path):
+    easy = tmp_path / "easy.jsonl"
+    with open(task["curated"]) as f:
+        easy.write_text("".join(json.dumps(dict(json.loads(line), hard=False)) + "\n" for line in f))
+    out = tmp_path / "easy"
+    assert main(args(task, out, "--max-steps", "3", "--logging-steps", "1", "--curated", str(easy))) == 0
+    assert [e["latent_loss"] for e in logged(out)] == [0.0, 0.0, 0.0]
+
+
 @pytest.mark.parametrize("change, message", [
-    (("--head", None), "head: .* is a plain Qwen2.5-VL checkpoint; pass a PCALatentHead file"),
-    (("--data", "{folder}"), "data: expected a gapkern build-data folder with samples.jsonl"),
+    (("--head", None), "--head: .* is a plain Qwen2.5-VL checkpoint; pass a PCALatentHead file"),
+    (("--data", "{folder}"), r"--data: folder: no build.json in"),
     (("--curated", "{short}"), r"curated: .* has no line for 4 training sample\(s\) \('t4', 't5', 't6', \.\.\.\)"),
+    (("--curated", "{all_hard}"), r"targets: .* lacks 4 latent steps \(t1/1, t3/1, t5/1, \.\.\.\)"),
     (("--max-steps", "0"), "--max-steps: expected a positive number of steps"),
     (("--lr_scheduler_type", "nope"), r"trainer_args: not valid TrainingArguments flags \(.*invalid choice: 'nope'"),
     (("--no_such_flag", "1"), r"trainer_args: not TrainingArguments flags: --no_such_flag 1"),
@@ -159,19 +169,32 @@ def test_output_as_input_without_head(task, tmp_path):
 def test_bad_arguments_are_one_line_errors(task, tmp_path, capsys, change, message):
     import re
 
-    short = tmp_path / "short.jsonl"
+    short, all_hard = tmp_path / "short.jsonl", tmp_path / "all-hard.jsonl"
     with open(task["curated"]) as f:
-        short.write_text("".join(f.readlines()[:4]))
+        lines = [json.loads(line) for line in f]
+    short.write_text("".join(json.dumps(line) + "\n" for line in lines[:4]))
+    all_hard.write_text("".join(json.dumps(dict(line, hard=True)) + "\n" for line in lines))
     command = args(task, tmp_path / "out", "--max-steps", "1")
     flag, value = change
     if flag in ("--lr_scheduler_type", "--no_such_flag"):
         command += ["--", flag, value]
     elif value is None:
         del command[command.index(flag):command.index(flag) + 2]
+    elif flag in command:
+        command[command.index(flag) + 1] = value.format(folder=task["folder"], short=short, curated=task["curated"])
     else:
-        command[command.index(flag) + 1] = value.format(folder=task["folder"], short=short)
+        command += [flag, value.format(short=short, all_hard=all_hard)]
     assert main(command) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len([line for line in err if "error" in line]) == 1 and err[-1].startswith("gapkern train: error: ")
     assert re.search(message, err[-1]), err[-1]
     assert not (tmp_path / "out").exists()  # nothing written for a run that fails before training
+
+
+def test_train_prints_its_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and out.startswith("usage: gapkern train ")
+    for option in ("--model PATH", "--data DIR", "--out DIR", "--head FILE", "--no-head", "--lora R", "--resume"):
+        assert option in out

@@ -6,7 +6,7 @@ import torch
 
 from gapkern.data import TargetReader, image_inputs, load_samples
 from gapkern.models import GapQwen2_5_VLForConditionalGeneration, tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
-from gapkern.train import GapCollator, question_text
+from gapkern.train import GapCollator
 from train_data import write_image, write_jsonl, write_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,15 +47,12 @@ def collator(tiny, reader, **kw):
     return GapCollator(tiny_tokenizer(ids), model.config, ids.gap_config(latent_budget=K), targets=reader, **kw)
 
 
-def prompt_ids(question_words, visual):
-    """<|im_start|> user \n [<vision_start> <image_pad>*n <vision_end>] question <|im_end|> \n <|im_start|> assistant \n"""
+def prompt_ids(question_words, visual, choices):
+    """<|im_start|> user \n [<vision_start> <image_pad>*n <vision_end>] question [choices] answer-format <|im_end|>
+    \n <|im_start|> assistant \n  (gapkern.data.question_text: the last line says where the answer goes,
+    7 words with choices, 6 without, none of them in the tiny vocabulary)"""
     image = [VS] + [IMG] * visual + [VE] if visual else []
-    return [IM_START, UNK] + image + question_words + [IM_END, IM_START, UNK]
-
-
-def test_question_text_lists_the_choices():
-    assert question_text({"question": "Which?", "choices": ["red", "blue"]}) == "Which?\nA. red\nB. blue"
-    assert question_text({"question": "How many?"}) == "How many?"
+    return [IM_START, UNK] + image + question_words + [UNK] * (7 if choices else 6) + [IM_END, IM_START, UNK]
 
 
 def test_hard_easy_and_two_span_rows_by_hand(tiny, data):
@@ -64,13 +61,13 @@ def test_hard_easy_and_two_span_rows_by_hand(tiny, data):
     batch = collator(tiny, reader)([q1, q2, q3])
 
     # q1, hard: "<think>w40 \n <latent> pad pad </latent> <parser> w50 </parser> \n w41</think><answer>B</answer>"
-    p1 = prompt_ids([20, 21, UNK, 30, UNK, 31], 4)
+    p1 = prompt_ids([20, 21, UNK, 30, UNK, 31], 4, True)
     r1 = [UNK, START, PAD, PAD, END, P_OPEN, 50, P_CLOSE, UNK, IM_END]
     # q2, easy: its latent step and description are dropped: "<think>w42 \n w43</think><answer>w60</answer>"
-    p2 = prompt_ids([22], 0)
+    p2 = prompt_ids([22], 0, False)
     r2 = [UNK, UNK, IM_END]
     # q3, hard, two spans: "<think>" + <latent> ... </parser> \n w44 \n <latent> ... </parser> + "</think>..."
-    p3 = prompt_ids([23], 9)
+    p3 = prompt_ids([23], 9, False)
     r3 = [UNK, START, PAD, PAD, END, P_OPEN, 52, P_CLOSE, 44, START, PAD, PAD, END, P_OPEN, 53, P_CLOSE, UNK, IM_END]
     width = len(p3) + len(r3)
     assert batch["input_ids"].shape[1] == width  # the longest row, q3

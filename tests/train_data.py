@@ -53,21 +53,26 @@ def task_lines(n, seed=0):
     return lines
 
 
-def make_data(folder, n=8, k=4, dim=64, hard_every=2, seed=0):
-    """A build-data-like folder (``samples.jsonl`` + target shards with ``index.json``) and a curated file
-    (``curated.jsonl``: every ``hard_every``-th line hard). Returns (data folder, curated path, samples)."""
+def make_data(folder, checkpoint, n=8, g=2, hard_every=2, seed=0):
+    """A curated sample file (every ``hard_every``-th line hard) and its ``gapkern build-data`` folder, built
+    with :func:`gapkern.build.build_data` from the checkpoint's vision tower (K = g*g).
+    Returns (data folder, curated file, samples as built)."""
+    from gapkern.build import build_data
+    from gapkern.models import GapQwen2_5_VLForConditionalGeneration
+
     folder = os.fspath(folder)
-    data = os.path.join(folder, "data")
-    os.makedirs(os.path.join(data, "img"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "img"), exist_ok=True)
     lines = task_lines(n, seed)
     for i in range(n):
-        write_image(os.path.join(data, "img", f"t{i}.png"), seed=seed * 1000 + i)
-    path = write_jsonl(os.path.join(data, "samples.jsonl"), lines)
-    samples = load_samples(path)
-    write_targets(data, samples, k, dim, seed=seed)
+        write_image(os.path.join(folder, "img", f"t{i}.png"), seed=seed * 1000 + i)
     curated = [dict(line, attempts=[], n_correct=0 if i % hard_every == 0 else 3, hard=i % hard_every == 0)
                for i, line in enumerate(lines)]
-    return data, write_jsonl(os.path.join(folder, "curated.jsonl"), curated), samples
+    path = write_jsonl(os.path.join(folder, "curated.jsonl"), curated)
+    samples = load_samples(path)
+    model = GapQwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint)
+    data = os.path.join(folder, "data")
+    build_data(model, samples, data, g=g, profile="gap", model_path=checkpoint, source=path, progress=False)
+    return data, path, samples
 
 
 def make_checkpoint(folder, seed=0, init_std=0.02):

@@ -1,16 +1,20 @@
 """Teacher-forced GAP training (SPEC 4.5) with transformers.Trainer: a gapkern checkpoint in --out.
 
-Hard lines (from --curated; all lines without it) train with latent slots
-filled by their targets and the head supervised on PCA coefficients; easy
-lines train as plain text. Runs on one device as it is, on several under
-``torchrun`` (DDP; gloo on CPU). Any other TrainingArguments flag can follow
-``--``, e.g. ``-- --lr_scheduler_type cosine --warmup_ratio 0.03 --deepspeed ds.json``.
+Hard lines (and every line of data that was not curated) train with their
+latent slots filled by their targets (from gapkern build-data) and the head
+supervised on PCA coefficients; easy lines train as plain text. Runs on one
+device as it is, on several under ``torchrun`` (DDP; gloo on CPU). Any other
+TrainingArguments flag can follow ``--``, e.g.
+``-- --lr_scheduler_type cosine --warmup_ratio 0.03 --deepspeed ds.json``.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 
 from . import UsageError
+from ._common import checkpoint_config, load_tokenizer, positive_int
 
 NAME = "train"
 HELP = "teacher-forced GAP training (transformers.Trainer): text CE + latent coefficient MSE"
@@ -21,14 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="PATH",
                         help="a Qwen2.5-VL checkpoint folder with its tokenizer (a gapkern one brings its head)")
     parser.add_argument("--data", required=True, metavar="DIR",
-                        help="a gapkern build-data folder (samples.jsonl and the target shards)")
-    parser.add_argument("--curated", metavar="FILE", help="gapkern curate's output: which lines are hard "
-                                                          "(default: every line trains with its latents)")
+                        help="a gapkern build-data folder (samples.jsonl, targets/, build.json)")
+    parser.add_argument("--curated", metavar="FILE",
+                        help="which lines are hard, from gapkern curate's output (default: the data's own 'hard' "
+                             "when it was built from a curated file, else every line trains with its latents)")
     heads = parser.add_mutually_exclusive_group()
     heads.add_argument("--head", metavar="FILE", help="a PCALatentHead file from gapkern fit-pca "
                                                       "(default: the checkpoint's head)")
     heads.add_argument("--no-head", action="store_true", help="output-as-input: no head, latents are hidden states")
-    parser.add_argument("--profile", choices=("gap", "monet"), help="latent tokens for a plain checkpoint (gap)")
+    parser.add_argument("--profile", choices=("gap", "monet"),
+                        help="latent tokens for a plain checkpoint (default: the data's profile)")
     parser.add_argument("--out", required=True, metavar="DIR", help="checkpoints and the final model go here")
     parser.add_argument("--epochs", type=float, default=1.0, help="default 1")
     parser.add_argument("--max-steps", type=int, default=-1, metavar="N", help="optimizer steps; overrides --epochs")
@@ -58,48 +64,96 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args) -> list[str]:
     for name in ("batch", "grad_accum", "save_steps", "logging_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected at least 1, got {getattr(args, name)}")
+        positive_int(getattr(args, name), "--" + name.replace("_", "-"))
     if args.max_steps == 0 or args.max_steps < -1:
         raise UsageError(f"--max-steps: expected a positive number of steps, got {args.max_steps}")
     if not args.epochs > 0:
         raise UsageError(f"--epochs: expected a positive number, got {args.epochs}")
-    if args.lora is not None and args.lora < 1:
-        raise UsageError(f"--lora: expected a positive rank, got {args.lora}")
-    if args.lora is not None and args.freeze_lm:
-        raise UsageError("--freeze-lm: LoRA already keeps the language model's weights frozen; give one of the two")
+    if args.lora is not None:
+        positive_int(args.lora, "--lora")
+        if args.freeze_lm:
+            raise UsageError("--freeze-lm: LoRA already keeps the language model's weights frozen; give one of the two")
     extra = list(args.trainer_args)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
-    return extra
+    return extra[1:] if extra[:1] == ["--"] else extra
+
+
+def _data(args):
+    """The build-data folder, and its samples with ``hard`` from --curated when given."""
+    from ..build import load_build
+    from ..train import apply_curation
+
+    try:
+        build = load_build(args.data)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--data: {exc}") from None
+    if not args.curated:
+        return build, build.samples
+    try:
+        return build, apply_curation(build.samples, args.curated)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _model(args, build):
+    """The checkpoint as a Gap Qwen2.5-VL with the head and GapConfig it trains with, and its tokenizer."""
+    import torch
+
+    from ..head import PCALatentHead
+    from ..models import GapQwen2_5_VLForConditionalGeneration
+    from ..train import KEEP_HEAD, attach_gap
+
+    saved = checkpoint_config(args.model).get("gap")
+    if not saved and not args.head and not args.no_head:
+        raise UsageError(f"--head: {args.model!r} is a plain Qwen2.5-VL checkpoint; pass a PCALatentHead file "
+                         "(gapkern fit-pca) or --no-head")
+    head = None if args.no_head else KEEP_HEAD
+    if args.head:
+        try:
+            head = PCALatentHead.load(args.head)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--head: {exc}") from None
+    tokenizer = load_tokenizer(args.model)
+    model = GapQwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    try:
+        attach_gap(model, tokenizer, head, profile=args.profile or build.settings.get("profile"),
+                   latent_budget=build.settings.get("K"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return model, tokenizer
 
 
 def run(args) -> int:
+    from ..models.prompt import image_settings
+    from ..train import train, training_arguments
+
     extra = _check(args)
-    import torch
-
-    from ..train import train
-
     try:
-        summary = train(args.model, args.data, args.out, curated=args.curated, head=args.head,
-                        no_head=args.no_head, profile=args.profile, epochs=args.epochs, max_steps=args.max_steps,
-                        lr=args.lr, batch=args.batch, grad_accum=args.grad_accum, bf16=args.bf16, seed=args.seed,
-                        save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume,
-                        train_vision=args.train_vision, freeze_lm=args.freeze_lm, lora=args.lora,
-                        latent_loss_weight=args.latent_loss_weight, dtype=getattr(torch, args.dtype),
-                        trainer_args=extra)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+        targs = training_arguments(
+            args.out, extra, num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr,
+            per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,
+            seed=args.seed, save_steps=args.save_steps, logging_steps=args.logging_steps)
+    except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if summary["world"] > 1 and not _is_rank_zero():
-        return 0
-    print(_summary(summary))
+    build, samples = _data(args)
+    model, tokenizer = _model(args, build)
+    try:
+        summary = train(model, tokenizer, samples, args.out, targets=build.targets, args=targs,
+                        image_settings=image_settings(args.model), resume=True if args.resume == "last" else args.resume,
+                        latent_loss_weight=args.latent_loss_weight, train_vision=args.train_vision,
+                        freeze_lm=args.freeze_lm, lora=args.lora)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+    if summary["main"]:
+        _copy_image_settings(args.model, args.out)
+        print(_summary(summary))
     return 0
 
 
-def _is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
+def _copy_image_settings(model: str, out: str) -> None:
+    """The image processor's settings travel with the weights: generate resizes images the same way."""
+    source = os.path.join(model, "preprocessor_config.json")
+    if os.path.isfile(source) and os.path.abspath(model) != os.path.abspath(out):
+        shutil.copyfile(source, os.path.join(out, "preprocessor_config.json"))
 
 
 def _losses(entry) -> str:
@@ -111,8 +165,8 @@ def _losses(entry) -> str:
 
 def _summary(s: dict) -> str:
     return "\n".join([
-        f"trained      {s['steps']} steps on {s['samples']} lines ({s['hard']} hard) x {s['world']} process(es), "
-        f"{s['trainable']:,} trainable parameters, {s['seconds']:.1f} s",
+        f"trained      {s['steps']} steps on {s['samples']} lines ({s['latent_lines']} with latents) x "
+        f"{s['world']} process(es), {s['trainable']:,} trainable parameters, {s['seconds']:.1f} s",
         f"first log    {_losses(s['first'])}",
         f"last log     {_losses(s['last'])}",
         f"saved        {s['out']} (gapkern generate --model {s['out']})",

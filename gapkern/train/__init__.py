@@ -4,15 +4,16 @@
   ``GapQwen2_5_VLForConditionalGeneration.forward(..., latent_targets=...)`` runs.
 - ``GapCollator``: samples (with ``hard``) -> a padded batch with labels,
   images and ``latent_targets`` in slot order.
-- ``GapTrainer``, ``train``: the Trainer that logs ``text_loss`` and
-  ``latent_loss``, and the whole ``gapkern train`` run (imported on first use:
-  it pulls in transformers' Trainer and accelerate).
+- ``train``, ``attach_gap``, ``GapTrainer``, ...: the Trainer run behind
+  ``gapkern train`` (imported on first use: it pulls in transformers' Trainer
+  and accelerate).
 """
-from .collate import GapCollator, question_text
+from .collate import GapCollator
 from .forward import GapCausalLMOutput, gap_forward, latent_loss
 
-_LAZY = ("GapTrainer", "train", "load_training_samples", "load_model", "SAMPLES")
-__all__ = ["gap_forward", "GapCausalLMOutput", "latent_loss", "GapCollator", "question_text", *_LAZY]
+_LAZY = ("GapTrainer", "train", "attach_gap", "apply_curation", "check_targets", "choose_trainable", "merge_lora",
+         "training_arguments", "KEEP_HEAD")
+__all__ = ["gap_forward", "GapCausalLMOutput", "latent_loss", "GapCollator", *_LAZY]
 
 
 def __getattr__(name):

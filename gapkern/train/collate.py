@@ -1,32 +1,23 @@
 """Samples -> training batches: chat prompt + teacher response, labels, images and latent targets (SPEC 4.4, 4.5).
 
-A hard line (``sample["hard"]`` true, the default when there is no curation)
-keeps its latent steps, and its targets fill the latent slots; an easy line
-trains on the plain-text teacher response. Prompt tokens are labelled -100,
-response tokens (through the chat template's end of turn) with their ids.
-Rows are padded on the right.
+The prompt is the one curation and evaluation ask (``gapkern.prompts``: the
+images, then ``gapkern.data.question_text``). A line that trains with latents
+(``gapkern.data.uses_latents``: hard, or not curated) keeps its latent steps
+and its targets fill the latent slots; an easy line trains on the plain-text
+teacher response. Prompt tokens are labelled -100, response tokens (through
+the chat template's end of turn) with their ids. Rows are padded on the right.
 """
 from __future__ import annotations
 
 import torch
 
-from ..data import image_inputs, teacher_response
+from ..data import image_inputs, teacher_response, uses_latents
 from ..models.prompt import image_settings as default_image_settings
+from ..prompts import expand_images, prompt_messages
 
-__all__ = ["GapCollator", "question_text"]
+__all__ = ["GapCollator"]
 
 IGNORE = -100
-
-
-def question_text(sample: dict) -> str:
-    """The question and, for multiple choice, one ``"A. text"`` line per choice.
-
-    Stands in for ``gapkern.data.question_text``, the prompt that curation and
-    evaluation use too; training must ask the same way.
-    """
-    choices = sample.get("choices") or []
-    lines = [sample["question"]] + [f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices)]
-    return "\n".join(lines)
 
 
 class GapCollator:
@@ -81,12 +72,12 @@ class GapCollator:
 
     def encode(self, sample: dict) -> dict:
         """One row, unpadded: token and label lists, its images' pixels, its latent targets (slots, D)."""
-        latent = bool(sample.get("hard", True))
+        latent = uses_latents(sample)
         pixels = [image_inputs(p, self.vision_config, settings=self.settings) for p in sample.get("images", [])]
         merge = self.vision_config.spatial_merge_size ** 2
-        prompt, full = self._texts(sample, teacher_response(sample, self.gap_config, latent=latent), len(pixels))
-        runs = [self.image_token * (int(p["image_grid_thw"].prod()) // merge) for p in pixels]
-        prompt, full = _expand(prompt, self.image_token, runs), _expand(full, self.image_token, runs)
+        counts = [int(p["image_grid_thw"].prod()) // merge for p in pixels]
+        prompt, full = self._texts(sample, teacher_response(sample, self.gap_config, latent=latent))
+        prompt, full = expand_images(prompt, self.image_token, counts), expand_images(full, self.image_token, counts)
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         labels = [t if start >= len(prompt) else IGNORE for t, (start, _) in zip(ids, enc["offset_mapping"])]
@@ -99,19 +90,15 @@ class GapCollator:
             "latent_targets": targets,
         }
 
-    def _texts(self, sample: dict, response: str, n_images: int) -> tuple[str, str]:
+    def _texts(self, sample: dict, response: str) -> tuple[str, str]:
         """The chat template's prompt (up to the assistant's turn) and the whole conversation."""
-        user = [{"type": "image"}] * n_images + [{"type": "text", "text": question_text(sample)}]
-        messages = [{"role": "user", "content": user}]
+        messages = prompt_messages(sample)
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         full = self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
                                                   tokenize=False)
         if not full.startswith(prompt):
             raise ValueError(f"tokenizer: its chat template does not write the conversation of sample "
                              f"{sample['id']!r} as the generation prompt followed by the answer")
-        if prompt.count(self.image_token) != n_images:
-            raise ValueError(f"tokenizer: its chat template placed {prompt.count(self.image_token)} "
-                             f"{self.image_token!r} for the {n_images} image(s) of sample {sample['id']!r}")
         return prompt, full
 
     def _targets(self, sample: dict, latent: bool, slots: int) -> torch.Tensor:
@@ -131,10 +118,3 @@ class GapCollator:
                              f"{found.shape[0]} target rows (K={self.gap_config.latent_budget} per latent step)")
         return found
 
-
-def _expand(text: str, token: str, runs: list[str]) -> str:
-    """The i-th ``token`` replaced by ``runs[i]`` (one image token per merged patch of image i)."""
-    parts = text.split(token)
-    if len(parts) != len(runs) + 1:
-        raise ValueError(f"sample: its text holds {len(parts) - 1} {token!r} for {len(runs)} image(s)")
-    return parts[0] + "".join(run + part for run, part in zip(runs, parts[1:]))

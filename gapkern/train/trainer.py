@@ -1,16 +1,15 @@
-"""``gapkern train``: teacher-forced GAP training driven by ``transformers.Trainer`` (SPEC 4.5).
+"""Teacher-forced GAP training driven by ``transformers.Trainer`` (SPEC 4.5).
 
 The Trainer brings DDP / FSDP / DeepSpeed, gradient accumulation, bf16,
-LR schedules, logging, checkpoints and exact resume; this module only loads
-the model with its head and GapConfig, chooses what trains, feeds the
-collator, logs ``text_loss`` and ``latent_loss`` beside ``loss``, and saves
-the result as a gapkern checkpoint (``save_pretrained`` + tokenizer) that
-``gapkern generate --model`` loads.
+LR schedules, logging, checkpoints and exact resume; this module attaches
+the head and GapConfig, chooses what trains, feeds the collator, logs
+``text_loss`` and ``latent_loss`` beside ``loss``, and saves the result as a
+gapkern checkpoint (``save_pretrained`` + tokenizer) that ``gapkern generate
+--model`` loads.
 
-The data folder is the one ``gapkern build-data`` writes: ``samples.jsonl``
-and the target shards with their ``index.json`` (in the folder or in its
-``targets/``). ``curated`` is ``gapkern curate``'s output; only its ``id``
-and ``hard`` fields are read. Without it every line is hard.
+    model = GapQwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    attach_gap(model, tokenizer, PCALatentHead.load(head_file), latent_budget=build.settings["K"])
+    train(model, tokenizer, build.samples, out, targets=build.targets, args=training_arguments(out, max_steps=100))
 """
 from __future__ import annotations
 
@@ -19,22 +18,20 @@ import functools
 import io
 import json
 import os
-import shutil
 import time
 
 import torch
-from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments
 
-from ..data import load_samples
+from ..data import latent_keys, uses_latents
 from ..head import PCALatentHead
-from ..models.prompt import image_settings
-from ..targets import INDEX, TargetReader, latent_keys
+from ..models.tokens import add_latent_tokens
 from .collate import GapCollator
 
-__all__ = ["GapTrainer", "train", "load_training_samples", "load_model", "choose_trainable", "merge_lora",
-           "training_arguments", "SAMPLES"]
+__all__ = ["GapTrainer", "train", "attach_gap", "apply_curation", "check_targets", "choose_trainable",
+           "merge_lora", "training_arguments", "KEEP_HEAD"]
 
-SAMPLES = "samples.jsonl"  # the sample file inside a build-data folder
+KEEP_HEAD = "checkpoint"  # attach_gap's head: keep the one a gapkern checkpoint brought
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -83,28 +80,9 @@ class GapTrainer(Trainer):
             del model.save_pretrained
 
 
-def load_training_samples(data: str, curated: str | None = None) -> tuple[list[dict], TargetReader | None]:
-    """The samples of a build-data folder with ``hard`` set (from ``curated``, else True), and its targets."""
-    path = os.path.join(data, SAMPLES)
-    if not os.path.isdir(data) or not os.path.isfile(path):
-        raise FileNotFoundError(f"data: expected a gapkern build-data folder with {SAMPLES}, got {data!r}")
-    samples = load_samples(path)
-    hard = _read_curated(curated, samples) if curated else {s["id"]: True for s in samples}
-    samples = [dict(s, hard=hard[s["id"]]) for s in samples]
-    folder = next((f for f in (data, os.path.join(data, "targets")) if os.path.isfile(os.path.join(f, INDEX))), None)
-    reader = TargetReader(folder) if folder else None
-    needed = [k for s in samples if s["hard"] for k in latent_keys(s)]
-    if needed and reader is None:
-        raise FileNotFoundError(f"data: {len(needed)} latent steps of hard lines need targets, but {data!r} has no "
-                                f"{INDEX} (run gapkern build-data to the end)")
-    missing = [k for k in needed if k not in reader] if needed else []
-    if missing:
-        raise ValueError(f"data: the targets in {reader.folder!r} lack {len(missing)} latent steps "
-                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-    return samples, reader
-
-
-def _read_curated(path: str, samples: list[dict]) -> dict[str, bool]:
+def apply_curation(samples: list[dict], path: str) -> list[dict]:
+    """``samples`` with ``hard`` taken from a curated file (``gapkern curate``'s output: only ``id`` and ``hard``
+    are read); every sample needs a line there."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"curated: no file at {path!r}")
     hard = {}
@@ -123,45 +101,49 @@ def _read_curated(path: str, samples: list[dict]) -> dict[str, bool]:
     if missing:
         raise ValueError(f"curated: {path!r} has no line for {len(missing)} training sample(s) "
                          f"({', '.join(map(repr, missing[:3]))}{', ...' if len(missing) > 3 else ''})")
-    return hard
+    return [dict(s, hard=hard[s["id"]]) for s in samples]
 
 
-def load_model(path: str, *, head: str | None = None, no_head: bool = False, profile: str | None = None,
-               latent_budget: int | None = None, dtype=torch.float32):
-    """The model as a Gap Qwen2.5-VL with its head and GapConfig attached, and its tokenizer.
+def check_targets(samples: list[dict], targets, dim: int) -> None:
+    """Every latent step of a line that trains with latents has a target of width ``dim``."""
+    needed = [k for s in samples if uses_latents(s) for k in latent_keys(s)]
+    if not needed:
+        return
+    if targets is None:
+        raise ValueError(f"targets: {len(needed)} latent steps train with latents but no targets were given")
+    missing = [k for k in needed if k not in targets]
+    if missing:
+        raise ValueError(f"targets: {targets.folder!r} lacks {len(missing)} latent steps "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); build the data "
+                         "from the same (curated) sample file")
+    if targets.shape[1] != dim:
+        raise ValueError(f"targets: width {targets.shape[1]}, but the model's hidden size is {dim}")
 
-    A gapkern checkpoint brings its head and GapConfig; a plain Qwen2.5-VL gets
-    the profile's tokens and needs ``head`` (a PCALatentHead file) or ``no_head``.
+
+def attach_gap(model, tokenizer, head=KEEP_HEAD, *, profile: str | None = None, latent_budget: int | None = None):
+    """Give a ``GapQwen2_5_VLForConditionalGeneration`` the head and GapConfig it trains with; returns the config.
+
+    ``head``: a PCALatentHead, None (output-as-input) or :data:`KEEP_HEAD`
+    (the checkpoint's own). A gapkern checkpoint keeps its GapConfig (``profile``
+    and ``latent_budget``, when given, must agree with it); a plain one gets
+    the profile's tokens (default gap) and ``latent_budget`` (default 16).
     """
-    from transformers import AutoTokenizer
-
-    from ..models import GapQwen2_5_VLForConditionalGeneration, add_latent_tokens
-
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"model: no checkpoint folder at {path!r} (expected a folder with config.json)")
-    with open(config_path) as f:
-        saved_gap = json.load(f).get("gap")
-    if not saved_gap and not head and not no_head:
-        raise ValueError(f"head: {path!r} is a plain Qwen2.5-VL checkpoint; pass a PCALatentHead file "
-                         "(gapkern fit-pca) or train output-as-input without a head")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if not tokenizer.chat_template:
-        raise ValueError(f"model: the tokenizer in {path!r} has no chat template")
-    model = GapQwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    if saved_gap:
-        cfg = model.gap.config
+    state = model._modules.get("gap")
+    if state is not None:
+        cfg = state.config
         if profile is not None and profile != cfg.profile:
-            raise ValueError(f"profile: {path!r} was saved with profile {cfg.profile!r}")
+            raise ValueError(f"profile: the checkpoint was saved with profile {cfg.profile!r}, not {profile!r}")
         if latent_budget is not None and latent_budget != cfg.latent_budget:
-            raise ValueError(f"targets: K={latent_budget} latents per step, but {path!r} was saved with "
-                             f"latent_budget {cfg.latent_budget}")
-        chosen = None if no_head else PCALatentHead.load(head) if head else model.gap.head
+            raise ValueError(f"latent_budget: the targets have K={latent_budget} per latent step, but the "
+                             f"checkpoint was saved with latent_budget {cfg.latent_budget}")
+        head = state.head if head is KEEP_HEAD else head
     else:
+        if head is KEEP_HEAD:
+            raise ValueError("head: a plain Qwen2.5-VL checkpoint has no head; pass a PCALatentHead file "
+                             "(gapkern fit-pca) or train output-as-input without a head")
         cfg = add_latent_tokens(tokenizer, model, profile=profile or "gap", latent_budget=latent_budget or 16)
-        chosen = None if no_head else PCALatentHead.load(head)
-    model.set_gap(chosen, cfg)
-    return model, tokenizer
+    model.set_gap(head, cfg)
+    return cfg
 
 
 def choose_trainable(model, *, train_vision: bool = False, freeze_lm: bool = False, lora: int | None = None) -> int:
@@ -206,7 +188,8 @@ def merge_lora(model) -> None:
 
 
 def training_arguments(out: str, extra=(), **fields) -> TrainingArguments:
-    """TrainingArguments from gapkern's settings, then ``extra`` (Trainer flags, e.g. ``--lr_scheduler_type cosine``)."""
+    """TrainingArguments for ``out`` with gapkern's defaults and ``fields``, then ``extra``: Trainer flags as on a
+    command line (``["--lr_scheduler_type", "cosine"]``), which win."""
     device = torch.accelerator.is_available()  # without one, torchrun ranks are CPU processes (DDP over gloo)
     defaults = {"output_dir": out, "remove_unused_columns": False, "report_to": "none", "save_strategy": "steps",
                 "dataloader_num_workers": 0, "dataloader_pin_memory": device, "use_cpu": not device, **fields}
@@ -224,45 +207,36 @@ def training_arguments(out: str, extra=(), **fields) -> TrainingArguments:
     return args
 
 
-def train(model: str, data: str, out: str, *, curated: str | None = None, head: str | None = None,
-          no_head: bool = False, profile: str | None = None, epochs: float = 1.0, max_steps: int = -1,
-          lr: float = 1e-5, batch: int = 1, grad_accum: int = 1, bf16: bool = False, seed: int = 0,
-          save_steps: int = 500, logging_steps: int = 10, resume: str | bool | None = None,
-          train_vision: bool = False, freeze_lm: bool = False, lora: int | None = None,
-          latent_loss_weight: float = 1.0, dtype=torch.float32, trainer_args=()) -> dict:
-    """Train and save a gapkern checkpoint into ``out``; returns a summary (steps, losses, seconds, ...)."""
+def train(model, tokenizer, samples: list[dict], out: str, *, targets=None, args: TrainingArguments | None = None,
+          image_settings: dict | None = None, resume: str | bool | None = None, latent_loss_weight: float = 1.0,
+          train_vision: bool = False, freeze_lm: bool = False, lora: int | None = None) -> dict:
+    """Train ``model`` (a Gap Qwen2.5-VL after :func:`attach_gap`) on ``samples`` and save it into ``out``.
+
+    ``targets`` a TargetReader for the latent steps, ``args`` the
+    TrainingArguments (default :func:`training_arguments` ``(out)``),
+    ``resume`` a checkpoint folder or True for the last one in ``args.output_dir``.
+    Returns a summary: steps, lines, hard lines, trainable parameters, the
+    first and last logged losses, seconds, world size.
+    """
     start = time.perf_counter()
-    set_seed(seed)
-    args = training_arguments(out, trainer_args, num_train_epochs=epochs, max_steps=max_steps, learning_rate=lr,
-                              per_device_train_batch_size=batch, gradient_accumulation_steps=grad_accum, bf16=bf16,
-                              seed=seed, save_steps=save_steps, logging_steps=logging_steps,
-                              ddp_find_unused_parameters=train_vision)  # only a batch without images leaves some out
-    samples, reader = load_training_samples(data, curated)
-    k = None if reader is None or reader.shape is None else reader.shape[0]
-    net, tokenizer = load_model(model, head=head, no_head=no_head, profile=profile, latent_budget=k, dtype=dtype)
-    trainable = choose_trainable(net, train_vision=train_vision, freeze_lm=freeze_lm, lora=lora)
-    settings = image_settings(model)
-    collator = GapCollator(tokenizer, net.config, net.gap.config, targets=reader, image_settings=settings)
-    trainer = GapTrainer(model=net, args=args, train_dataset=samples, data_collator=collator,
+    args = args or training_arguments(out)
+    args.remove_unused_columns = False  # the collator needs the sample dicts whole
+    if args.ddp_find_unused_parameters is None:  # every trainable part is used, but a text-only batch skips vision
+        args.ddp_find_unused_parameters = train_vision
+    check_targets(samples, targets, model.config.text_config.hidden_size)
+    trainable = choose_trainable(model, train_vision=train_vision, freeze_lm=freeze_lm, lora=lora)
+    collator = GapCollator(tokenizer, model.config, model.gap.config, targets=targets, image_settings=image_settings)
+    trainer = GapTrainer(model=model, args=args, train_dataset=samples, data_collator=collator,
                          processing_class=tokenizer, latent_loss_weight=latent_loss_weight)
-    result = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     if lora is not None:
         merge_lora(trainer.model)
-    trainer.hub_layout = True
+    trainer.hub_layout = True  # the final model in the usual layout
     trainer.save_model(out)
     trainer.save_state()
-    if trainer.is_world_process_zero():
-        _copy_image_settings(model, out)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     return {"out": out, "steps": trainer.state.global_step, "samples": len(samples),
-            "hard": sum(s["hard"] for s in samples), "trainable": trainable, "train_loss": result.training_loss,
-            "first": logged[0] if logged else None, "last": logged[-1] if logged else None,
-            "seconds": time.perf_counter() - start, "world": args.world_size}
-
-
-def _copy_image_settings(model: str, out: str) -> None:
-    """The image processor's settings travel with the weights: generate resizes images the same way."""
-    source = os.path.join(model, "preprocessor_config.json")
-    if os.path.isfile(source) and os.path.abspath(model) != os.path.abspath(out):
-        shutil.copyfile(source, os.path.join(out, "preprocessor_config.json"))
-
+            "latent_lines": sum(uses_latents(s) for s in samples), "trainable": trainable,
+            "train_loss": result.training_loss, "first": logged[0] if logged else None,
+            "last": logged[-1] if logged else None, "seconds": time.perf_counter() - start,
+            "world": args.world_size, "main": trainer.is_world_process_zero()}
