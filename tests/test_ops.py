@@ -8,7 +8,7 @@ import gapkern
 from gapkern import ops
 
 import reference as R
-from cases import BACKENDS, DTYPES, ROWS, SHAPES, Case, device_for
+from cases import BACKENDS, DTYPES, PACKED_DATA_EDITS, ROWS, SHAPES, Case, device_for, reflect
 
 
 @pytest.fixture
@@ -174,3 +174,81 @@ def test_latent_step_7b_shape_from_fresh_install():
     c = Case(3584, 629, 1, torch.bfloat16, device_for("torch"))
     out = ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau)
     R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))
+
+
+# -- norms near the float32 limits (issue 7: all-zero rows when ||z||^2 overflowed) ----------
+
+EXTREMES = [
+    pytest.param(torch.float32, 1e30, 1e-6, id="f32-1e30"),
+    pytest.param(torch.bfloat16, 1e38, 1e-6, id="bf16-near-max"),
+    pytest.param(torch.float32, 1e-30, 1e-35, id="f32-1e-30-tiny-eps"),  # squares underflow
+    pytest.param(torch.bfloat16, 1e-30, 1e-35, id="bf16-1e-30-tiny-eps"),
+]
+
+
+@grid
+@pytest.mark.parametrize("dtype,scale,eps", EXTREMES)
+def test_calibration_near_float32_limits(backend, dtype, scale, eps):
+    """||z|| is taken without overflow or underflow of the squares: norm_calibrate and the identity step."""
+    device = device_for(backend)
+    latents = (torch.randn(3, 200, dtype=torch.float64).clamp(-3, 3) * scale).to(dtype).to(device)
+    latents[2] = latents[2, 0]  # a constant row: every square the same
+    tau = torch.tensor([2.0, 0.5, 7.0], device=device)
+    ref = R.calibrate(latents, tau, eps)
+    R.assert_matches(ops.norm_calibrate(latents, tau, eps), ref)
+    R.assert_matches(ops.latent_step(latents, tau=tau, eps=eps), ref)
+    full = torch.full((2, 40), scale, dtype=dtype, device=device)  # the case of the issue
+    R.assert_matches(ops.norm_calibrate(full, 1.0, eps), R.calibrate(full, 1.0, eps))
+
+
+@grid
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
+@pytest.mark.parametrize("whiten", [False, True], ids=["plain", "whitened"])
+def test_latent_step_with_a_head_fed_huge_hidden_states(backend, dtype, whiten):
+    """hidden ~1e20: the latents' squares overflow float32, the step must not."""
+    c = case_for(backend, (200, 37), 3, dtype)
+    hidden = (R.f64(c.hidden) * 1e20).to(dtype)
+    sigma = c.sigma if whiten else None
+    out = c.out_buffer()
+    ops.latent_step(hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma, latent_mask=c.mask, out=out)
+    ref = R.latent_step(hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma)
+    R.assert_matches(out[c.mask], ref[c.mask.cpu()])
+
+
+# -- head tensors edited in place where no version counter sees it (issue 7) -----------------
+
+def _edits(c):
+    """In-place edits of mean and basis that keep the basis orthonormal and move the latents' norms."""
+    def mean_data():
+        c.mean.data.mul_(-3.0)
+
+    def basis_data():
+        c.basis.data.copy_(reflect(c.basis, c.mean))
+
+    def mean_inference():
+        with torch.inference_mode():
+            c.mean.mul_(-3.0)
+
+    def basis_inference():
+        with torch.inference_mode():
+            c.basis.copy_(reflect(c.basis, c.mean))
+
+    return {"mean.data": mean_data, "basis.data": basis_data,
+            "mean-inference": mean_inference, "basis-inference": basis_inference}
+
+
+@grid
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
+@pytest.mark.parametrize("edit", ["mean.data", "basis.data", "mean-inference", "basis-inference"])
+def test_latent_step_sees_in_place_edits_of_mean_and_basis(request, backend, dtype, edit):
+    """The result after an edit is the step of the edited tensors, never of a cached copy."""
+    if backend == "cuda" and dtype != torch.float32 and edit == "basis.data":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PACKED_DATA_EDITS))
+    with torch.inference_mode(edit.endswith("inference")):  # inference tensors: no version counter at all
+        c = case_for(backend, (200, 37), 3, dtype)
+        c.mean.mul_(20.0)  # basis.T @ mean as large as the coefficients: an edit moves the norms
+    for change in (lambda: None, _edits(c)[edit]):
+        change()
+        with torch.inference_mode(edit.endswith("inference")):
+            out = ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau)
+        R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))

@@ -153,6 +153,23 @@ def test_torch_compile_traces_through_every_op():
     assert ops_seen == {"pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed_out"}, seen
 
 
+def test_torch_compile_backward_through_latent_step():
+    """The backward formula is traced too: the calibration's CPU fast path reads no data then."""
+    c = small()
+
+    def loss(h, w):
+        return ops.latent_step(h, w, c.bias, c.basis, c.mean, c.tau).square().sum()
+
+    w = c.weight.clone().requires_grad_(True)
+    torch.compile(loss, backend="aot_eager", fullgraph=True)(c.hidden, w).backward()
+    ref = R.f64(c.weight).requires_grad_(True)
+    z = R.reconstruct(R.project(c.hidden, ref, c.bias), c.basis, c.mean)
+    tau = R.f64(c.tau)
+    scale = torch.where(tau > 0, tau / z.norm(dim=1), 1.0)  # the float64 reference, differentiable
+    (z * scale[:, None]).square().sum().backward()
+    torch.testing.assert_close(R.f64(w.grad), ref.grad, rtol=1e-4, atol=1e-4 * ref.grad.abs().max().item())
+
+
 def test_torch_compile_inductor_fullgraph():
     c = small()
     compiled = torch.compile(lambda h: ops.latent_step(h, c.weight, c.bias, c.basis, c.mean, c.tau) + 1.0,
@@ -201,3 +218,26 @@ def test_out_path_allocates_nothing_and_returns_out():
     ptr = out.data_ptr()
     assert ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out) is out
     assert out.data_ptr() == ptr
+
+
+# -- workspaces: bounded, pinned while a graph captures them, cleared on demand ------------
+
+def test_workspaces_are_bounded_and_cleared(monkeypatch):
+    from gapkern.ops import _cache
+
+    _cache.clear_caches()
+    monkeypatch.setattr(_cache, "LIMIT", 3)
+    first = _cache.workspace("test", (4,), "cpu")
+    assert _cache.workspace("test", (4,), "cpu") is first, "same kind, shape, dtype, device: the same buffer"
+    for n in range(5, 9):
+        _cache.workspace("test", (n,), "cpu")
+    kept = [k for k in _cache._workspaces if k[0] == "test"]
+    assert len(kept) == 3 and ("test", (4,), torch.float32, torch.device("cpu")) not in kept, "least recent dropped"
+    monkeypatch.setattr(_cache, "capturing", lambda device: True)  # as if a CUDA graph were capturing
+    pinned = _cache.workspace("test", (100,), "cpu")
+    monkeypatch.setattr(_cache, "capturing", lambda device: False)
+    for n in range(9, 20):
+        _cache.workspace("test", (n,), "cpu")
+    assert _cache.workspace("test", (100,), "cpu") is pinned, "a buffer a graph captured is never dropped"
+    ops.clear_caches()
+    assert not _cache._workspaces and not _cache._pinned

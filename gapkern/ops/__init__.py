@@ -11,11 +11,12 @@ import torch
 
 from . import _validate as V
 from ._backends import backend_info, get_backend, module_for, set_backend
+from ._cache import clear_caches
 from . import _custom
 
 __all__ = [
     "pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed", "latent_step",
-    "set_backend", "get_backend", "backend_info",
+    "set_backend", "get_backend", "backend_info", "clear_caches",
 ]
 
 
