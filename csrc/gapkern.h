@@ -65,7 +65,8 @@ void norm_calibrate(const Launch& L, DType dtype, int B, int D, Mat src, Vec tau
 // mean(observed) when tau_state is 0 or NaN.
 void ema_update(const Launch& L, DType observed_dtype, int n, float* tau_state, Vec observed, double decay);
 
-// out[b] = mask[b] ? latents[b] : embed[clamp(ids[b], 0, V - 1)].
+// out[b] = mask[b] ? latents[b] : embed[ids[b]]; a text row (mask[b] == 0) whose id is outside
+// [0, vocab) traps on the device (a sticky error, like torch's index asserts).
 void reembed(const Launch& L, DType out_dtype, DType latents_dtype, DType ids_dtype, int B, int D,
              int64_t vocab, Vec ids, Mat latents, Vec mask, Mat embed, OutMat out);
 

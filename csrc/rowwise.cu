@@ -1,5 +1,6 @@
 // The row-wise ops: norm calibration (also the identity-head latent step),
 // the running calibration target, and re-embedding.
+#include <cstdio>
 #include <string>
 
 #include "common.cuh"
@@ -42,7 +43,8 @@ ema_kernel(float* tau_state, const void* observed, int64_t so, int n, DType dtyp
   }
 }
 
-// out[b] = mask[b] ? latents[b] (converted) : embed[clamp(ids[b], 0, V - 1)].
+// out[b] = mask[b] ? latents[b] (converted) : embed[ids[b]]. A text row's id outside [0, V) traps
+// (a sticky launch error, like torch's device-side index asserts; gapkern/ops checks CPU tensors first).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 reembed_kernel(const void* ids, DType ids_dtype, int64_t sid, const void* latents, DType lat_dtype, int64_t ls0,
@@ -57,7 +59,11 @@ reembed_kernel(const void* ids, DType ids_dtype, int64_t sid, const void* latent
   } else {
     int64_t id = ids_dtype == DType::I64 ? static_cast<const int64_t*>(ids)[b * sid]
                                          : static_cast<const int32_t*>(ids)[b * sid];
-    id = id < 0 ? 0 : (id >= vocab ? vocab - 1 : id);
+    if (id < 0 || id >= vocab) {
+      if (k == 0) printf("gapkern reembed: token id %lld of text row %d is outside [0, %lld)\n", (long long)id, b,
+                         (long long)vocab);
+      __trap();
+    }
     *o = embed[id * es0 + k * es1];
   }
 }

@@ -46,6 +46,8 @@ def bad_calls():
         ("out-dtype", lambda: ops.latent_step(h, out=torch.empty(3, D, dtype=torch.half)), TypeError, r"out: expected dtype torch.float32"),
         ("ids-dtype", lambda: ops.reembed(torch.zeros(3), h, c.mask, c.embed), TypeError, r"token_ids: expected dtype int64 or int32"),
         ("latents-rows", lambda: ops.reembed(c.token_ids, h[:2], c.mask, c.embed), ValueError, r"latents: expected size 3"),
+        ("ids-range", lambda: ops.reembed(torch.tensor([-7, 97, 3]), h, c.mask, c.embed), ValueError,
+         r"token_ids: expected ids in \[0, 97\) \(the rows of embed_weight\) on text rows, got 97 on row 1"),
         ("ema-state", lambda: ops.ema_update(torch.zeros(2), torch.ones(3)), ValueError, r"tau_state: expected size 1"),
         ("ema-decay", lambda: ops.ema_update(torch.zeros(1), torch.ones(3), decay=1.5), ValueError, r"decay: expected a number in \[0, 1\)"),
         ("backend", lambda: ops.set_backend("tpu"), ValueError, r"backend: expected one of auto, cuda, triton, torch"),

@@ -122,7 +122,11 @@ def ema_update(tau_state, observed, decay=0.99):
 
 
 def reembed(token_ids, latents, latent_mask, embed_weight, out=None):
-    """embeds[b] = latents[b] if latent_mask[b] else embed_weight[token_ids[b]]."""
+    """embeds[b] = latents[b] if latent_mask[b] else embed_weight[token_ids[b]].
+
+    Latent rows' ids are placeholders (any value); a text row's id outside [0, V) is an error:
+    a ValueError for CPU tensors, a device-side assert on a GPU (no host sync).
+    """
     V.tensor("token_ids", token_ids, 1, "(B,)", dtypes=(torch.int64, torch.int32), dtype_names="int64 or int32")
     rows = token_ids.shape[0]
     V.tensor("embed_weight", embed_weight, 2, "(V, D)")
@@ -134,6 +138,7 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out=None):
     V.mask(latent_mask, rows, token_ids.device)
     V.same_device(token_ids.device, latents=latents, embed_weight=embed_weight)
     _check_out(out, rows, embed_weight.shape[1], embed_weight.dtype, token_ids.device)
+    V.token_ids_in_range(token_ids, latent_mask, embed_weight.shape[0])
     if out is None:
         out = embed_weight.new_empty(rows, embed_weight.shape[1])
     if rows == 0:

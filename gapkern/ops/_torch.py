@@ -91,8 +91,9 @@ def _write_rows(out, rows, latent_mask):
 
 
 def reembed(token_ids, latents, latent_mask, embed_weight, out):
-    # Latent rows may carry any placeholder id: clamp so the gather stays in range.
-    ids = token_ids.clamp(0, embed_weight.shape[0] - 1)
+    # Latent rows may carry any placeholder id: gather row 0 for them. Text rows gather their own
+    # id, so one out of range fails in the gather (a device-side assert on a GPU), never clamps.
+    ids = torch.where(latent_mask, 0, token_ids)
     rows = torch.where(latent_mask[:, None], latents.to(out.dtype), embed_weight[ids].to(out.dtype))
     out.copy_(rows)
 

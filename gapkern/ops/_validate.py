@@ -76,3 +76,18 @@ def eps_value(eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
     return float(eps)
+
+
+def token_ids_in_range(token_ids, latent_mask, vocab: int):
+    """Text rows must name a row of the embedding table; latent rows carry placeholders (any value).
+
+    Checked on the host for CPU tensors only: on a GPU the kernels check on the device, so the
+    call stays free of host syncs (CUDA-graph safe); traced code leaves it to the gather's own check.
+    """
+    if token_ids.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    bad = ((token_ids < 0) | (token_ids >= vocab)) & ~latent_mask
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"token_ids: expected ids in [0, {vocab}) (the rows of embed_weight) on text rows, "
+                         f"got {int(token_ids[row])} on row {row}")
