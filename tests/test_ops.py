@@ -294,3 +294,16 @@ print("no error")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0 and "no error" not in run.stdout, run.stdout + run.stderr[-2000:]
+
+
+# -- the basis must be orthonormal (issue 7: the fused norms assumed it) ----------------------
+
+@grid
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_orthonormal_basis_is_rejected(backend, dtype):
+    c = case_for(backend, (200, 37), 3, dtype)
+    skewed = (R.f64(c.basis) @ (torch.eye(37, dtype=torch.float64) + 0.1)).to(dtype).to(c.device)
+    with pytest.raises(ValueError, match=r"basis: expected orthonormal columns"):
+        ops.latent_step(c.hidden, c.weight, c.bias, skewed, c.mean, c.tau)
+    with pytest.raises(ValueError, match=r"basis: expected orthonormal columns"):
+        ops.pca_reconstruct(c.hidden[:, :37], (R.f64(c.basis) * 2).to(dtype).to(c.device), c.mean)

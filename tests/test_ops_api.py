@@ -48,6 +48,10 @@ def bad_calls():
         ("latents-rows", lambda: ops.reembed(c.token_ids, h[:2], c.mask, c.embed), ValueError, r"latents: expected size 3"),
         ("ids-range", lambda: ops.reembed(torch.tensor([-7, 97, 3]), h, c.mask, c.embed), ValueError,
          r"token_ids: expected ids in \[0, 97\) \(the rows of embed_weight\) on text rows, got 97 on row 1"),
+        ("basis-orthonormal", lambda: ops.latent_step(h, w, b, U * 1.01, m), ValueError,
+         r"basis: expected orthonormal columns \(basis.T @ basis = I within 0.0001 for torch.float32\), got max"),
+        ("basis-wide", lambda: ops.check_orthonormal(torch.eye(3, 5)), ValueError,
+         r"basis: expected at most D = 3 orthonormal columns"),
         ("ema-state", lambda: ops.ema_update(torch.zeros(2), torch.ones(3)), ValueError, r"tau_state: expected size 1"),
         ("ema-decay", lambda: ops.ema_update(torch.zeros(1), torch.ones(3), decay=1.5), ValueError, r"decay: expected a number in \[0, 1\)"),
         ("backend", lambda: ops.set_backend("tpu"), ValueError, r"backend: expected one of auto, cuda, triton, torch"),
@@ -220,6 +224,53 @@ def test_out_path_allocates_nothing_and_returns_out():
     ptr = out.data_ptr()
     assert ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out) is out
     assert out.data_ptr() == ptr
+
+
+# -- the orthonormality check -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3584, 629), (40, 7)], ids=["D3584-d629", "D40-d7"])
+def test_check_orthonormal_accepts_rounded_orthonormal_bases(dtype, shape):
+    """An orthonormal basis stored in bfloat16 / float16 / float32 passes; 2% off does not."""
+    basis = torch.linalg.qr(torch.randn(*shape, dtype=torch.float64))[0]
+    assert ops.check_orthonormal(basis.to(dtype)) is not None
+    with pytest.raises(ValueError, match="orthonormal"):
+        ops.check_orthonormal((basis * 1.02).to(dtype), name="U")
+    nan = basis.to(dtype).clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="got max"):
+        ops.check_orthonormal(nan)
+
+
+def test_check_orthonormal_is_cached_per_tensor_and_version(monkeypatch):
+    """A passing check is kept while the tensor is unmodified; an in-place edit is checked again."""
+    from gapkern.ops import _cache, _validate
+
+    basis = torch.linalg.qr(torch.randn(40, 7, dtype=torch.float64))[0].float()
+    calls = []
+    real = _validate._gram_error
+    monkeypatch.setattr(_validate, "_gram_error", lambda t: calls.append(1) or real(t))
+    ops.check_orthonormal(basis)
+    ops.check_orthonormal(basis)
+    assert len(calls) == 1, "the second check of the same tensor is a cache hit"
+    basis.mul_(2.0)  # the version counter moves
+    with pytest.raises(ValueError, match="orthonormal"):
+        ops.check_orthonormal(basis)
+    key = ("orthonormal", id(basis))
+    assert key in _cache._checks
+    del basis
+    assert key not in _cache._checks, "the entry of a freed tensor goes with it"
+
+
+def test_pca_latent_head_rejects_a_non_orthonormal_basis():
+    import gapkern
+
+    basis = torch.linalg.qr(torch.randn(40, 7, dtype=torch.float64))[0].float()
+    head = gapkern.PCALatentHead(basis, torch.zeros(40))
+    assert head.basis.shape == (40, 7)
+    with pytest.raises(ValueError, match=r"basis: expected orthonormal columns"):
+        gapkern.PCALatentHead(basis + 0.05, torch.zeros(40))
+    gapkern.PCALatentHead(torch.eye(40, 7), torch.zeros(40))  # GapState.from_dict's placeholder
 
 
 # -- workspaces: bounded, pinned while a graph captures them, cleared on demand ------------

@@ -12,11 +12,12 @@ import torch
 from . import _validate as V
 from ._backends import backend_info, get_backend, module_for, set_backend
 from ._cache import clear_caches
+from ._validate import check_orthonormal
 from . import _custom
 
 __all__ = [
     "pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed", "latent_step",
-    "set_backend", "get_backend", "backend_info", "clear_caches",
+    "set_backend", "get_backend", "backend_info", "check_orthonormal", "clear_caches",
 ]
 
 
@@ -51,6 +52,7 @@ def _check_basis(ref_name, ref, basis, mean, sigma):
     for name, t in (("basis", basis), ("mean", mean), ("sigma", sigma)):
         V.same_dtype(name, t, ref_name, ref)
     V.same_device(ref.device, basis=basis, mean=mean, sigma=sigma)
+    V.check_orthonormal(basis)
 
 
 def _check_out(out, rows, cols, dtype, device):

@@ -11,6 +11,9 @@ alive and unmodified by their version counter. Results never depend on a cached 
 cannot be checked: tensors without a version counter (made under ``torch.inference_mode``) are
 not cached. Writes through ``.data`` keep the version counter still and cannot be seen; call
 ``clear_caches()`` after them.
+
+Passed checks (an orthonormal basis) are remembered the same way, inference tensors included: a
+check skipped after an unseen edit changes no result, a stale value would.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ LIMIT = 32
 _workspaces: OrderedDict = OrderedDict()
 _pinned: set = set()
 _derived: dict = {}
+_checks: dict = {}
 
 
 def capturing(device: torch.device) -> bool:
@@ -84,8 +88,22 @@ def derived(kind: str, make, *tensors):
     return value
 
 
+def passed(check: str, t) -> bool:
+    """Whether ``check`` passed for ``t`` as it is now."""
+    hit = _checks.get((check, id(t)))
+    return hit is not None and hit == _stamp(t)
+
+
+def remember_pass(check: str, t) -> None:
+    key = (check, id(t))
+    if key not in _checks:
+        _forget_when_freed(_checks, key, (t,))
+    _checks[key] = _stamp(t)
+
+
 def clear_caches() -> None:
-    """Drop every kept workspace and derived value."""
+    """Drop every kept workspace, derived value and passed check."""
     _workspaces.clear()
     _pinned.clear()
     _derived.clear()
+    _checks.clear()

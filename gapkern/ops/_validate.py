@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _cache
+
 # float64 runs on the torch backend only (gradcheck, references).
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DTYPE_NAMES = "float32, bfloat16 or float16 (float64 on the torch backend)"
@@ -91,3 +93,47 @@ def token_ids_in_range(token_ids, latent_mask, vocab: int):
         row = int(bad.nonzero()[0, 0])
         raise ValueError(f"token_ids: expected ids in [0, {vocab}) (the rows of embed_weight) on text rows, "
                          f"got {int(token_ids[row])} on row {row}")
+
+
+# -- orthonormal bases ---------------------------------------------------------
+
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def orthonormal_tolerance(dtype: torch.dtype) -> float:
+    """max |basis.T @ basis - I| allowed: storage rounding of each entry moves a unit column's
+    squared norm by up to 2u (u the unit roundoff); 4u leaves room for it, and 1e-4 for float32
+    bases computed in float32."""
+    return max(4 * _UNIT_ROUNDOFF.get(dtype, 0.0), 1e-4)
+
+
+def _gram_error(basis) -> float:
+    """max |basis.T @ basis - I|, accumulated in float32 (float64 for float64), on basis's device."""
+    acc = basis.detach().double() if basis.dtype == torch.float64 else basis.detach().float()
+    gram = acc.T @ acc
+    gram.diagonal().sub_(1.0)
+    return gram.abs().max().item() if gram.numel() else 0.0
+
+
+def check_orthonormal(basis, name: str = "basis"):
+    """Raise ValueError unless ``basis`` (D, d) has orthonormal columns within its dtype's precision.
+
+    A pass is remembered per tensor until it is freed or modified in place (gapkern/ops/_cache.py),
+    so a decode loop checks its basis once. The check reads its result back (a host sync on a
+    GPU): during CUDA-graph capture, and in traced code, an unchecked basis is let through.
+    """
+    tensor(name, basis, 2, "(D, d)")
+    if torch.compiler.is_compiling() or _cache.passed("orthonormal", basis):
+        return basis
+    if basis.shape[1] > basis.shape[0]:
+        raise ValueError(f"{name}: expected at most D = {basis.shape[0]} orthonormal columns, "
+                         f"got shape {tuple(basis.shape)}")
+    if _cache.capturing(basis.device):
+        return basis
+    err = _gram_error(basis)
+    tol = orthonormal_tolerance(basis.dtype)
+    if not err <= tol:  # NaN fails too
+        raise ValueError(f"{name}: expected orthonormal columns ({name}.T @ {name} = I within {tol:g} for "
+                         f"{basis.dtype}), got max |{name}.T @ {name} - I| = {err:.3g}")
+    _cache.remember_pass("orthonormal", basis)
+    return basis
