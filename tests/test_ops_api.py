@@ -271,6 +271,8 @@ def test_pca_latent_head_rejects_a_non_orthonormal_basis():
     with pytest.raises(ValueError, match=r"basis: expected orthonormal columns"):
         gapkern.PCALatentHead(basis + 0.05, torch.zeros(40))
     gapkern.PCALatentHead(torch.eye(40, 7), torch.zeros(40))  # GapState.from_dict's placeholder
+    with torch.device("meta"):  # from_pretrained builds the model on meta, then loads the values
+        assert gapkern.PCALatentHead(torch.eye(40, 7), torch.zeros(40)).basis.is_meta
 
 
 # -- workspaces: bounded, pinned while a graph captures them, cleared on demand ------------

@@ -120,7 +120,8 @@ def check_orthonormal(basis, name: str = "basis"):
 
     A pass is remembered per tensor until it is freed or modified in place (gapkern/ops/_cache.py),
     so a decode loop checks its basis once. The check reads its result back (a host sync on a
-    GPU): during CUDA-graph capture, and in traced code, an unchecked basis is let through.
+    GPU): during CUDA-graph capture, in traced code, and on the meta device (no values), an
+    unchecked basis is let through.
     """
     tensor(name, basis, 2, "(D, d)")
     if torch.compiler.is_compiling() or _cache.passed("orthonormal", basis):
@@ -128,7 +129,7 @@ def check_orthonormal(basis, name: str = "basis"):
     if basis.shape[1] > basis.shape[0]:
         raise ValueError(f"{name}: expected at most D = {basis.shape[0]} orthonormal columns, "
                          f"got shape {tuple(basis.shape)}")
-    if _cache.capturing(basis.device):
+    if basis.is_meta or _cache.capturing(basis.device):  # meta: no values yet (a model built to load into)
         return basis
     err = _gram_error(basis)
     tol = orthonormal_tolerance(basis.dtype)
