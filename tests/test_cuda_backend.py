@@ -279,6 +279,17 @@ def test_emulated_small_ops_match_reference(emulated, dtype):
     R.assert_matches(out, ref)
 
 
+def test_emulated_pca_project_keeps_a_bounded_number_of_workspaces(emulated, monkeypatch):
+    """One workspace per row count (the tensor-core projection's plan depends on B), least recent dropped."""
+    monkeypatch.setattr(_cache, "LIMIT", 3)
+    c = Case(96, 40, 65, torch.bfloat16, "cpu")
+    for rows in (1, 9, 17, 33, 65):  # 1, 2, 4, 8 row tiles, then two row groups: five plans
+        hidden = c.hidden[:rows]
+        R.assert_matches(emulated.pca_project(hidden, c.weight, c.bias), R.project(hidden, c.weight, c.bias))
+    kept = [key for key in _cache._workspaces if key[0] == "cuda.pca_project"]
+    assert len(kept) == 3, kept
+
+
 def test_emulated_head_cache_follows_its_tensors(emulated):
     """Packed weights are rebuilt after an in-place update and dropped with the tensor."""
     c = Case(96, 40, 2, torch.bfloat16, "cpu")

@@ -57,17 +57,12 @@ def block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-_SMS: dict = {}
-
-
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a small constant under the interpreter)."""
+    """Streaming multiprocessors of ``device`` (a small constant under the interpreter); torch keeps
+    the device properties, so nothing is cached here."""
     if device.type != "cuda":
         return 2
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit

@@ -94,6 +94,12 @@ class GapState(nn.Module):
         self.decoder = None  # its buffers and graph belong to the old device / dtype
         return self
 
+    def release(self) -> None:
+        """Drop the decoder kept for the next generate call: its static KV cache, buffers and CUDA graph
+        are freed once nothing else holds them (call ``torch.cuda.empty_cache()`` after it to hand the
+        memory back to the driver). The next static generate builds a new one."""
+        self.decoder = None
+
     def __getstate__(self):  # copies and pickles leave the cached decoder (and its graph) behind
         return {**self.__dict__, "decoder": None}
 
