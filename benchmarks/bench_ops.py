@@ -11,9 +11,8 @@ import torch
 
 from gapkern import ops
 
-from conftest import ON_GPU
+from conftest import DEVICE, ON_GPU, use_backend
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 # (D, d): d is the rank keeping ~95% of variance at 7B, scaled with D.
 SHAPES = [(2048, 360), (3584, 629), (8192, 1440)] if ON_GPU else [(512, 64)]
@@ -47,27 +46,12 @@ def _step_bytes(D, d, B):
     return size * (2 * D * d + 2 * B * D + D + d)  # W, basis, hidden in, latents out, mean, bias
 
 
-@pytest.fixture(autouse=True)
-def _restore_backend():
-    yield
-    ops.set_backend("auto")
-
-
-def _select(name):
-    """Use backend ``name`` for the ops, or skip when it cannot run here."""
-    status = ops.backend_info()[name]
-    if not status.startswith("ready") or (name != "torch" and not ON_GPU):
-        pytest.skip(f"backend {name}: {status}")
-    ops.set_backend(name)
-
-
 def _impl(name, t):
     if name == "eager":
         return lambda: eager_latent_step(**t)
     if name == "compiled":
         fn = torch.compile(eager_latent_step, fullgraph=True)
         return lambda: fn(**t)
-    _select(name)
     return lambda: ops.latent_step(t["hidden"], t["weight"], t["bias"], t["basis"], t["mean"], t["tau"],
                                    latent_mask=t["mask"], out=t["out"])
 
@@ -79,8 +63,9 @@ def test_latent_step(measure, benchmark, impl, B, shape):
     D, d = shape
     benchmark.group = f"latent_step D{D} d{d} B{B}"
     t = _case(D, d, B)
-    measure(_impl(impl, t), _step_bytes(D, d, B), op="latent_step", impl=impl, D=D, d=d, B=B,
-            dtype=str(DTYPE), device=DEVICE)
+    with use_backend(impl):
+        measure(_impl(impl, t), _step_bytes(D, d, B), op="latent_step", impl=impl, D=D, d=d, B=B,
+                dtype=str(DTYPE), device=DEVICE)
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
@@ -90,7 +75,7 @@ def test_pca_project(measure, benchmark, impl, B, shape):
     D, d = shape
     benchmark.group = f"pca_project D{D} d{d} B{B}"
     t = _case(D, d, B)
-    _select(impl)
     size = t["hidden"].element_size()
-    measure(lambda: ops.pca_project(t["hidden"], t["weight"], t["bias"]), size * (D * d + B * D + B * d),
-            op="pca_project", impl=impl, D=D, d=d, B=B, dtype=str(DTYPE), device=DEVICE)
+    with use_backend(impl):
+        measure(lambda: ops.pca_project(t["hidden"], t["weight"], t["bias"]), size * (D * d + B * D + B * d),
+                op="pca_project", impl=impl, D=D, d=d, B=B, dtype=str(DTYPE), device=DEVICE)

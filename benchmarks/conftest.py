@@ -1,12 +1,16 @@
 """Benchmark set-up: record the device, the versions and the shapes with every run."""
 from __future__ import annotations
 
+import contextlib
 import platform
 
 import pytest
 import torch
 
+from gapkern import ops
+
 ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
 
 # Peak DRAM bandwidth by device name, for cards whose properties lack the memory clock.
 _PEAK_GBPS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
@@ -47,6 +51,17 @@ def pytest_benchmark_update_machine_info(config, machine_info):
                                "peak_bandwidth_gbps": peak_bandwidth_gbps()}
     else:
         machine_info["gpu"] = None
+
+
+def use_backend(name: str):
+    """``with use_backend(name):`` runs the ops on backend ``name`` (``gapkern.ops.use_backend``), or skips
+    the benchmark where it cannot run; names that are no backend (plain PyTorch baselines) change nothing."""
+    if name not in ops._backends.NAMES:
+        return contextlib.nullcontext()
+    status = ops.backend_status(name, DEVICE)
+    if not status.ready or (name != "torch" and not ON_GPU):  # the Triton interpreter is no benchmark
+        pytest.skip(f"backend {name}: {status}")
+    return ops.use_backend(name)
 
 
 def sync():

@@ -24,9 +24,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _restore_backend():
-    before = gapkern.ops.get_backend()
-    yield
-    gapkern.ops.set_backend(before)
+    """Whatever a test selects, the next one starts from the same backend."""
+    with gapkern.ops.use_backend(gapkern.ops.get_backend()):
+        yield
+
+
+@pytest.fixture
+def backend(request):
+    """Indirect parametrization: the test runs with backend ``request.param`` selected."""
+    with gapkern.ops.use_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

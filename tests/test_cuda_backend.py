@@ -98,8 +98,7 @@ def test_backend_info_says_no_gpu():
 
 @cpu_only
 def test_cuda_backend_on_cpu_tensors_raises_a_clear_error():
-    ops.set_backend("cuda")
-    with pytest.raises(RuntimeError, match="gapkern backend 'cuda' cannot run on cpu tensors"):
+    with ops.use_backend("cuda"), pytest.raises(RuntimeError, match="gapkern backend 'cuda' cannot run on cpu tensors"):
         ops.latent_step(torch.randn(2, 8), tau=1.0)
 
 
@@ -388,26 +387,25 @@ def test_latent_step_in_a_cuda_graph_matches_the_torch_backend(dtype, head):
         ops.latent_step(hidden, kw["weight"], kw["bias"], kw["basis"], kw["mean"], tau, sigma=kw["sigma"],
                         latent_mask=c.mask, out=o)
 
-    ops.set_backend("cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: workspace and packed head cached, kernels loaded
-        for _ in range(2):
+    with ops.use_backend("cuda"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: workspace and packed head cached, kernels loaded
+            for _ in range(2):
+                step(out)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             step(out)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(out)
     for trial in range(3):
         hidden.copy_(torch.randn_like(hidden, dtype=torch.float32).to(hidden.dtype) * (trial + 1))
         tau.copy_(torch.rand_like(tau) * 5 + 1)
         out.fill_(7.0)
         graph.replay()
         torch.cuda.synchronize()
-        ops.set_backend("torch")
         expected = c.out_buffer()
-        step(expected)
-        ops.set_backend("cuda")
+        with ops.use_backend("torch"):
+            step(expected)
         ref = R.latent_step(hidden, kw["weight"], kw["bias"], kw["basis"], kw["mean"], tau, sigma=kw["sigma"])
         mask = c.mask.cpu()
         R.assert_matches(out[c.mask], ref[mask])
@@ -420,19 +418,19 @@ def test_latent_step_in_a_cuda_graph_matches_the_torch_backend(dtype, head):
 @pytest.mark.parametrize("B", [1, 64, 70, 256])
 def test_latent_step_is_deterministic_and_reuses_its_workspace(dtype, B):
     """Repeated calls give bit-identical results (split-K sums in a fixed order, counters reset)."""
-    ops.set_backend("cuda")
     c = Case(3584, 629, B, dtype, "cuda")
     first, again = c.out_buffer(), c.out_buffer()
-    ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma, out=first)
-    for _ in range(3):
-        ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma, out=again)
+    with ops.use_backend("cuda"):
+        ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma, out=first)
+        for _ in range(3):
+            ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma, out=again)
     assert torch.equal(first, again)
     R.assert_matches(first, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma))
 
 
 @pytest.mark.gpu
-def test_packed_head_is_rebuilt_after_an_in_place_update():
-    ops.set_backend("cuda")
+@pytest.mark.parametrize("backend", ["cuda"], indirect=True)
+def test_packed_head_is_rebuilt_after_an_in_place_update(backend):
     c = Case(2048, 311, 3, torch.bfloat16, "cuda")
     weight = c.weight.clone()
     out = c.out_buffer()

@@ -15,13 +15,6 @@ import reference as R
 from cases import BACKENDS, DTYPES, PACKED_DATA_EDITS, ROWS, SHAPES, Case, device_for, reflect
 
 
-@pytest.fixture
-def backend(request):
-    name = request.param
-    ops.set_backend(name)
-    return name
-
-
 def case_for(backend, shape, rows, dtype, strided=False):
     D, d = shape
     return Case(D, d, rows, dtype, device_for(backend), strided=strided)

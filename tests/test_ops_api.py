@@ -91,11 +91,10 @@ def test_latent_step_gradcheck_float64(calibrated):
     assert torch.autograd.gradcheck(step, args)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backend_grads_match_reference(backend, dtype):
     """Training runs on the kernels: grads of project and latent_step match float64 autograd."""
-    ops.set_backend(backend)
     c = Case(200, 37, 5, dtype, device_for(backend))
     leaves = [t.clone().requires_grad_(True) for t in (c.hidden, c.weight, c.bias)]
     ref_leaves = [R.f64(t).cpu().requires_grad_(True) for t in (c.hidden, c.weight, c.bias)]
@@ -186,10 +185,8 @@ def test_torch_compile_inductor_fullgraph():
 def test_auto_never_picks_a_backend_that_cannot_run_here():
     info = ops.backend_info()
     assert set(info) == {"cuda", "triton", "torch"} and info["torch"] == "ready"
-    ops.set_backend("auto")
-    from gapkern.ops._backends import module_for
-
-    assert module_for(torch.device("cpu")).__name__ == "gapkern.ops._torch"
+    with ops.use_backend("auto"):
+        assert ops.module_for(torch.device("cpu")).__name__ == "gapkern.ops._torch"
     if not torch.cuda.is_available():
         assert info["cuda"] != "ready" and not info["triton"] == "ready"
 
@@ -198,11 +195,9 @@ def test_explicit_backend_that_cannot_run_raises():
     if torch.cuda.is_available():
         pytest.skip("every backend can run on a GPU machine")
     c = small()
-    ops.set_backend("cuda")
-    with pytest.raises(RuntimeError, match="gapkern backend 'cuda' cannot run on cpu tensors"):
+    with ops.use_backend("cuda"), pytest.raises(RuntimeError, match="gapkern backend 'cuda' cannot run on cpu tensors"):
         ops.latent_step(c.hidden)
-    ops.set_backend("triton")
-    with pytest.raises(TypeError, match="float64 runs on the torch backend only"):
+    with ops.use_backend("triton"), pytest.raises(TypeError, match="float64 runs on the torch backend only"):
         ops.latent_step(c.hidden.double())
 
 

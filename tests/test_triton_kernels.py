@@ -21,7 +21,8 @@ DEVICE = device_for("triton")
 
 @pytest.fixture(autouse=True)
 def _triton_backend():
-    ops.set_backend("triton")
+    with ops.use_backend("triton"):
+        yield
 
 
 @pytest.fixture

@@ -1,14 +1,10 @@
 """Shared pieces of the Triton kernels: interpreter detection, dtype flags, block choices."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-
-# Read once, like Triton itself: the interpreter is chosen when @triton.jit runs.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from triton.runtime.interpreter import InterpretedFunction
 
 
 @triton.jit
@@ -21,6 +17,11 @@ def rne_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+# Whether these kernels run on the interpreter: Triton decided it (from TRITON_INTERPRET) when the
+# first @triton.jit above ran. gapkern reads the environment nowhere else; everything asks here.
+INTERPRET = isinstance(rne_bf16, InterpretedFunction)
 
 
 def round_bf16(out: torch.Tensor) -> bool:

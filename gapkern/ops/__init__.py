@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
-from ._backends import backend_info, get_backend, module_for, set_backend
+from ._backends import State, Status, backend_info, backend_status, get_backend, module_for, set_backend, use_backend
 from ._cache import clear_caches
 from ._validate import check_orthonormal
 from . import _custom
 
 __all__ = [
     "pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed", "latent_step",
-    "set_backend", "get_backend", "backend_info", "check_orthonormal", "clear_caches",
+    "set_backend", "get_backend", "use_backend", "backend_info", "backend_status", "State", "Status",
+    "check_orthonormal", "clear_caches",
 ]
 
 

@@ -1,15 +1,53 @@
-"""Backend registry: which implementation runs an op, chosen at call time."""
+"""Backend registry: which implementation runs an op, resolved once per selection and device type.
+
+A backend is a module with the functions of the protocol in ``gapkern/ops/_torch.py``. Whether it
+can run on a device type is a :class:`Status` (data: a :class:`State` and the reason);
+``backend_info()`` puts it in words for users. Loading a backend catches ``ImportError`` only (an
+unbuilt extension, a missing triton) and keeps it, chained to the error an explicit selection
+raises; any other exception while importing a backend is a bug and propagates.
+"""
 from __future__ import annotations
 
+import contextlib
+import enum
 import importlib
 import os
+import warnings
+from dataclasses import dataclass
 
 import torch
 
 NAMES = ("auto", "cuda", "triton", "torch")
 _MODULES = {"torch": "gapkern.ops._torch", "triton": "gapkern.ops._triton", "cuda": "gapkern.ops._cuda"}
 _selected = os.environ.get("GAPKERN_BACKEND", "auto")
-_loaded: dict = {}
+_loaded: dict = {}  # name -> the module, or the ImportError that stopped it
+_resolved: dict = {}  # (selection, device type, float64) -> module: the per-call lookup is one dict hit
+
+
+class State(enum.Enum):
+    READY = "ready"
+    NOT_BUILT = "not built"  # the cuda extension gapkern._C did not import
+    NOT_INSTALLED = "not installed"  # triton did not import
+    NO_GPU = "no GPU"
+    NEEDS_CUDA = "needs CUDA tensors"
+
+
+@dataclass(frozen=True)
+class Status:
+    """Whether a backend can run ops on tensors of one device type, and why not."""
+
+    state: State
+    reason: str = ""  # more words on the state, "" when there are none
+    error: ImportError | None = None  # what stopped the import (NOT_BUILT, NOT_INSTALLED)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+    def __str__(self) -> str:
+        if not self.reason:
+            return self.state.value
+        return f"{self.state.value}: {self.reason}" if self.error else f"{self.state.value} ({self.reason})"
 
 
 def _check_name(name):
@@ -28,60 +66,89 @@ def get_backend() -> str:
     return _check_name(_selected)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend(name):`` selects ``name`` inside the block; the previous selection comes
+    back on exit, also when the block raises."""
+    global _selected
+    before = _selected
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _selected = before
 
 
 def _load(name):
-    """Import a backend module once; return (module, None) or (None, reason)."""
+    """The backend's module, imported once, or the ImportError that stopped it."""
     if name not in _loaded:
         try:
-            _loaded[name] = (importlib.import_module(_MODULES[name]), None)
-        except Exception as exc:  # an unbuilt extension or a missing triton
-            _loaded[name] = (None, f"{type(exc).__name__}: {exc}")
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except ImportError as exc:
+            _loaded[name] = exc
     return _loaded[name]
 
 
-def _status(name, device_type):
-    """'ready' when ``name`` can run on tensors of ``device_type``, else why not."""
+def backend_status(name: str, device="cuda") -> Status:
+    """Whether backend ``name`` (``cuda``, ``triton``, ``torch``) can run on tensors of ``device``."""
+    if _check_name(name) == "auto":
+        raise ValueError("backend: expected cuda, triton or torch (auto is a choice among them), got 'auto'")
+    device_type = torch.device(device).type
     if name == "torch":
-        return "ready"
-    module, err = _load(name)
-    if module is None:
-        return ("not built: " if name == "cuda" else "not installed: ") + err
+        return Status(State.READY)
+    module = _load(name)
+    if isinstance(module, ImportError):
+        state = State.NOT_BUILT if name == "cuda" else State.NOT_INSTALLED
+        return Status(state, f"{type(module).__name__}: {module}", module)
     if device_type == "cuda":
-        return "ready" if torch.cuda.is_available() else "no GPU"
-    if name == "triton" and interpreting():
-        return "ready (interpreter, CPU tensors)"
-    return "no GPU" if not torch.cuda.is_available() else f"needs CUDA tensors, not {device_type}"
+        return Status(State.READY) if torch.cuda.is_available() else Status(State.NO_GPU)
+    if name == "triton" and module.INTERPRET:
+        return Status(State.READY, "interpreter, CPU tensors")
+    if not torch.cuda.is_available():
+        hint = "set TRITON_INTERPRET=1 before import to run on CPU tensors" if name == "triton" else ""
+        return Status(State.NO_GPU, hint)
+    return Status(State.NEEDS_CUDA, f"got {device_type} tensors")
 
 
 def backend_info() -> dict:
-    """Backend name -> ``ready`` or why it cannot run here."""
+    """Backend name -> ``ready`` or why it cannot run on this machine's device, in words."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    info = {}
-    for name in ("cuda", "triton", "torch"):
-        status = _status(name, device_type)
-        if device_type == "cpu" and name == "triton" and status == "no GPU":
-            status = "no GPU (set TRITON_INTERPRET=1 before import to run on CPU tensors)"
-        info[name] = status
-    return info
+    return {name: str(backend_status(name, device_type)) for name in ("cuda", "triton", "torch")}
 
 
 def module_for(device: torch.device, dtype: torch.dtype = torch.float32):
     """The backend module that runs ops on ``device`` under the current selection."""
-    name = get_backend()
-    if dtype == torch.float64:
+    key = (_selected, device.type, dtype == torch.float64)
+    module = _resolved.get(key)
+    if module is None:
+        module = _resolved[key] = _resolve(get_backend(), device.type, dtype == torch.float64)
+    return module
+
+
+def _resolve(name, device_type, float64):
+    if float64:
         if name not in ("auto", "torch"):
             raise TypeError(f"gapkern backend {name!r} supports float32, bfloat16 and float16; "
                             "float64 runs on the torch backend only")
-        return _load("torch")[0]
+        return _load("torch")
     if name == "auto":
-        for cand in ("cuda", "triton") if device.type == "cuda" else ():
-            if _status(cand, device.type) == "ready":
-                return _load(cand)[0]
-        return _load("torch")[0]
-    status = _status(name, device.type)
-    if not status.startswith("ready"):
-        raise RuntimeError(f"gapkern backend {name!r} cannot run on {device.type} tensors: {status}")
-    return _load(name)[0]
+        return _auto(device_type)
+    status = backend_status(name, device_type)
+    if not status.ready:
+        raise RuntimeError(f"gapkern backend {name!r} cannot run on {device_type} tensors: {status}") from status.error
+    return _load(name)
+
+
+def _auto(device_type):
+    """cuda, else triton on a GPU; else the torch reference (with a warning on CUDA tensors)."""
+    if device_type != "cuda":
+        return _load("torch")
+    why = {}
+    for name in ("cuda", "triton"):
+        status = backend_status(name, device_type)
+        if status.ready:
+            return _load(name)
+        why[name] = str(status)
+    warnings.warn("gapkern: no GPU backend can run here (" + "; ".join(f"{k}: {v}" for k, v in why.items())
+                  + "): the ops run on the torch reference", RuntimeWarning, stacklevel=5)
+    return _load("torch")

@@ -5,6 +5,7 @@ Arguments arrive validated (see ``gapkern/ops/__init__.py``). Under
 """
 from __future__ import annotations
 
+from gapkern.triton_kernels._common import INTERPRET  # noqa: F401 (read by _backends.backend_status)
 from gapkern.triton_kernels import calibrate, ema, latent_step as step, project, reconstruct, reembed as embed
 
 from . import _cache
