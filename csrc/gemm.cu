@@ -4,6 +4,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "shapes.h"
 
 namespace gapkern {
 namespace {
@@ -95,31 +96,18 @@ void launch(const GemmArgs<T>& p, cudaStream_t stream) {
   check_launch("gemm_kernel");
 }
 
+// C = A @ B for views A (M, K), B (K, N) and C (M, N) whose sizes agree (checked by the callers).
 template <typename T>
-GemmArgs<T> plain(int M, int N, int K, Mat a, Mat b, OutMat c) {
+GemmArgs<T> plain(Mat a, Mat b, OutMat c) {
   GemmArgs<T> p{};
   p.a = static_cast<const T*>(a.p); p.sa0 = a.s0; p.sa1 = a.s1;
   p.b = static_cast<const T*>(b.p); p.sb0 = b.s0; p.sb1 = b.s1;
   p.c = static_cast<T*>(c.p); p.sc0 = c.s0; p.sc1 = c.s1;
-  p.M = M; p.N = N; p.K = K;
+  p.M = int(a.rows); p.N = int(b.cols); p.K = int(a.cols);
   return p;
 }
 
-template <typename T>
-void project(const Launch& L, int B, int D, int d, Mat hidden, Mat weight, Vec bias, OutMat out) {
-  auto p = plain<T>(B, d, D, hidden, weight, out);
-  p.nbias = static_cast<const T*>(bias.p); p.snb = bias.s;
-  launch(p, L.stream);
-}
-
-template <typename T>
-void reconstruct(const Launch& L, int B, int D, int d, Mat coeffs, Mat basis, Vec mean, Vec sigma, OutMat out) {
-  const Mat basis_t{basis.p, basis.s1, basis.s0};  // (d, D)
-  auto p = plain<T>(B, D, d, coeffs, basis_t, out);
-  p.kscale = static_cast<const T*>(sigma.p); p.sks = sigma.s;
-  p.nbias = static_cast<const T*>(mean.p); p.snb = mean.s;
-  launch(p, L.stream);
-}
+Mat transposed(Mat m) { return Mat{m.p, m.cols, m.rows, m.s1, m.s0}; }
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
@@ -131,15 +119,32 @@ void add_gemm_kernels(std::vector<const void*>& out) {
   out.push_back(reinterpret_cast<const void*>(&gemm_kernel<f16>));
 }
 
-void pca_project(const Launch& L, DType dtype, int B, int D, int d, Mat hidden, Mat weight, Vec bias, OutMat out) {
+void pca_project(const Launch& L, DType dtype, Mat hidden, Mat weight, Vec bias, OutMat out) {
+  const int B = size_of("hidden rows", hidden.rows), D = size_of("hidden columns", hidden.cols);
+  const int d = size_of("weight columns", weight.cols);
+  expect_size("weight", "rows", weight.rows, D, "D, the columns of hidden");
+  expect_shape("out", out, B, d, "B, the rows of hidden", "d, the columns of weight");
   DeviceGuard guard(L.device);
-  dispatch(dtype, [&](auto t) { project<decltype(t)>(L, B, D, d, hidden, weight, bias, out); });
+  dispatch(dtype, [&](auto t) {
+    auto p = plain<decltype(t)>(hidden, weight, out);
+    p.nbias = static_cast<const decltype(t)*>(bias.p); p.snb = bias.s;
+    launch(p, L.stream);
+  });
 }
 
-void pca_reconstruct(const Launch& L, DType dtype, int B, int D, int d, Mat coeffs, Mat basis, Vec mean,
-                     Vec sigma, OutMat out) {
+void pca_reconstruct(const Launch& L, DType dtype, Mat coeffs, Mat basis, Vec mean, Vec sigma, OutMat out) {
+  const int B = size_of("coeffs rows", coeffs.rows), d = size_of("coeffs columns", coeffs.cols);
+  const int D = size_of("basis rows", basis.rows);
+  expect_size("basis", "columns", basis.cols, d, "d, the columns of coeffs");
+  expect_shape("out", out, B, D, "B, the rows of coeffs", "D, the rows of basis");
   DeviceGuard guard(L.device);
-  dispatch(dtype, [&](auto t) { reconstruct<decltype(t)>(L, B, D, d, coeffs, basis, mean, sigma, out); });
+  dispatch(dtype, [&](auto t) {
+    using T = decltype(t);
+    auto p = plain<T>(coeffs, transposed(basis), out);
+    p.kscale = static_cast<const T*>(sigma.p); p.sks = sigma.s;
+    p.nbias = static_cast<const T*>(mean.p); p.snb = mean.s;
+    launch(p, L.stream);
+  });
 }
 
 size_t strided_workspace_bytes(int B, int D, int d) {
@@ -150,24 +155,24 @@ size_t strided_workspace_bytes(int B, int D, int d) {
 // Launch 2: mean + c_raw @ basis.T into the masked rows of out, or, calibrated, of the workspace's
 // latents, which launch 3 scales by tau / max(||z||, eps) into out.
 void latent_step_strided(const Launch& L, DType dtype, const LatentArgs& a, Mat weight, Mat basis) {
+  const Sizes n = latent_sizes(a, weight.rows, weight.cols, basis.rows, basis.cols);
   if (dtype != DType::F32) throw Error("gapkern cuda backend: latent_step_strided runs float32 only");
-  if (a.workspace_bytes < strided_workspace_bytes(a.B, a.D, a.d))
+  if (a.workspace.bytes < strided_workspace_bytes(n.B, n.D, n.d))
     throw Error("gapkern cuda backend: latent_step workspace too small");
   DeviceGuard guard(L.device);
-  float* coeffs = static_cast<float*>(a.workspace);
-  float* z = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + round_up(sizeof(float) * size_t(a.B) * a.d, 256));
-  auto p1 = plain<float>(a.B, a.d, a.D, a.hidden, weight, OutMat{coeffs, a.d, 1});
+  char* ws = static_cast<char*>(a.workspace.p);
+  const OutMat coeffs{ws, n.B, n.d, n.d, 1};
+  const OutMat z{ws + round_up(sizeof(float) * size_t(n.B) * n.d, 256), n.B, n.D, n.D, 1};
+  auto p1 = plain<float>(a.hidden, weight, coeffs);
   p1.nbias = static_cast<const float*>(a.bias.p); p1.snb = a.bias.s;
   p1.nscale = static_cast<const float*>(a.sigma.p); p1.sns = a.sigma.s;
   launch(p1, L.stream);
 
-  const Mat basis_t{basis.p, basis.s1, basis.s0};
-  const OutMat dst = a.tau.p ? OutMat{z, a.D, 1} : a.out;
-  auto p2 = plain<float>(a.B, a.D, a.d, Mat{coeffs, a.d, 1}, basis_t, dst);
+  auto p2 = plain<float>(readable(coeffs), transposed(basis), a.tau.p ? z : a.out);
   p2.nbias = static_cast<const float*>(a.mean.p); p2.snb = a.mean.s;
   p2.mask = static_cast<const uint8_t*>(a.mask.p); p2.smask = a.mask.s;
   launch(p2, L.stream);
-  if (a.tau.p) calibrate_from_f32(L, dtype, a.B, a.D, Mat{z, a.D, 1}, a.tau, a.eps, a.mask, a.out);
+  if (a.tau.p) calibrate_from_f32(L, dtype, readable(z), a.tau, a.eps, a.mask, a.out);
 }
 
 }  // namespace gapkern

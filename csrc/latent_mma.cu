@@ -20,6 +20,7 @@
 
 #include "common.cuh"
 #include "ptx.cuh"
+#include "shapes.h"
 
 namespace gapkern {
 namespace {
@@ -357,13 +358,13 @@ __global__ void __launch_bounds__(kThreads) reconstruct_kernel(const ReconArgs<T
 // -- launchers ---------------------------------------------------------------
 
 template <typename T>
-ProjectArgs<T> project_args(const Plan& pl, int B, int D, Mat hidden, const void* wp, Vec bias, void* workspace) {
-  char* ws = static_cast<char*>(workspace);
+ProjectArgs<T> project_args(const Plan& pl, Mat hidden, Packed weight_t, Vec bias, Workspace workspace) {
+  char* ws = static_cast<char*>(workspace.p);
   ProjectArgs<T> p{};
   p.hidden = static_cast<const T*>(hidden.p); p.hs0 = hidden.s0; p.hs1 = hidden.s1;
-  p.hvec = hidden.s1 == 1 && (B == 1 || hidden.s0 % 8 == 0) && reinterpret_cast<uintptr_t>(hidden.p) % 16 == 0 &&
-           D % 8 == 0;
-  p.w = static_cast<const uint4*>(wp);
+  p.hvec = hidden.s1 == 1 && (pl.B == 1 || hidden.s0 % 8 == 0) && reinterpret_cast<uintptr_t>(hidden.p) % 16 == 0 &&
+           pl.D % 8 == 0;
+  p.w = static_cast<const uint4*>(weight_t.p);
   p.bias = static_cast<const T*>(bias.p); p.sb = bias.s;
   p.part = reinterpret_cast<float*>(ws + pl.off_part);
   p.cf = reinterpret_cast<T*>(ws + pl.off_cf);
@@ -375,10 +376,10 @@ ProjectArgs<T> project_args(const Plan& pl, int B, int D, Mat hidden, const void
 }
 
 template <typename T, int NT, typename O>
-void run_reconstruct(const Launch& L, const LatentArgs& a, const Plan& pl, const T* cf, float cinv, const void* up,
+void run_reconstruct(const Launch& L, const LatentArgs& a, const Plan& pl, const T* cf, float cinv, Packed basis,
                      O* out, int64_t os0, int64_t os1) {
   ReconArgs<T, O> r{};
-  r.u = static_cast<const uint4*>(up);
+  r.u = static_cast<const uint4*>(basis.p);
   r.cf = cf;
   r.mean = static_cast<const T*>(a.mean.p); r.sm = a.mean.s;
   r.mask = static_cast<const uint8_t*>(a.mask.p); r.smask = a.mask.s;
@@ -390,25 +391,25 @@ void run_reconstruct(const Launch& L, const LatentArgs& a, const Plan& pl, const
 }
 
 template <typename T, int NT>
-void run_latent(const Launch& L, DType dtype, const LatentArgs& a, const Plan& pl, const void* wp, const void* up) {
-  ProjectArgs<T> p = project_args<T>(pl, a.B, a.D, a.hidden, wp, a.bias, a.workspace);
+void run_latent(const Launch& L, DType dtype, const LatentArgs& a, const Plan& pl, Packed weight_t, Packed basis) {
+  ProjectArgs<T> p = project_args<T>(pl, a.hidden, weight_t, a.bias, a.workspace);
   p.sigma = static_cast<const T*>(a.sigma.p); p.ssg = a.sigma.s;
   launch_kernel(project_kernel<T, NT>, dim3(pl.G1, pl.S, pl.NG), dim3(kThreads), L.stream, p);
   check_launch("project_kernel");
   const float cinv = 1.f / p.cscale;
   if (!a.tau.p) {
-    run_reconstruct<T, NT, T>(L, a, pl, p.cf, cinv, up, static_cast<T*>(a.out.p), a.out.s0, a.out.s1);
+    run_reconstruct<T, NT, T>(L, a, pl, p.cf, cinv, basis, static_cast<T*>(a.out.p), a.out.s0, a.out.s1);
     return;
   }
-  float* z = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + pl.off_z);
-  run_reconstruct<T, NT, float>(L, a, pl, p.cf, cinv, up, z, a.D, 1);
-  calibrate_from_f32(L, dtype, a.B, a.D, Mat{z, a.D, 1}, a.tau, a.eps, a.mask, a.out);
+  float* z = reinterpret_cast<float*>(static_cast<char*>(a.workspace.p) + pl.off_z);
+  run_reconstruct<T, NT, float>(L, a, pl, p.cf, cinv, basis, z, pl.D, 1);
+  calibrate_from_f32(L, dtype, Mat{z, pl.B, pl.D, pl.D, 1}, a.tau, a.eps, a.mask, a.out);
 }
 
 template <typename T, int NT>
-void run_project(const Launch& L, const Plan& pl, int B, int D, Mat hidden, const void* wp, Vec bias, OutMat out,
-                 void* workspace) {
-  ProjectArgs<T> p = project_args<T>(pl, B, D, hidden, wp, bias, workspace);
+void run_project(const Launch& L, const Plan& pl, Mat hidden, Packed weight_t, Vec bias, OutMat out,
+                 Workspace workspace) {
+  ProjectArgs<T> p = project_args<T>(pl, hidden, weight_t, bias, workspace);
   p.out = static_cast<T*>(out.p); p.os0 = out.s0; p.os1 = out.s1;
   launch_kernel(project_kernel<T, NT>, dim3(pl.G1, pl.S, pl.NG), dim3(kThreads), L.stream, p);
   check_launch("project_kernel");
@@ -435,8 +436,8 @@ void with_half_type(DType dtype, const char* op, F&& f) {
 }
 
 // latents: whether the workspace must hold the float32 latents of a calibrated step (the last region).
-Plan checked_plan(int device, int B, int D, int d, size_t workspace_bytes, bool latents) {
-  const Plan pl = make_plan(B, D, d, sm_count(device));
+Plan checked_plan(int device, Sizes n, size_t workspace_bytes, bool latents) {
+  const Plan pl = make_plan(n.B, n.D, n.d, sm_count(device));
   if (workspace_bytes < (latents ? pl.bytes : pl.off_z))
     throw Error("gapkern cuda backend: workspace too small for these sizes");
   return pl;
@@ -479,24 +480,29 @@ size_t project_workspace_bytes(int device, DType dtype, int B, int D, int d) {
   return make_plan(B, D, d, sm_count(device)).off_z;
 }
 
-void latent_step_packed(const Launch& L, DType dtype, const LatentArgs& a, const void* weight_packed,
-                        const void* basis_packed) {
+void latent_step_packed(const Launch& L, DType dtype, const LatentArgs& a, Packed weight_t, Packed basis) {
+  // weight_t is weight.T: its (rows, cols) are (d, D).
+  const Sizes n = latent_sizes(a, weight_t.cols, weight_t.rows, basis.rows, basis.cols);
   DeviceGuard guard(L.device);
-  const Plan pl = checked_plan(L.device, a.B, a.D, a.d, a.workspace_bytes, a.tau.p != nullptr);
+  const Plan pl = checked_plan(L.device, n, a.workspace.bytes, a.tau.p != nullptr);
   with_half_type(dtype, "latent_step_packed", [&](auto t) {
     with_row_tiles(pl.NT, [&](auto nt) {
-      run_latent<decltype(t), decltype(nt)::value>(L, dtype, a, pl, weight_packed, basis_packed);
+      run_latent<decltype(t), decltype(nt)::value>(L, dtype, a, pl, weight_t, basis);
     });
   });
 }
 
-void pca_project_packed(const Launch& L, DType dtype, int B, int D, int d, Mat hidden, const void* weight_packed,
-                        Vec bias, OutMat out, void* workspace, size_t workspace_bytes) {
+void pca_project_packed(const Launch& L, DType dtype, Mat hidden, Packed weight_t, Vec bias, OutMat out,
+                        Workspace workspace) {
+  const Sizes n{size_of("hidden rows", hidden.rows), size_of("hidden columns", hidden.cols),
+                size_of("weight_t rows", weight_t.rows)};
+  expect_size("weight_t", "columns", weight_t.cols, n.D, "D, the columns of hidden");
+  expect_shape("out", out, n.B, n.d, "B, the rows of hidden", "d, the rows of weight_t");
   DeviceGuard guard(L.device);
-  const Plan pl = checked_plan(L.device, B, D, d, workspace_bytes, false);
+  const Plan pl = checked_plan(L.device, n, workspace.bytes, false);
   with_half_type(dtype, "pca_project_packed", [&](auto t) {
     with_row_tiles(pl.NT, [&](auto nt) {
-      run_project<decltype(t), decltype(nt)::value>(L, pl, B, D, hidden, weight_packed, bias, out, workspace);
+      run_project<decltype(t), decltype(nt)::value>(L, pl, hidden, weight_t, bias, out, workspace);
     });
   });
 }

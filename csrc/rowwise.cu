@@ -4,6 +4,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "shapes.h"
 
 namespace gapkern {
 namespace {
@@ -85,40 +86,45 @@ void add_rowwise_kernels(std::vector<const void*>& out) {
 namespace {
 
 template <typename S, typename T>
-void launch_calibrate(const Launch& L, int B, int D, Mat src, Vec tau, float eps, Vec mask, OutMat dst) {
-  launch_kernel(calibrate_kernel<S, T>, dim3(B), dim3(kThreads), L.stream, static_cast<const S*>(src.p), src.s0,
-                src.s1, static_cast<T*>(dst.p), dst.s0, dst.s1, D, static_cast<const float*>(tau.p), tau.s,
-                static_cast<const uint8_t*>(mask.p), mask.s, eps);
+void launch_calibrate(const Launch& L, Mat src, Vec tau, float eps, Vec mask, OutMat dst) {
+  launch_kernel(calibrate_kernel<S, T>, dim3(int(src.rows)), dim3(kThreads), L.stream, static_cast<const S*>(src.p),
+                src.s0, src.s1, static_cast<T*>(dst.p), dst.s0, dst.s1, int(src.cols), static_cast<const float*>(tau.p),
+                tau.s, static_cast<const uint8_t*>(mask.p), mask.s, eps);
   check_launch("calibrate_kernel");
 }
 
 }  // namespace
 
-void norm_calibrate(const Launch& L, DType dtype, int B, int D, Mat src, Vec tau, float eps, Vec mask, OutMat dst) {
+void norm_calibrate(const Launch& L, DType dtype, Mat src, Vec tau, float eps, Vec mask, OutMat dst) {
+  const int B = size_of("src rows", src.rows), D = size_of("src columns", src.cols);
+  expect_shape("dst", dst, B, D, "B, the rows of src", "D, the columns of src");
   DeviceGuard guard(L.device);
   dispatch(dtype, [&](auto t) {
     using T = decltype(t);
-    launch_calibrate<T, T>(L, B, D, src, tau, eps, mask, dst);
+    launch_calibrate<T, T>(L, src, tau, eps, mask, dst);
   });
 }
 
-void calibrate_from_f32(const Launch& L, DType dtype, int B, int D, Mat src, Vec tau, float eps, Vec mask,
-                        OutMat dst) {
-  dispatch(dtype, [&](auto t) { launch_calibrate<float, decltype(t)>(L, B, D, src, tau, eps, mask, dst); });
+void calibrate_from_f32(const Launch& L, DType dtype, Mat src, Vec tau, float eps, Vec mask, OutMat dst) {
+  dispatch(dtype, [&](auto t) { launch_calibrate<float, decltype(t)>(L, src, tau, eps, mask, dst); });
 }
 
-void ema_update(const Launch& L, DType observed_dtype, int n, float* tau_state, Vec observed, double decay) {
+void ema_update(const Launch& L, DType observed_dtype, int64_t n, float* tau_state, Vec observed, double decay) {
+  const int count = size_of("observed length", n);
   DeviceGuard guard(L.device);
   if (observed_dtype != DType::F32 && observed_dtype != DType::BF16 && observed_dtype != DType::F16)
     throw Error("gapkern cuda backend: ema_update: unsupported dtype code " + std::to_string(int(observed_dtype)));
   // The reference computes decay * tau + (1.0 - decay) * m in float32 with both factors rounded once.
-  launch_kernel(ema_kernel, dim3(1), dim3(kThreads), L.stream, tau_state, observed.p, observed.s, n,
+  launch_kernel(ema_kernel, dim3(1), dim3(kThreads), L.stream, tau_state, observed.p, observed.s, count,
                 observed_dtype, float(decay), float(1.0 - decay));
   check_launch("ema_kernel");
 }
 
-void reembed(const Launch& L, DType out_dtype, DType latents_dtype, DType ids_dtype, int B, int D, int64_t vocab,
-             Vec ids, Mat latents, Vec mask, Mat embed, OutMat out) {
+void reembed(const Launch& L, DType out_dtype, DType latents_dtype, DType ids_dtype, Vec ids, Mat latents, Vec mask,
+             Mat embed, OutMat out) {
+  const int B = size_of("out rows", out.rows), D = size_of("out columns", out.cols);
+  expect_shape("latents", latents, B, D, "B, the rows of out", "D, the columns of out");
+  expect_size("embed", "columns", embed.cols, D, "D, the columns of out");
   DeviceGuard guard(L.device);
   if (ids_dtype != DType::I32 && ids_dtype != DType::I64)
     throw Error("gapkern cuda backend: reembed: token ids must be int32 or int64");
@@ -127,7 +133,7 @@ void reembed(const Launch& L, DType out_dtype, DType latents_dtype, DType ids_dt
     const dim3 grid(B, ceil_div(D, kThreads));
     launch_kernel(reembed_kernel<T>, grid, dim3(kThreads), L.stream, ids.p, ids_dtype, ids.s, latents.p,
                   latents_dtype, latents.s0, latents.s1, static_cast<const uint8_t*>(mask.p), mask.s,
-                  static_cast<const T*>(embed.p), embed.s0, embed.s1, vocab, static_cast<T*>(out.p), out.s0,
+                  static_cast<const T*>(embed.p), embed.s0, embed.s1, embed.rows, static_cast<T*>(out.p), out.s0,
                   out.s1, D);
     check_launch("reembed_kernel");
   });

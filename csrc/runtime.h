@@ -31,9 +31,8 @@ void check_launch(const char* kernel);
 int sm_count(int device);
 
 // rowwise.cu: norm_calibrate from a float32 (B, D) buffer (the latent steps' unscaled latents) into
-// dst of dtype; the caller holds a DeviceGuard.
-void calibrate_from_f32(const Launch& L, DType dtype, int B, int D, Mat src, Vec tau, float eps, Vec mask,
-                        OutMat dst);
+// dst (B, D) of dtype; the caller holds a DeviceGuard and checked the sizes.
+void calibrate_from_f32(const Launch& L, DType dtype, Mat src, Vec tau, float eps, Vec mask, OutMat dst);
 
 // Each kernel file lists its kernels so check_device can load them all up
 // front (CUDA loads modules lazily: a first load inside graph capture is best avoided).

@@ -1,13 +1,12 @@
 // gapkern._C: the pybind11 glue between gapkern/ops/_cuda.py and the launchers of csrc/.
 //
-// Torch-free on purpose: tensors arrive as data pointers (int) and strides in
-// elements, dtypes as codes (0 float32, 1 bfloat16, 2 float16, 3 int32, 4 int64),
-// the stream as torch.cuda.current_stream().cuda_stream, so the extension keeps
-// working whatever torch version it runs next to. A pointer 0 is an absent tensor.
+// Torch-free on purpose: tensors arrive as typed views (Mat, OutMat, Vec, Packed: data pointers as
+// int, shapes, strides in elements), dtypes as the DType enum, the stream as
+// torch.cuda.current_stream().cuda_stream, so the extension keeps working whatever torch version
+// it runs next to. A Vec without a pointer is an absent tensor.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <string>
 
 #include "gapkern.h"
 
@@ -16,18 +15,19 @@ using namespace gapkern;
 
 namespace {
 
-constexpr int kAbiVersion = 2;  // 2: the latent steps take no norm constants
+void* address(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
-DType dtype_of(int code) {
-  if (code < 0 || code > 4) throw py::value_error("gapkern._C: unknown dtype code " + std::to_string(code));
-  return static_cast<DType>(code);
+// Mat and OutMat: the same Python signature, (ptr, rows, cols, s0, s1).
+template <typename M>
+void bind_matrix(py::module_& m, const char* name, const char* doc) {
+  py::class_<M>(m, name, doc, py::module_local())
+      .def(py::init([](uintptr_t p, int64_t rows, int64_t cols, int64_t s0, int64_t s1) {
+             return M{address(p), rows, cols, s0, s1};
+           }),
+           py::arg("ptr"), py::arg("rows"), py::arg("cols"), py::arg("s0"), py::arg("s1"))
+      .def_readonly("rows", &M::rows)
+      .def_readonly("cols", &M::cols);
 }
-
-Launch launch(int device, uintptr_t stream) { return {device, reinterpret_cast<cudaStream_t>(stream)}; }
-const void* ptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
-Mat mat(uintptr_t p, int64_t s0, int64_t s1) { return {ptr(p), s0, s1}; }
-Vec vec(uintptr_t p, int64_t s) { return {ptr(p), s}; }
-OutMat out_mat(uintptr_t p, int64_t s0, int64_t s1) { return {reinterpret_cast<void*>(p), s0, s1}; }
 
 }  // namespace
 
@@ -36,6 +36,40 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ABI_VERSION") = kAbiVersion;
   py::register_exception<Error>(m, "CudaError", PyExc_RuntimeError);
   const auto nogil = py::call_guard<py::gil_scoped_release>();
+  // Types local to this module: two builds loaded side by side (tests load the host emulation next to
+  // an installed extension) must not share pybind11's type registry.
+  const auto local = py::module_local();
+
+  py::enum_<DType>(m, "DType", "Storage dtypes, named as torch names them.", local)
+      .value("float32", DType::F32)
+      .value("bfloat16", DType::BF16)
+      .value("float16", DType::F16)
+      .value("int32", DType::I32)
+      .value("int64", DType::I64);
+  py::class_<Launch>(m, "Launch", "Where a launch runs: a device index and a cudaStream_t handle.", local)
+      .def(py::init([](int device, uintptr_t stream) { return Launch{device, static_cast<cudaStream_t>(address(stream))}; }),
+           py::arg("device"), py::arg("stream"))
+      .def_readonly("device", &Launch::device);
+  bind_matrix<Mat>(m, "Mat", "A (rows, cols) view read by a launch: element (i, j) at ptr[i * s0 + j * s1].");
+  bind_matrix<OutMat>(m, "OutMat", "A (rows, cols) view written by a launch: element (i, j) at ptr[i * s0 + j * s1].");
+  py::class_<Vec>(m, "Vec", "A vector view: element i at ptr[i * stride]; Vec() is an absent tensor.", local)
+      .def(py::init<>())
+      .def(py::init([](uintptr_t p, int64_t stride) { return Vec{address(p), stride}; }), py::arg("ptr"),
+           py::arg("stride"));
+  py::class_<Packed>(m, "Packed", "A (rows, cols) matrix prepacked in mma A-fragment order.", local)
+      .def(py::init([](uintptr_t p, int64_t rows, int64_t cols) { return Packed{address(p), rows, cols}; }),
+           py::arg("ptr"), py::arg("rows"), py::arg("cols"));
+  py::class_<Workspace>(m, "Workspace", "Scratch memory a launcher reuses: zero-filled once, then kept.", local)
+      .def(py::init([](uintptr_t p, size_t bytes) { return Workspace{address(p), bytes}; }), py::arg("ptr"),
+           py::arg("bytes"));
+  py::class_<LatentArgs>(m, "LatentArgs", "The tensors of one latent step besides the head's weight and basis.", local)
+      .def(py::init([](Mat hidden, Vec bias, Vec sigma, Vec mean, Vec tau, float eps, Vec mask, OutMat out,
+                       Workspace workspace) {
+             return LatentArgs{hidden, bias, sigma, mean, tau, eps, mask, out, workspace};
+           }),
+           py::arg("hidden"), py::arg("bias"), py::arg("sigma"), py::arg("mean"), py::arg("tau"), py::arg("eps"),
+           py::arg("mask"), py::arg("out"), py::arg("workspace"))
+      .def_readwrite("hidden", &LatentArgs::hidden, "Set per step by a bound latent step; the rest stays.");
 
   m.def("check_device", &check_device, py::arg("device"), nogil,
         "Raise RuntimeError unless `device` can run the kernels (loads them on first use).");
@@ -48,125 +82,32 @@ PYBIND11_MODULE(_C, m) {
       },
       "(CUDA version of the driver, 0 without one; CUDA version of this build), as 1000 * major + 10 * minor.");
 
-  m.def(
-      "pca_project",
-      [](int device, uintptr_t stream, int dtype, int B, int D, int d, uintptr_t hidden, int64_t hs0, int64_t hs1,
-         uintptr_t weight, int64_t ws0, int64_t ws1, uintptr_t bias, int64_t bs, uintptr_t out, int64_t os0,
-         int64_t os1) {
-        pca_project(launch(device, stream), dtype_of(dtype), B, D, d, mat(hidden, hs0, hs1), mat(weight, ws0, ws1),
-                    vec(bias, bs), out_mat(out, os0, os1));
-      },
-      py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("d"),
-      py::arg("hidden"), py::arg("hs0"), py::arg("hs1"), py::arg("weight"), py::arg("ws0"), py::arg("ws1"),
-      py::arg("bias"), py::arg("bs"), py::arg("out"), py::arg("os0"), py::arg("os1"), nogil);
-
-  m.def(
-      "pca_project_packed",
-      [](int device, uintptr_t stream, int dtype, int B, int D, int d, uintptr_t hidden, int64_t hs0, int64_t hs1,
-         uintptr_t weight_packed, uintptr_t bias, int64_t bs, uintptr_t out, int64_t os0, int64_t os1,
-         uintptr_t workspace, size_t workspace_bytes) {
-        pca_project_packed(launch(device, stream), dtype_of(dtype), B, D, d, mat(hidden, hs0, hs1),
-                           ptr(weight_packed), vec(bias, bs), out_mat(out, os0, os1),
-                           reinterpret_cast<void*>(workspace), workspace_bytes);
-      },
-      py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("d"),
-      py::arg("hidden"), py::arg("hs0"), py::arg("hs1"), py::arg("weight_packed"), py::arg("bias"), py::arg("bs"),
-      py::arg("out"), py::arg("os0"), py::arg("os1"), py::arg("workspace"), py::arg("workspace_bytes"), nogil);
-
-  m.def(
-      "pca_reconstruct",
-      [](int device, uintptr_t stream, int dtype, int B, int D, int d, uintptr_t coeffs, int64_t cs0, int64_t cs1,
-         uintptr_t basis, int64_t us0, int64_t us1, uintptr_t mean, int64_t ms, uintptr_t sigma, int64_t ss,
-         uintptr_t out, int64_t os0, int64_t os1) {
-        pca_reconstruct(launch(device, stream), dtype_of(dtype), B, D, d, mat(coeffs, cs0, cs1),
-                        mat(basis, us0, us1), vec(mean, ms), vec(sigma, ss), out_mat(out, os0, os1));
-      },
-      py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("d"),
-      py::arg("coeffs"), py::arg("cs0"), py::arg("cs1"), py::arg("basis"), py::arg("us0"), py::arg("us1"),
-      py::arg("mean"), py::arg("ms"), py::arg("sigma"), py::arg("ss"), py::arg("out"), py::arg("os0"),
-      py::arg("os1"), nogil);
-
-  m.def(
-      "norm_calibrate",
-      [](int device, uintptr_t stream, int dtype, int B, int D, uintptr_t src, int64_t ss0, int64_t ss1,
-         uintptr_t tau, int64_t ts, float eps, uintptr_t mask, int64_t mks, uintptr_t dst, int64_t ds0,
-         int64_t ds1) {
-        norm_calibrate(launch(device, stream), dtype_of(dtype), B, D, mat(src, ss0, ss1), vec(tau, ts), eps,
-                       vec(mask, mks), out_mat(dst, ds0, ds1));
-      },
-      py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("src"),
-      py::arg("ss0"), py::arg("ss1"), py::arg("tau"), py::arg("ts"), py::arg("eps"), py::arg("mask"),
-      py::arg("mks"), py::arg("dst"), py::arg("ds0"), py::arg("ds1"), nogil);
-
+  m.def("pca_project", &pca_project, py::arg("launch"), py::arg("dtype"), py::arg("hidden"), py::arg("weight"),
+        py::arg("bias"), py::arg("out"), nogil);
+  m.def("pca_project_packed", &pca_project_packed, py::arg("launch"), py::arg("dtype"), py::arg("hidden"),
+        py::arg("weight_t"), py::arg("bias"), py::arg("out"), py::arg("workspace"), nogil);
+  m.def("pca_reconstruct", &pca_reconstruct, py::arg("launch"), py::arg("dtype"), py::arg("coeffs"),
+        py::arg("basis"), py::arg("mean"), py::arg("sigma"), py::arg("out"), nogil);
+  m.def("norm_calibrate", &norm_calibrate, py::arg("launch"), py::arg("dtype"), py::arg("src"), py::arg("tau"),
+        py::arg("eps"), py::arg("mask"), py::arg("dst"), nogil);
   m.def(
       "ema_update",
-      [](int device, uintptr_t stream, int observed_dtype, int n, uintptr_t tau_state, uintptr_t observed,
-         int64_t os, double decay) {
-        ema_update(launch(device, stream), dtype_of(observed_dtype), n, reinterpret_cast<float*>(tau_state),
-                   vec(observed, os), decay);
+      [](const Launch& launch, DType observed_dtype, int64_t n, uintptr_t tau_state, Vec observed, double decay) {
+        ema_update(launch, observed_dtype, n, static_cast<float*>(address(tau_state)), observed, decay);
       },
-      py::arg("device"), py::arg("stream"), py::arg("observed_dtype"), py::arg("n"), py::arg("tau_state"),
-      py::arg("observed"), py::arg("os"), py::arg("decay"), nogil);
-
-  m.def(
-      "reembed",
-      [](int device, uintptr_t stream, int out_dtype, int latents_dtype, int ids_dtype, int B, int D,
-         int64_t vocab, uintptr_t ids, int64_t ids_s, uintptr_t latents, int64_t ls0, int64_t ls1, uintptr_t mask,
-         int64_t mks, uintptr_t embed, int64_t es0, int64_t es1, uintptr_t out, int64_t os0, int64_t os1) {
-        reembed(launch(device, stream), dtype_of(out_dtype), dtype_of(latents_dtype), dtype_of(ids_dtype), B, D,
-                vocab, vec(ids, ids_s), mat(latents, ls0, ls1), vec(mask, mks), mat(embed, es0, es1),
-                out_mat(out, os0, os1));
-      },
-      py::arg("device"), py::arg("stream"), py::arg("out_dtype"), py::arg("latents_dtype"), py::arg("ids_dtype"),
-      py::arg("B"), py::arg("D"), py::arg("vocab"), py::arg("ids"), py::arg("ids_s"), py::arg("latents"),
-      py::arg("ls0"), py::arg("ls1"), py::arg("mask"), py::arg("mks"), py::arg("embed"), py::arg("es0"),
-      py::arg("es1"), py::arg("out"), py::arg("os0"), py::arg("os1"), nogil);
-
-  m.def(
-      "latent_workspace_bytes",
-      [](int device, int dtype, int B, int D, int d) { return latent_workspace_bytes(device, dtype_of(dtype), B, D, d); },
-      py::arg("device"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("d"), nogil,
-      "Bytes of the zero-initialised workspace that latent_step_* needs for these sizes on this device.");
-
-  m.def(
-      "project_workspace_bytes",
-      [](int device, int dtype, int B, int D, int d) { return project_workspace_bytes(device, dtype_of(dtype), B, D, d); },
-      py::arg("device"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("d"), nogil,
-      "Bytes of the zero-initialised workspace that pca_project_packed needs for these sizes on this device.");
-
-  m.def(
-      "latent_step_packed",
-      [](int device, uintptr_t stream, int dtype, int B, int D, int d, uintptr_t hidden, int64_t hs0, int64_t hs1,
-         uintptr_t weight_packed, uintptr_t basis_packed, uintptr_t bias, int64_t bs, uintptr_t sigma, int64_t ss,
-         uintptr_t mean, int64_t ms, uintptr_t tau, int64_t ts, float eps, uintptr_t mask,
-         int64_t mks, uintptr_t out, int64_t os0, int64_t os1, uintptr_t workspace, size_t workspace_bytes) {
-        const LatentArgs a{B, D, d, mat(hidden, hs0, hs1), vec(bias, bs), vec(sigma, ss), vec(mean, ms),
-                           vec(tau, ts), eps, vec(mask, mks), out_mat(out, os0, os1),
-                           reinterpret_cast<void*>(workspace), workspace_bytes};
-        latent_step_packed(launch(device, stream), dtype_of(dtype), a, ptr(weight_packed), ptr(basis_packed));
-      },
-      py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("d"),
-      py::arg("hidden"), py::arg("hs0"), py::arg("hs1"), py::arg("weight_packed"), py::arg("basis_packed"),
-      py::arg("bias"), py::arg("bs"), py::arg("sigma"), py::arg("ss"), py::arg("mean"), py::arg("ms"),
-      py::arg("tau"), py::arg("ts"), py::arg("eps"), py::arg("mask"), py::arg("mks"),
-      py::arg("out"), py::arg("os0"), py::arg("os1"), py::arg("workspace"), py::arg("workspace_bytes"), nogil);
-
-  m.def(
-      "latent_step_strided",
-      [](int device, uintptr_t stream, int dtype, int B, int D, int d, uintptr_t hidden, int64_t hs0, int64_t hs1,
-         uintptr_t weight, int64_t ws0, int64_t ws1, uintptr_t basis, int64_t us0, int64_t us1, uintptr_t bias,
-         int64_t bs, uintptr_t sigma, int64_t ss, uintptr_t mean, int64_t ms, uintptr_t tau,
-         int64_t ts, float eps, uintptr_t mask, int64_t mks, uintptr_t out, int64_t os0, int64_t os1,
-         uintptr_t workspace, size_t workspace_bytes) {
-        const LatentArgs a{B, D, d, mat(hidden, hs0, hs1), vec(bias, bs), vec(sigma, ss), vec(mean, ms),
-                           vec(tau, ts), eps, vec(mask, mks), out_mat(out, os0, os1),
-                           reinterpret_cast<void*>(workspace), workspace_bytes};
-        latent_step_strided(launch(device, stream), dtype_of(dtype), a, mat(weight, ws0, ws1), mat(basis, us0, us1));
-      },
-      py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("d"),
-      py::arg("hidden"), py::arg("hs0"), py::arg("hs1"), py::arg("weight"), py::arg("ws0"), py::arg("ws1"),
-      py::arg("basis"), py::arg("us0"), py::arg("us1"), py::arg("bias"), py::arg("bs"), py::arg("sigma"),
-      py::arg("ss"), py::arg("mean"), py::arg("ms"), py::arg("tau"), py::arg("ts"),
-      py::arg("eps"), py::arg("mask"), py::arg("mks"), py::arg("out"), py::arg("os0"), py::arg("os1"),
-      py::arg("workspace"), py::arg("workspace_bytes"), nogil);
+      py::arg("launch"), py::arg("observed_dtype"), py::arg("n"), py::arg("tau_state"), py::arg("observed"),
+      py::arg("decay"), nogil);
+  m.def("reembed", &reembed, py::arg("launch"), py::arg("out_dtype"), py::arg("latents_dtype"),
+        py::arg("ids_dtype"), py::arg("ids"), py::arg("latents"), py::arg("mask"), py::arg("embed"), py::arg("out"),
+        nogil);
+  m.def("latent_step_packed", &latent_step_packed, py::arg("launch"), py::arg("dtype"), py::arg("args"),
+        py::arg("weight_t"), py::arg("basis"), nogil);
+  m.def("latent_step_strided", &latent_step_strided, py::arg("launch"), py::arg("dtype"), py::arg("args"),
+        py::arg("weight"), py::arg("basis"), nogil);
+  m.def("latent_workspace_bytes", &latent_workspace_bytes, py::arg("device"), py::arg("dtype"), py::arg("B"),
+        py::arg("D"), py::arg("d"), nogil,
+        "Bytes of the zero-initialised workspace that latent_step_* needs for these sizes on this device.");
+  m.def("project_workspace_bytes", &project_workspace_bytes, py::arg("device"), py::arg("dtype"), py::arg("B"),
+        py::arg("D"), py::arg("d"), nogil,
+        "Bytes of the zero-initialised workspace that pca_project_packed needs for these sizes on this device.");
 }

@@ -48,6 +48,11 @@ def _extension():
 
 
 needs_extension = pytest.mark.skipif(_extension() is None, reason="gapkern._C is not built here")
+
+
+def run_step(backend, hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out):
+    """One latent step on a backend module (arguments as gapkern.ops passes them, validated)."""
+    backend.latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, _cache.workspace)
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without a GPU")
 
 
@@ -57,8 +62,10 @@ cpu_only = pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without a G
 def test_extension_imports_when_nvcc_is_there():
     """With nvcc on the machine, the install must have built gapkern._C (a compile error fails CI here)."""
     import gapkern._C as C
+    from gapkern.ops import _cuda  # refuses an extension of another interface version
 
-    assert C.ABI_VERSION == 2
+    assert C.ABI_VERSION == _cuda.ABI_VERSION
+    assert set(_cuda.DTYPE) == {torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64}
     assert issubclass(C.CudaError, RuntimeError)
     driver, runtime = C.cuda_versions()  # no context, no error, GPU or not
     assert runtime >= 12000 and driver >= 0
@@ -108,7 +115,7 @@ def test_adapter_rejects_cpu_tensors():
 
     c = Case(64, 16, 2, torch.bfloat16, "cpu")
     with pytest.raises(RuntimeError, match="gapkern cuda backend: expected CUDA tensors, got one on cpu"):
-        _cuda.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, c.out_buffer())
+        run_step(_cuda, c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, c.out_buffer())
     with pytest.raises(RuntimeError, match="expected CUDA tensors"):
         _cuda.pca_project(c.hidden, c.weight, c.bias)
 
@@ -121,11 +128,53 @@ def test_raw_extension_without_a_device_raises():
     with pytest.raises(RuntimeError, match=no_device):
         C.check_device(0)
     with pytest.raises(RuntimeError, match=no_device):
-        C.latent_workspace_bytes(0, 1, 1, 3584, 629)
+        C.latent_workspace_bytes(0, C.DType.bfloat16, 1, 3584, 629)
     with pytest.raises(RuntimeError, match=no_device):  # raises before touching the (null) pointers
-        C.norm_calibrate(0, 0, 1, 1, 8, 0, 8, 1, 0, 0, 1e-6, 0, 0, 0, 8, 1)
-    with pytest.raises(ValueError, match="unknown dtype code 9"):
-        C.pca_project(0, 0, 9, 1, 8, 4, 0, 8, 1, 0, 4, 1, 0, 0, 0, 4, 1)
+        C.norm_calibrate(C.Launch(0, 0), C.DType.bfloat16, C.Mat(0, 1, 8, 8, 1), C.Vec(), 1e-6, C.Vec(),
+                         C.OutMat(0, 1, 8, 8, 1))
+
+
+def _raw_calls(C):
+    """Calls whose views disagree (null pointers: the shapes are checked before any is touched)."""
+    launch, f32 = C.Launch(0, 0), C.DType.float32
+    hidden, out = C.Mat(0, 2, 8, 8, 1), C.OutMat(0, 2, 4, 4, 1)
+    args = C.LatentArgs(hidden, C.Vec(), C.Vec(), C.Vec(), C.Vec(), 1e-6, C.Vec(), C.OutMat(0, 2, 8, 8, 1),
+                        C.Workspace(0, 1 << 20))
+    return [
+        (lambda: C.pca_project(launch, f32, hidden, C.Mat(0, 9, 4, 4, 1), C.Vec(), out),
+         r"weight: expected 8 rows \(D, the columns of hidden\), got 9"),
+        (lambda: C.pca_project(launch, f32, hidden, C.Mat(0, 8, 4, 4, 1), C.Vec(), C.OutMat(0, 3, 4, 4, 1)),
+         r"out: expected 2 rows \(B, the rows of hidden\), got 3"),
+        (lambda: C.pca_reconstruct(launch, f32, C.Mat(0, 2, 4, 4, 1), C.Mat(0, 8, 5, 5, 1), C.Vec(), C.Vec(),
+                                   C.OutMat(0, 2, 8, 8, 1)), r"basis: expected 4 columns"),
+        (lambda: C.norm_calibrate(launch, f32, hidden, C.Vec(), 1e-6, C.Vec(), C.OutMat(0, 2, 7, 7, 1)),
+         r"dst: expected 8 columns"),
+        (lambda: C.reembed(launch, f32, f32, C.DType.int64, C.Vec(), hidden, C.Vec(), C.Mat(0, 97, 9, 9, 1),
+                           C.OutMat(0, 2, 8, 8, 1)), r"embed: expected 8 columns"),
+        (lambda: C.latent_step_strided(launch, f32, args, C.Mat(0, 8, 4, 4, 1), C.Mat(0, 8, 3, 3, 1)),
+         r"basis: expected 4 columns \(d, the rank of weight\), got 3"),
+        (lambda: C.latent_step_packed(launch, C.DType.bfloat16, args, C.Packed(0, 4, 7), C.Packed(0, 8, 4)),
+         r"weight: expected 8 rows"),
+        (lambda: C.pca_project(launch, f32, C.Mat(0, -1, 8, 8, 1), C.Mat(0, 8, 4, 4, 1), C.Vec(), out),
+         r"hidden rows: size -1 is outside"),
+    ]
+
+
+@needs_extension
+def test_raw_extension_checks_that_the_shapes_agree():
+    C = _extension()
+    for call, message in _raw_calls(C):
+        with pytest.raises(ValueError, match="gapkern cuda backend: " + message):
+            call()
+    with pytest.raises(TypeError):  # a dtype is a DType, not a number
+        C.pca_project(C.Launch(0, 0), 0, C.Mat(0, 2, 8, 8, 1), C.Mat(0, 8, 4, 4, 1), C.Vec(), C.OutMat(0, 2, 4, 4, 1))
+
+
+def test_emulated_extension_checks_that_the_shapes_agree(emulated_C):
+    """The same checks in the extension built from this tree (the installed one may be older or absent)."""
+    for call, message in _raw_calls(emulated_C):
+        with pytest.raises(ValueError, match="gapkern cuda backend: " + message):
+            call()
 
 
 # -- the kernels under host emulation (CPU) ------------------------------------
@@ -190,7 +239,7 @@ def emulated_adapter(emulated_C):
         adapter = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(adapter)
     adapter._on_gpu = lambda *tensors: None
-    adapter._launch = lambda t: (0, 0)
+    adapter._launch = lambda t: emulated_C.Launch(0, 0)
     return adapter
 
 
@@ -220,7 +269,7 @@ def test_emulated_latent_step_matches_reference(emulated, dtype, shape, whiten):
     sigma = c.sigma if whiten else None
     for _ in range(2):  # the second call reuses the workspace: arrival counters were reset
         out = c.out_buffer()
-        emulated.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, sigma, c.tau, 1e-6, c.mask, out)
+        run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, sigma, c.tau, 1e-6, c.mask, out)
         ref = R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma)
         R.assert_matches(out[c.mask], ref[c.mask])
         assert (out[~c.mask] == 7.0).all(), "rows outside latent_mask must stay untouched"
@@ -230,7 +279,7 @@ def test_emulated_latent_step_matches_reference(emulated, dtype, shape, whiten):
 def test_emulated_latent_step_strided_without_mean_or_tau(emulated, dtype):
     c = Case(200, 37, 3, dtype, "cpu", strided=True)
     buf = c.out_buffer(strided=True)
-    emulated.latent_step(c.hidden, c.weight, None, c.basis, None, c.sigma, None, 1e-6, None, buf)
+    run_step(emulated, c.hidden, c.weight, None, c.basis, None, c.sigma, None, 1e-6, None, buf)
     R.assert_matches(buf, R.latent_step(c.hidden, c.weight, None, c.basis, None, None, sigma=c.sigma))
     parent = buf._base
     assert (parent[:, 0] == 7.0).all() and (parent[:, 2] == 7.0).all()
@@ -240,13 +289,13 @@ def test_emulated_latent_step_strided_without_mean_or_tau(emulated, dtype):
 def test_emulated_identity_head_and_zero_rows(emulated, dtype):
     c = Case(200, 37, 3, dtype, "cpu")
     out = c.out_buffer()
-    emulated.latent_step(c.hidden, None, None, None, None, None, c.tau, 1e-6, c.mask, out)
+    run_step(emulated, c.hidden, None, None, None, None, None, c.tau, 1e-6, c.mask, out)
     R.assert_matches(out[c.mask], R.latent_step(c.hidden, tau=c.tau)[c.mask])
     assert (out[~c.mask] == 7.0).all()
     zeros = torch.zeros_like(c.hidden)
     zero_mean = torch.zeros_like(c.mean)
     got = c.out_buffer()
-    emulated.latent_step(zeros, c.weight, None, c.basis, zero_mean, c.sigma, c.tau, 1e-6, None, got)
+    run_step(emulated, zeros, c.weight, None, c.basis, zero_mean, c.sigma, c.tau, 1e-6, None, got)
     assert torch.isfinite(got).all() and (got == 0).all()
 
 
@@ -294,9 +343,9 @@ def test_emulated_head_cache_follows_its_tensors(emulated):
     c = Case(96, 40, 2, torch.bfloat16, "cpu")
     weight = c.weight.clone()
     out = c.out_buffer()
-    emulated.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    run_step(emulated, c.hidden, weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
     weight.mul_(-0.5)
-    emulated.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    run_step(emulated, c.hidden, weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
     R.assert_matches(out, R.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, c.tau))
     assert len(_cache._derived) == 1
     del weight
@@ -313,13 +362,13 @@ def test_emulated_calibration_near_float32_limits(emulated, dtype, scale, eps):
     tau = torch.tensor([2.0, 0.5, 7.0])
     R.assert_matches(emulated.norm_calibrate(x, tau, eps), R.calibrate(x, tau, eps))
     out = torch.zeros_like(x)
-    emulated.latent_step(x, None, None, None, None, None, tau, eps, None, out)  # the identity head
+    run_step(emulated, x, None, None, None, None, None, tau, eps, None, out)  # the identity head
     R.assert_matches(out, R.calibrate(x, tau, eps))
     c = Case(200, 37, 3, dtype, "cpu")
     hidden = (R.f64(c.hidden) * 1e20).to(dtype)  # a head fed huge hidden states
     for sigma in (None, c.sigma):
         got = c.out_buffer()
-        emulated.latent_step(hidden, c.weight, c.bias, c.basis, c.mean, sigma, c.tau, 1e-6, c.mask, got)
+        run_step(emulated, hidden, c.weight, c.bias, c.basis, c.mean, sigma, c.tau, 1e-6, c.mask, got)
         ref = R.latent_step(hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma)
         R.assert_matches(got[c.mask], ref[c.mask])
 
@@ -342,7 +391,7 @@ def test_emulated_latent_step_sees_in_place_edits(request, emulated, dtype, edit
                 else:
                     (c.basis if inference else c.basis.data).copy_(reflect(c.basis, c.mean))
         out = c.out_buffer()
-        emulated.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.sigma, c.tau, 1e-6, None, out)
+        run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, c.sigma, c.tau, 1e-6, None, out)
         R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma))
 
 
@@ -350,11 +399,11 @@ def test_emulated_clear_caches_after_data_edits(emulated):
     """The documented remedy for .data writes into a packed weight or basis."""
     c = Case(200, 37, 3, torch.bfloat16, "cpu")
     out = c.out_buffer()
-    emulated.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
     c.basis.data.copy_(c.basis.flip(1))
     c.weight.data.mul_(-1.0)
     ops.clear_caches()
-    emulated.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
     R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))
 
 

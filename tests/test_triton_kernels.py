@@ -12,10 +12,10 @@ import reference as R
 from cases import Case, device_for
 
 pytest.importorskip("triton")
-from gapkern.triton_kernels import calibrate, ema, latent_step, project, reconstruct, reembed  # noqa: E402
+from gapkern.triton_kernels import calibrate, ema, embed, project, reconstruct  # noqa: E402
 
 KERNELS = (project.project_kernel, reconstruct.reconstruct_kernel, calibrate.calibrate_kernel,
-           ema.ema_kernel, reembed.reembed_kernel)
+           ema.ema_kernel, embed.reembed_kernel)
 DEVICE = device_for("triton")
 
 

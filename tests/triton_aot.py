@@ -8,18 +8,17 @@ Prints one line per compiled variant and exits non-zero on the first compile err
 """
 from __future__ import annotations
 
-import os
 import sys
 
-assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without the interpreter"
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from gapkern import triton_kernels as backend
 
-from gapkern.ops import _triton as backend  # noqa: E402
+assert not backend.INTERPRET, "run without TRITON_INTERPRET=1: the interpreter never compiles"
 
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8",
         torch.int64: "*i64", torch.int32: "*i32", torch.bool: "*u8"}
@@ -50,6 +49,10 @@ def _record(self, *args, grid, warmup, **kwargs):
     recorded.setdefault(key, (self, sig, const, dict(options)))
 
 
+def _scratch(kind, shape, device, dtype=torch.float32, zeroed=False):
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def _cases():
     """The launches of the decode loop and of training at the 7B and odd shapes."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -62,7 +65,7 @@ def _cases():
             for head in (True, False):
                 for t in (tau, None):
                     args = (w, b, U, m, s) if head else (None,) * 5
-                    backend.latent_step(h, *args[:4], args[4], t, 1e-6, mask, out)
+                    backend.latent_step(h, *args[:4], args[4], t, 1e-6, mask, out, _scratch)
             backend.pca_project(h, w, b)
             backend.pca_project(torch.randn(B, d).to(dtype), w.T, None)  # backward: d hidden
             backend.pca_project(h.T, torch.randn(B, d).to(dtype), None)  # backward: d weight

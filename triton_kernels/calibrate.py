@@ -55,7 +55,7 @@ def launch(x, out, *, tau=None, eps=1e-6, latent_mask=None):
         HAS_TAU=tau is not None, HAS_MASK=latent_mask is not None, ROUND_BF16=round_bf16(out), **cfg)
 
 
-def calibrate(latents: torch.Tensor, tau: torch.Tensor, eps: float) -> torch.Tensor:
+def norm_calibrate(latents: torch.Tensor, tau: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(latents.shape, dtype=latents.dtype, device=latents.device)
     launch(latents, out, tau=tau, eps=eps)
     return out

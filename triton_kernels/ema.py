@@ -19,7 +19,7 @@ def ema_kernel(tau_ptr, obs_ptr, N, stride_obs, decay, one_minus_decay, BLOCK: t
     tl.store(tau_ptr, tl.where(tau > 0, decay * tau + one_minus_decay * m, m))
 
 
-def update(tau_state, observed, decay: float) -> None:
+def ema_update(tau_state, observed, decay: float) -> None:
     n = observed.shape[0]
     size = block(n, 16, 4096 if INTERPRET else 1024)
     ema_kernel[(1,)](tau_state, observed, n, observed.stride(0), decay, 1.0 - decay, BLOCK=size)

@@ -82,7 +82,7 @@ def launch(hidden, weight, bias, out, splits=1, k_per_split=None, cfg=None):
         HAS_BIAS=bias is not None, DOT_F32=dot_f32(hidden, weight), ROUND_BF16=round_bf16(out), **cfg)
 
 
-def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def pca_project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """coeffs (B, d) in hidden's dtype; any strides (the autograd backward passes transposed views)."""
     out = hidden.new_empty(hidden.shape[0], weight.shape[1])
     launch(hidden, weight, bias, out)

@@ -70,7 +70,7 @@ def launch(partials, basis, mean, sigma, out, *, latent_mask=None):
         ROUND_BF16=round_bf16(out), **cfg)
 
 
-def reconstruct(coeffs, basis, mean, sigma) -> torch.Tensor:
+def pca_reconstruct(coeffs, basis, mean, sigma) -> torch.Tensor:
     """latents (B, D) in basis's dtype."""
     out = basis.new_empty(coeffs.shape[0], basis.shape[0])
     launch(coeffs, basis, mean, sigma, out)

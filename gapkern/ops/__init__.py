@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as V
+from . import _cache, _validate as V
 from ._backends import State, Status, backend_info, backend_status, get_backend, module_for, set_backend, use_backend
 from ._cache import clear_caches
 from ._validate import check_orthonormal
@@ -186,11 +186,11 @@ def latent_step(hidden, weight=None, bias=None, basis=None, mean=None, tau=None,
     if out is None:
         if _eager(hidden, weight, bias):
             out = _custom.new_latents(hidden, latent_mask)
-            module_for(hidden.device, hidden.dtype).latent_step(*args, out)
+            module_for(hidden.device, hidden.dtype).latent_step(*args, out, _cache.workspace)
             return out
         return torch.ops.gapkern.latent_step(*args)
     if _eager():
-        module_for(hidden.device, hidden.dtype).latent_step(*args, out)
+        module_for(hidden.device, hidden.dtype).latent_step(*args, out, _cache.workspace)
     else:
         torch.ops.gapkern.latent_step_out(*args, out)
     return out

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 NAMES = ("auto", "cuda", "triton", "torch")
-_MODULES = {"torch": "gapkern.ops._torch", "triton": "gapkern.ops._triton", "cuda": "gapkern.ops._cuda"}
+_MODULES = {"torch": "gapkern.ops._torch", "triton": "gapkern.triton_kernels", "cuda": "gapkern.ops._cuda"}
 _selected = os.environ.get("GAPKERN_BACKEND", "auto")
 _loaded: dict = {}  # name -> the module, or the ImportError that stopped it
 _resolved: dict = {}  # (selection, device type, float64) -> module: the per-call lookup is one dict hit

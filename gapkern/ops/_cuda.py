@@ -1,8 +1,9 @@
 """CUDA backend: the six protocol functions of ``_torch.py`` on the extension ``gapkern._C``.
 
-The extension is torch-free: this adapter hands it data pointers, strides in
-elements, dtype codes and the current CUDA stream. Arguments arrive validated
-(``gapkern/ops/__init__.py``); the only check here is that tensors are on a GPU.
+The extension is torch-free: this adapter hands it typed views of the tensors (``_C.Mat``,
+``_C.OutMat``, ``_C.Vec``: data pointer, shape, strides in elements), the ``_C.DType`` of the
+storage and the current CUDA stream. Arguments arrive validated (``gapkern/ops/__init__.py``); the
+only check here is that tensors are on a GPU (the extension checks that the shapes agree).
 
 Kept between calls (gapkern/ops/_cache.py), so that a decode step allocates
 nothing and can be captured in a CUDA graph: the workspace per (device, dtype,
@@ -26,8 +27,10 @@ from gapkern import _C
 
 from . import _cache
 
-if getattr(_C, "ABI_VERSION", None) != 2:
-    raise ImportError("gapkern._C was built from another gapkern version: rebuild it (pip install -e .)")
+ABI_VERSION = 3  # the interface of csrc/gapkern.h this adapter speaks (kAbiVersion there)
+if getattr(_C, "ABI_VERSION", None) != ABI_VERSION:
+    raise ImportError(f"gapkern._C has interface version {getattr(_C, 'ABI_VERSION', None)}, this gapkern "
+                      f"needs {ABI_VERSION}: it was built from another gapkern version; rebuild it (pip install -e .)")
 
 
 def _check_driver():
@@ -42,8 +45,8 @@ def _check_driver():
 
 _check_driver()
 
-_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3, torch.int64: 4}
-_F32 = 0
+DTYPE = {getattr(torch, name): code for name, code in _C.DType.__members__.items()}  # torch dtype -> _C.DType
+_F32 = _C.DType.float32
 
 
 def _on_gpu(*tensors):
@@ -55,16 +58,20 @@ def _on_gpu(*tensors):
 
 
 def _launch(t):
-    """(device index, handle of the current stream on it)."""
-    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+    """Where ``t``'s kernels run: its device and the current stream on it."""
+    return _C.Launch(t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
 
 
-def _m(t):
-    return (t.data_ptr(), t.stride(0), t.stride(1)) if t is not None else (0, 0, 0)
+def _mat(t):
+    return _C.Mat(t.data_ptr(), *t.shape, *t.stride())
 
 
-def _v(t):
-    return (t.data_ptr(), t.stride(0)) if t is not None else (0, 0)
+def _out(t):
+    return _C.OutMat(t.data_ptr(), *t.shape, *t.stride())
+
+
+def _vec(t):
+    return _C.Vec() if t is None else _C.Vec(t.data_ptr(), t.stride(0))
 
 
 def _pack_a(a):
@@ -80,11 +87,19 @@ def _pack_a(a):
     return p.view(mt, 2, 8, kt, 2, 4, 2).permute(0, 3, 2, 5, 4, 1, 6).contiguous()
 
 
-def _workspace(kind, device, index, dtype_code, rows, dim, rank):
-    """The zero-initialised workspace of ``kind`` (latent_step / pca_project) for these sizes on ``device``."""
+def _packed(a):
+    """(the packed tensor, its _C.Packed view): the tensor must live until the launch is enqueued."""
+    packed = _pack_a(a.detach())
+    return packed, _C.Packed(packed.data_ptr(), *a.shape)
+
+
+def _workspace(kind, workspace, launch, device, code, rows, dim, rank):
+    """(the zero-initialised workspace of ``kind`` (latent_step / pca_project) for these sizes on
+    ``device``, its _C.Workspace view): the buffer must live until the launch is enqueued."""
     size = _C.latent_workspace_bytes if kind == "latent_step" else _C.project_workspace_bytes
-    nbytes = size(index, dtype_code, rows, dim, rank)
-    return _cache.workspace(f"cuda.{kind}", (nbytes,), device, dtype=torch.uint8, zeroed=True)
+    nbytes = size(launch.device, code, rows, dim, rank)
+    buf = workspace(f"cuda.{kind}", (nbytes,), device, dtype=torch.uint8, zeroed=True)
+    return buf, _C.Workspace(buf.data_ptr(), nbytes)
 
 
 _PACKED_PROJECT_ROWS = 1024
@@ -94,68 +109,60 @@ def pca_project(hidden, weight, bias):
     _on_gpu(hidden, weight, bias)
     (rows, dim), rank = hidden.shape, weight.shape[1]
     out = hidden.new_empty(rows, rank)
-    code = _DTYPE[hidden.dtype]
-    launch = _launch(hidden)
+    code, launch = DTYPE[hidden.dtype], _launch(hidden)
     if code != _F32 and hidden.stride(1) == 1 and rows <= _PACKED_PROJECT_ROWS:
-        w_packed = _cache.derived("cuda.weight.T", lambda: _pack_a(weight.detach().T), weight)
-        ws = _workspace("pca_project", hidden.device, launch[0], code, rows, dim, rank)
-        _C.pca_project_packed(*launch, code, rows, dim, rank, *_m(hidden), w_packed.data_ptr(), *_v(bias),
-                              *_m(out), ws.data_ptr(), ws.numel())
+        w_buf, w_t = _cache.derived("cuda.weight.T", lambda: _packed(weight.T), weight)
+        buf, ws = _workspace("pca_project", _cache.workspace, launch, hidden.device, code, rows, dim, rank)
+        _C.pca_project_packed(launch, code, _mat(hidden), w_t, _vec(bias), _out(out), ws)
     else:  # float32, and the strided or large products of training: the CUDA-core GEMM
-        _C.pca_project(*launch, code, rows, dim, rank, *_m(hidden), *_m(weight), *_v(bias), *_m(out))
+        _C.pca_project(launch, code, _mat(hidden), _mat(weight), _vec(bias), _out(out))
     return out
 
 
 def pca_reconstruct(coeffs, basis, mean, sigma):
     _on_gpu(coeffs, basis, mean, sigma)
-    rows, (dim, rank) = coeffs.shape[0], basis.shape
-    out = basis.new_empty(rows, dim)
-    _C.pca_reconstruct(*_launch(coeffs), _DTYPE[basis.dtype], rows, dim, rank,
-                       *_m(coeffs), *_m(basis), *_v(mean), *_v(sigma), *_m(out))
+    out = basis.new_empty(coeffs.shape[0], basis.shape[0])
+    _C.pca_reconstruct(_launch(coeffs), DTYPE[basis.dtype], _mat(coeffs), _mat(basis), _vec(mean), _vec(sigma),
+                       _out(out))
     return out
 
 
 def norm_calibrate(latents, tau, eps):
     _on_gpu(latents, tau)
     out = torch.empty_like(latents)
-    rows, dim = latents.shape
-    _C.norm_calibrate(*_launch(latents), _DTYPE[latents.dtype], rows, dim, *_m(latents), *_v(tau), eps,
-                      0, 0, *_m(out))
+    _C.norm_calibrate(_launch(latents), DTYPE[latents.dtype], _mat(latents), _vec(tau), eps, _C.Vec(), _out(out))
     return out
 
 
 def ema_update(tau_state, observed, decay):
     _on_gpu(tau_state, observed)
-    _C.ema_update(*_launch(tau_state), _DTYPE[observed.dtype], observed.shape[0], tau_state.data_ptr(),
-                  *_v(observed), decay)
+    _C.ema_update(_launch(tau_state), DTYPE[observed.dtype], observed.shape[0], tau_state.data_ptr(), _vec(observed),
+                  decay)
 
 
 def reembed(token_ids, latents, latent_mask, embed_weight, out):
     _on_gpu(token_ids, latents, latent_mask, embed_weight, out)
-    rows, dim = out.shape
-    _C.reembed(*_launch(out), _DTYPE[out.dtype], _DTYPE[latents.dtype], _DTYPE[token_ids.dtype], rows, dim,
-               embed_weight.shape[0], *_v(token_ids), *_m(latents), *_v(latent_mask), *_m(embed_weight), *_m(out))
+    _C.reembed(_launch(out), DTYPE[out.dtype], DTYPE[latents.dtype], DTYPE[token_ids.dtype], _vec(token_ids),
+               _mat(latents), _vec(latent_mask), _mat(embed_weight), _out(out))
 
 
 def _packed_head(weight, basis):
-    """(weight.T packed, basis packed): hold them until the launch is enqueued (they may be fresh)."""
-    return _cache.derived("cuda.head", lambda: (_pack_a(weight.detach().T), _pack_a(basis.detach())), weight, basis)
+    """(weight.T packed, basis packed), each (tensor, _C.Packed view)."""
+    return _cache.derived("cuda.head", lambda: (_packed(weight.T), _packed(basis)), weight, basis)
 
 
-def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out):
+def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
     _on_gpu(hidden, weight, bias, basis, mean, sigma, tau, latent_mask, out)
-    rows, dim = hidden.shape
-    code = _DTYPE[hidden.dtype]
-    launch = _launch(hidden)
+    code, launch = DTYPE[hidden.dtype], _launch(hidden)
     if weight is None:  # identity head: calibrate (or copy) hidden into the masked rows
-        _C.norm_calibrate(*launch, code, rows, dim, *_m(hidden), *_v(tau), eps, *_v(latent_mask), *_m(out))
+        _C.norm_calibrate(launch, code, _mat(hidden), _vec(tau), eps, _vec(latent_mask), _out(out))
         return
-    rank = weight.shape[1]
-    ws = _workspace("latent_step", hidden.device, launch[0], code, rows, dim, rank)
-    tail = (*_v(bias), *_v(sigma), *_v(mean), *_v(tau), eps, *_v(latent_mask), *_m(out), ws.data_ptr(), ws.numel())
+    (rows, dim), rank = hidden.shape, weight.shape[1]
+    buf, ws = _workspace("latent_step", workspace, launch, hidden.device, code, rows, dim, rank)
+    args = _C.LatentArgs(_mat(hidden), _vec(bias), _vec(sigma), _vec(mean), _vec(tau), eps, _vec(latent_mask),
+                         _out(out), ws)
     if code != _F32:
-        w_packed, u_packed = _packed_head(weight, basis)
-        _C.latent_step_packed(*launch, code, rows, dim, rank, *_m(hidden), w_packed.data_ptr(), u_packed.data_ptr(),
-                              *tail)
+        (w_buf, w_t), (u_buf, u) = _packed_head(weight, basis)
+        _C.latent_step_packed(launch, code, args, w_t, u)
     else:
-        _C.latent_step_strided(*launch, code, rows, dim, rank, *_m(hidden), *_m(weight), *_m(basis), *tail)
+        _C.latent_step_strided(launch, code, args, _mat(weight), _mat(basis))

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._backends import module_for
+from ._cache import workspace
 
 
 def new_latents(hidden, latent_mask):
@@ -105,7 +106,7 @@ def latent_step_out(hidden: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                     tau: Optional[Tensor], eps: float, latent_mask: Optional[Tensor],
                     out: Tensor) -> None:
     module_for(hidden.device, hidden.dtype).latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps,
-                                          latent_mask, out)
+                                                        latent_mask, out, workspace)
 
 
 @latent_step_out.register_fake
@@ -119,7 +120,7 @@ def latent_step(hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                 tau: Optional[Tensor], eps: float, latent_mask: Optional[Tensor]) -> Tensor:
     out = new_latents(hidden, latent_mask)
     module_for(hidden.device, hidden.dtype).latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps,
-                                          latent_mask, out)
+                                                        latent_mask, out, workspace)
     return out
 
 

@@ -1,9 +1,11 @@
 """PyTorch reference backend: the math of SPEC section 2, accumulated in float32.
 
-Every backend module exposes the same six functions with already validated
-arguments (see ``gapkern/ops/__init__.py``): B > 0, any strides, ``tau`` a
-float32 (B,) tensor (maybe a stride-0 broadcast), ``out`` always given for
-``reembed`` and ``latent_step``.
+Every backend module (this one, ``gapkern/ops/_cuda.py``, the package ``gapkern.triton_kernels``)
+exposes the same six functions, named as the ops, with already validated arguments (see
+``gapkern/ops/__init__.py``): B > 0, any strides, ``tau`` a float32 (B,) tensor (maybe a stride-0
+broadcast), ``out`` always given for ``reembed`` and ``latent_step``, and for ``latent_step``
+``workspace(kind, shape, device, dtype=float32, zeroed=False)``, the scratch buffers kept between
+calls (``gapkern/ops/_cache.py``).
 """
 from __future__ import annotations
 
@@ -98,7 +100,8 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out):
     out.copy_(rows)
 
 
-def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out):
+def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
+    del workspace  # the reference allocates its intermediates
     if weight is None:
         z = _acc(hidden)
     else:
