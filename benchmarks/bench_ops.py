@@ -1,6 +1,8 @@
 """Ops benchmarks: every backend vs eager PyTorch written the obvious way vs
-torch.compile of it. GPU: bfloat16 at D in {2048, 3584, 8192}, B in {1, 8, 64,
-256}; CPU: small float32 shapes, so the suite runs anywhere.
+torch.compile of it. ``BACKEND-bound`` is the step a decode loop runs: bound once
+(``gapkern.ops.bind_latent_step``), then called per step. GPU: bfloat16 at D in
+{2048, 3584, 8192}, B in {1, 8, 64, 256}; CPU: small float32 shapes, so the
+suite runs anywhere.
 
 Run: pytest benchmarks/ --benchmark-only [--benchmark-json=benchmarks/results/NAME.json]
 """
@@ -52,20 +54,28 @@ def _impl(name, t):
     if name == "compiled":
         fn = torch.compile(eager_latent_step, fullgraph=True)
         return lambda: fn(**t)
+    if name.endswith("-bound"):
+        step = ops.bind_latent_step(t["weight"], t["bias"], t["basis"], t["mean"], t["tau"], latent_mask=t["mask"],
+                                    out=t["out"])
+        return lambda: step(t["hidden"])
     return lambda: ops.latent_step(t["hidden"], t["weight"], t["bias"], t["basis"], t["mean"], t["tau"],
                                    latent_mask=t["mask"], out=t["out"])
 
 
-@pytest.mark.parametrize("impl", BACKENDS + ["eager", "compiled"])
+def _run(measure, benchmark, op, impl, shape, B, make, bytes_moved):
+    """Benchmark ``make(case)()``: op ``op`` on ``impl`` (a backend, BACKEND-bound, or a baseline)."""
+    D, d = shape
+    benchmark.group = f"{op} D{D} d{d} B{B}"
+    t = _case(D, d, B)
+    with use_backend(impl.removesuffix("-bound")):
+        measure(make(t), bytes_moved, op=op, impl=impl, D=D, d=d, B=B, dtype=str(DTYPE), device=DEVICE)
+
+
+@pytest.mark.parametrize("impl", BACKENDS + [f"{name}-bound" for name in BACKENDS] + ["eager", "compiled"])
 @pytest.mark.parametrize("B", ROWS, ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"D{s[0]}-d{s[1]}")
 def test_latent_step(measure, benchmark, impl, B, shape):
-    D, d = shape
-    benchmark.group = f"latent_step D{D} d{d} B{B}"
-    t = _case(D, d, B)
-    with use_backend(impl):
-        measure(_impl(impl, t), _step_bytes(D, d, B), op="latent_step", impl=impl, D=D, d=d, B=B,
-                dtype=str(DTYPE), device=DEVICE)
+    _run(measure, benchmark, "latent_step", impl, shape, B, lambda t: _impl(impl, t), _step_bytes(*shape, B))
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
@@ -73,9 +83,6 @@ def test_latent_step(measure, benchmark, impl, B, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"D{s[0]}-d{s[1]}")
 def test_pca_project(measure, benchmark, impl, B, shape):
     D, d = shape
-    benchmark.group = f"pca_project D{D} d{d} B{B}"
-    t = _case(D, d, B)
-    size = t["hidden"].element_size()
-    with use_backend(impl):
-        measure(lambda: ops.pca_project(t["hidden"], t["weight"], t["bias"]), size * (D * d + B * D + B * d),
-                op="pca_project", impl=impl, D=D, d=d, B=B, dtype=str(DTYPE), device=DEVICE)
+    size = torch.tensor([], dtype=DTYPE).element_size()
+    _run(measure, benchmark, "pca_project", impl, shape, B,
+         lambda t: lambda: ops.pca_project(t["hidden"], t["weight"], t["bias"]), size * (D * d + B * D + B * d))

@@ -74,6 +74,21 @@ class Case:
         return torch.full((self.B, self.D), fill, dtype=self.dtype, device=self.device)
 
 
+def cuda_graph(step, warmups: int = 1):
+    """``step()`` captured in a CUDA graph, after ``warmups`` runs on a side stream (they compile, load
+    and allocate what the step keeps, so that the capture records launches only)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 def reflect(basis, mean):
     """(I - 2 v v.T) basis with v = mean / ||mean||: still orthonormal, and basis.T @ mean changes sign."""
     v = mean.double().cpu() / mean.double().cpu().norm()

@@ -52,7 +52,7 @@ needs_extension = pytest.mark.skipif(_extension() is None, reason="gapkern._C is
 
 def run_step(backend, hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out):
     """One latent step on a backend module (arguments as gapkern.ops passes them, validated)."""
-    backend.latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, _cache.workspace)
+    backend.bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, _cache.workspace)(hidden)
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without a GPU")
 
 
@@ -273,6 +273,25 @@ def test_emulated_latent_step_matches_reference(emulated, dtype, shape, whiten):
         ref = R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma)
         R.assert_matches(out[c.mask], ref[c.mask])
         assert (out[~c.mask] == 7.0).all(), "rows outside latent_mask must stay untouched"
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+def test_emulated_bound_step_follows_new_inputs_on_one_workspace(emulated, dtype):
+    """Bound once (one workspace), called on new hidden states, targets and masks: each call is exact."""
+    c = Case(200, 37, 9, dtype, "cpu")
+    tau, mask, out = c.tau.clone(), c.mask.clone(), c.out_buffer()
+    kernel = emulated.bind_latent_step(c.weight, c.bias, c.basis, c.mean, c.sigma, tau, 1e-6, mask, out,
+                                       _cache.workspace)
+    for trial in range(3):
+        hidden = (R.f64(c.hidden) * (trial + 1) * (-1) ** trial).to(dtype)
+        out.fill_(7.0)
+        kernel(hidden)
+        ref = R.latent_step(hidden, c.weight, c.bias, c.basis, c.mean, tau, sigma=c.sigma)
+        R.assert_matches(out[mask], ref[mask])
+        assert (out[~mask] == 7.0).all()
+        tau.mul_(0.5)
+        mask.copy_(~mask)
+    assert [key[0] for key in _cache._workspaces] == ["cuda.latent_step"], "one workspace, taken when bound"
 
 
 @pytest.mark.parametrize("dtype", EMU_DTYPES)

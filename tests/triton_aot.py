@@ -65,7 +65,7 @@ def _cases():
             for head in (True, False):
                 for t in (tau, None):
                     args = (w, b, U, m, s) if head else (None,) * 5
-                    backend.latent_step(h, *args[:4], args[4], t, 1e-6, mask, out, _scratch)
+                    backend.bind_latent_step(*args, t, 1e-6, mask, out, _scratch)(h)
             backend.pca_project(h, w, b)
             backend.pca_project(torch.randn(B, d).to(dtype), w.T, None)  # backward: d hidden
             backend.pca_project(h.T, torch.randn(B, d).to(dtype), None)  # backward: d weight

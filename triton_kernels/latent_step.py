@@ -13,18 +13,23 @@ from __future__ import annotations
 from . import calibrate, project, reconstruct
 
 
-def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace) -> None:
-    """``workspace(kind, shape, device)`` returns a float32 scratch buffer (kept between calls by the caller)."""
+def bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
+    """``kernel(hidden)`` writing the step of hidden (B, D) into ``out`` (B, D). The split plan and the
+    workspaces (``workspace(kind, shape, device)``: a float32 scratch buffer) are taken once, here."""
     if weight is None:
-        calibrate.launch(hidden, out, tau=tau, eps=eps, latent_mask=latent_mask)
-        return
-    (rows, dim), rank = hidden.shape, weight.shape[1]
-    splits, k_per_split, cfg = project.split_plan(rows, rank, dim, hidden.device)
-    partials = workspace("triton.partials", (splits, rows, rank), hidden.device)
-    project.launch(hidden, weight, bias, partials, splits, k_per_split, cfg)
-    if tau is None:
-        reconstruct.launch(partials, basis, mean, sigma, out, latent_mask=latent_mask)
-        return
-    latents = workspace("triton.latents", (rows, dim), hidden.device)
-    reconstruct.launch(partials, basis, mean, sigma, latents, latent_mask=latent_mask)
-    calibrate.launch(latents, out, tau=tau, eps=eps, latent_mask=latent_mask)
+        def identity(hidden):
+            calibrate.launch(hidden, out, tau=tau, eps=eps, latent_mask=latent_mask)
+        return identity
+    (rows, dim), rank = out.shape, weight.shape[1]
+    splits, k_per_split, cfg = project.split_plan(rows, rank, dim, out.device)
+    partials = workspace("triton.partials", (splits, rows, rank), out.device)
+    latents = None if tau is None else workspace("triton.latents", (rows, dim), out.device)
+
+    def kernel(hidden):
+        project.launch(hidden, weight, bias, partials, splits, k_per_split, cfg)
+        if latents is None:
+            reconstruct.launch(partials, basis, mean, sigma, out, latent_mask=latent_mask)
+            return
+        reconstruct.launch(partials, basis, mean, sigma, latents, latent_mask=latent_mask)
+        calibrate.launch(latents, out, tau=tau, eps=eps, latent_mask=latent_mask)
+    return kernel

@@ -3,20 +3,24 @@
 Each public function checks its arguments, handles the empty batch, then
 either calls the selected backend directly (eager, no autograd: the fast
 path for a decode loop) or goes through the ``torch.library`` custom op
-(under ``torch.compile`` or when a gradient is needed).
+(under ``torch.compile`` or when a gradient is needed). A decode loop that
+knows its shapes binds the step once instead (:func:`bind_latent_step`): it is
+checked and resolved then, and each step goes straight to the kernel.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _cache, _validate as V
+from . import _validate as V
 from ._backends import State, Status, backend_info, backend_status, get_backend, module_for, set_backend, use_backend
 from ._cache import clear_caches
+from ._step import LatentStep, bind_latent_step, latent_kernel
 from ._validate import check_orthonormal
 from . import _custom
 
 __all__ = [
     "pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed", "latent_step",
+    "bind_latent_step", "LatentStep",
     "set_backend", "get_backend", "use_backend", "backend_info", "backend_status", "State", "Status",
     "check_orthonormal", "clear_caches",
 ]
@@ -29,47 +33,9 @@ def _eager(*tensors) -> bool:
     return not (grad and any(t is not None and t.requires_grad for t in tensors))
 
 
-def _check_head(hidden, weight, bias):
-    V.tensor("hidden", hidden, 2, "(B, D)")
-    V.tensor("weight", weight, 2, "(D, d)")
-    V.size("weight", weight, 0, hidden.shape[1], "D, the hidden size of hidden")
-    V.optional("bias", bias, 1, "(d,)")
-    if bias is not None:
-        V.size("bias", bias, 0, weight.shape[1], "d, the PCA rank of weight")
-    V.same_dtype("weight", weight, "hidden", hidden)
-    V.same_dtype("bias", bias, "hidden", hidden)
-    V.same_device(hidden.device, weight=weight, bias=bias)
-
-
-def _check_basis(ref_name, ref, basis, mean, sigma):
-    """basis (D, d), mean (D,), sigma (d,) in the dtype and on the device of ``ref``."""
-    V.tensor("basis", basis, 2, "(D, d)")
-    V.optional("mean", mean, 1, "(D,)")
-    if mean is not None:
-        V.size("mean", mean, 0, basis.shape[0], "D, the rows of basis")
-    V.optional("sigma", sigma, 1, "(d,)")
-    if sigma is not None:
-        V.size("sigma", sigma, 0, basis.shape[1], "d, the columns of basis")
-    for name, t in (("basis", basis), ("mean", mean), ("sigma", sigma)):
-        V.same_dtype(name, t, ref_name, ref)
-    V.same_device(ref.device, basis=basis, mean=mean, sigma=sigma)
-    V.check_orthonormal(basis)
-
-
-def _check_out(out, rows, cols, dtype, device):
-    if out is None:
-        return
-    V.tensor("out", out, 2, f"({rows}, {cols})")
-    if tuple(out.shape) != (rows, cols):
-        raise ValueError(f"out: expected shape ({rows}, {cols}), got {tuple(out.shape)}")
-    if out.dtype != dtype:
-        raise TypeError(f"out: expected dtype {dtype}, got {out.dtype}")
-    V.same_device(device, out=out)
-
-
 def pca_project(hidden, weight, bias=None):
     """coeffs = hidden @ weight + bias. (B,D) x (D,d) -> (B,d); differentiable."""
-    _check_head(hidden, weight, bias)
+    V.head("hidden", hidden, weight, bias)
     if hidden.shape[0] == 0:
         return hidden.new_empty(0, weight.shape[1])
     if _eager(hidden, weight, bias):
@@ -80,7 +46,7 @@ def pca_project(hidden, weight, bias=None):
 def pca_reconstruct(coeffs, basis, mean=None, sigma=None):
     """latents = mean + (coeffs * sigma) @ basis.T. (B,d) -> (B,D)."""
     V.tensor("coeffs", coeffs, 2, "(B, d)")
-    _check_basis("coeffs", coeffs, basis, mean, sigma)
+    V.basis_args("coeffs", coeffs, basis, mean, sigma)
     V.size("coeffs", coeffs, 1, basis.shape[1], "d, the columns of basis")
     if coeffs.shape[0] == 0:
         return coeffs.new_empty(0, basis.shape[0])
@@ -140,7 +106,7 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out=None):
         raise TypeError(f"latent_mask: expected a bool tensor of shape ({rows},), got None")
     V.mask(latent_mask, rows, token_ids.device)
     V.same_device(token_ids.device, latents=latents, embed_weight=embed_weight)
-    _check_out(out, rows, embed_weight.shape[1], embed_weight.dtype, token_ids.device)
+    V.out_like(out, rows, embed_weight.shape[1], embed_weight.dtype, token_ids.device)
     V.token_ids_in_range(token_ids, latent_mask, embed_weight.shape[0])
     if out is None:
         out = embed_weight.new_empty(rows, embed_weight.shape[1])
@@ -163,34 +129,20 @@ def latent_step(hidden, weight=None, bias=None, basis=None, mean=None, tau=None,
     (all rows when it is None) are written, the others are left untouched,
     and nothing is allocated (CUDA-graph safe when ``tau`` is a tensor).
     """
-    V.tensor("hidden", hidden, 2, "(B, D)")
+    tau, eps = V.latent_step_args("hidden", hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask)
     rows, dim = hidden.shape
-    if weight is not None:
-        _check_head(hidden, weight, bias)
-        if basis is None:
-            raise TypeError("basis: expected a (D, d) tensor when weight is given, got None")
-        _check_basis("hidden", hidden, basis, mean, sigma)
-        V.size("basis", basis, 0, dim, "D, the hidden size of hidden")
-        V.size("basis", basis, 1, weight.shape[1], "d, the PCA rank of weight")
-    else:
-        for name, t in (("bias", bias), ("basis", basis), ("mean", mean), ("sigma", sigma)):
-            if t is not None:
-                raise ValueError(f"{name}: must be None when weight is None (identity head)")
-    tau = V.as_tau(tau, rows, hidden.device)
-    eps = V.eps_value(eps)
-    V.mask(latent_mask, rows, hidden.device)
-    _check_out(out, rows, dim, hidden.dtype, hidden.device)
+    V.out_like(out, rows, dim, hidden.dtype, hidden.device)
     if rows == 0:
         return hidden.new_empty(0, dim) if out is None else out
     args = (hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask)
     if out is None:
         if _eager(hidden, weight, bias):
             out = _custom.new_latents(hidden, latent_mask)
-            module_for(hidden.device, hidden.dtype).latent_step(*args, out, _cache.workspace)
+            latent_kernel(module_for(hidden.device, hidden.dtype), *args[1:], out)(hidden)
             return out
         return torch.ops.gapkern.latent_step(*args)
     if _eager():
-        module_for(hidden.device, hidden.dtype).latent_step(*args, out, _cache.workspace)
+        latent_kernel(module_for(hidden.device, hidden.dtype), *args[1:], out)(hidden)
     else:
         torch.ops.gapkern.latent_step_out(*args, out)
     return out

@@ -89,6 +89,11 @@ def _load(name):
     return _loaded[name]
 
 
+def name_of(module) -> str:
+    """The backend name of a loaded backend module."""
+    return next(name for name, path in _MODULES.items() if path == module.__name__)
+
+
 def backend_status(name: str, device="cuda") -> Status:
     """Whether backend ``name`` (``cuda``, ``triton``, ``torch``) can run on tensors of ``device``."""
     if _check_name(name) == "auto":

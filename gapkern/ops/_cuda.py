@@ -151,18 +151,38 @@ def _packed_head(weight, basis):
     return _cache.derived("cuda.head", lambda: (_packed(weight.T), _packed(basis)), weight, basis)
 
 
-def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
-    _on_gpu(hidden, weight, bias, basis, mean, sigma, tau, latent_mask, out)
-    code, launch = DTYPE[hidden.dtype], _launch(hidden)
-    if weight is None:  # identity head: calibrate (or copy) hidden into the masked rows
-        _C.norm_calibrate(launch, code, _mat(hidden), _vec(tau), eps, _vec(latent_mask), _out(out))
-        return
-    (rows, dim), rank = hidden.shape, weight.shape[1]
-    buf, ws = _workspace("latent_step", workspace, launch, hidden.device, code, rows, dim, rank)
-    args = _C.LatentArgs(_mat(hidden), _vec(bias), _vec(sigma), _vec(mean), _vec(tau), eps, _vec(latent_mask),
-                         _out(out), ws)
-    if code != _F32:
-        (w_buf, w_t), (u_buf, u) = _packed_head(weight, basis)
+class _LatentKernel:
+    """``kernel(hidden)`` of :func:`bind_latent_step`. The workspace and its size are taken once, when
+    bound; the views of the tensors are made at every call (a moved or replaced tensor is followed,
+    never a stale pointer)."""
+
+    def __init__(self, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
+        _on_gpu(weight, bias, basis, mean, sigma, tau, latent_mask, out)
+        self.head = (weight, bias, basis, mean, sigma)
+        self.tau, self.eps, self.latent_mask, self.out = tau, eps, latent_mask, out
+        self.code = DTYPE[out.dtype]
+        if weight is not None:
+            (rows, dim), rank = out.shape, weight.shape[1]
+            self.buffer, self.workspace = _workspace("latent_step", workspace, _launch(out), out.device, self.code,
+                                                     rows, dim, rank)
+        # The packed head the last launch read, kept until the next call: a graph captured from a
+        # launch keeps valid memory even if an edit of weight or basis repacks them meanwhile.
+        self.packed = None
+
+    def __call__(self, hidden):
+        launch, code, (weight, bias, basis, mean, sigma) = _launch(hidden), self.code, self.head
+        tau, mask, out = _vec(self.tau), _vec(self.latent_mask), _out(self.out)
+        if weight is None:  # identity head: calibrate (or copy) hidden into the masked rows
+            _C.norm_calibrate(launch, code, _mat(hidden), tau, self.eps, mask, out)
+            return
+        args = _C.LatentArgs(_mat(hidden), _vec(bias), _vec(sigma), _vec(mean), tau, self.eps, mask, out,
+                             self.workspace)
+        if code == _F32:
+            _C.latent_step_strided(launch, code, args, _mat(weight), _mat(basis))
+            return
+        self.packed = _packed_head(weight, basis)
+        (_, w_t), (_, u) = self.packed
         _C.latent_step_packed(launch, code, args, w_t, u)
-    else:
-        _C.latent_step_strided(launch, code, args, _mat(weight), _mat(basis))
+
+
+bind_latent_step = _LatentKernel

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ._backends import module_for
-from ._cache import workspace
+from ._step import latent_kernel
 
 
 def new_latents(hidden, latent_mask):
@@ -105,8 +105,8 @@ def latent_step_out(hidden: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                     basis: Optional[Tensor], mean: Optional[Tensor], sigma: Optional[Tensor],
                     tau: Optional[Tensor], eps: float, latent_mask: Optional[Tensor],
                     out: Tensor) -> None:
-    module_for(hidden.device, hidden.dtype).latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps,
-                                                        latent_mask, out, workspace)
+    backend = module_for(hidden.device, hidden.dtype)
+    latent_kernel(backend, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out)(hidden)
 
 
 @latent_step_out.register_fake
@@ -119,8 +119,8 @@ def latent_step(hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                 basis: Optional[Tensor], mean: Optional[Tensor], sigma: Optional[Tensor],
                 tau: Optional[Tensor], eps: float, latent_mask: Optional[Tensor]) -> Tensor:
     out = new_latents(hidden, latent_mask)
-    module_for(hidden.device, hidden.dtype).latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps,
-                                                        latent_mask, out, workspace)
+    backend = module_for(hidden.device, hidden.dtype)
+    latent_kernel(backend, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out)(hidden)
     return out
 
 

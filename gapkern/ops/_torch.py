@@ -3,18 +3,25 @@
 Every backend module (this one, ``gapkern/ops/_cuda.py``, the package ``gapkern.triton_kernels``)
 exposes the same six functions, named as the ops, with already validated arguments (see
 ``gapkern/ops/__init__.py``): B > 0, any strides, ``tau`` a float32 (B,) tensor (maybe a stride-0
-broadcast), ``out`` always given for ``reembed`` and ``latent_step``, and for ``latent_step``
-``workspace(kind, shape, device, dtype=float32, zeroed=False)``, the scratch buffers kept between
-calls (``gapkern/ops/_cache.py``).
+broadcast), ``out`` always given for ``reembed`` and the latent step.
+
+The latent step is bound: ``bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask,
+out, workspace)`` returns ``kernel(hidden)``, which writes the step of ``hidden`` into ``out``; a
+backend prepares there what it can once (``workspace(kind, shape, device, dtype=float32,
+zeroed=False)`` gives the scratch buffers ``gapkern/ops/_cache.py`` keeps). gapkern.ops binds once
+per call for ``latent_step``, once per decode loop for ``bind_latent_step``.
 """
 from __future__ import annotations
 
 import torch
 
 
+_ACC_DTYPES = (torch.float32, torch.float64)
+
+
 def _acc(t):
-    """Accumulation copy: float32 for half types and float32, float64 stays (gradcheck)."""
-    return t if t.dtype == torch.float64 else t.float()
+    """Accumulation copy: float32 for half types; float32 and float64 (gradcheck) as they are."""
+    return t if t.dtype in _ACC_DTYPES else t.float()
 
 
 def _project(hidden, weight, bias):
@@ -39,18 +46,20 @@ def _calibrate(z32, tau, eps):
     norm = torch.linalg.vector_norm(z32, dim=1)
     if z32.device.type != "cpu" or torch.compiler.is_compiling() or not _plain_norms_exact(norm):
         return z32 * _scaled_factor(z32, tau, eps)[:, None]
-    scale = torch.where(tau > 0, tau.to(norm.dtype) / norm.clamp_min(eps), 1.0)
-    return z32 * scale[:, None]
+    return z32 * torch.where(tau > 0, tau / norm.clamp_min(eps), 1.0)[:, None]
 
 
 # Plain norms in this range had no square overflow (inf) or fall below the normal range (lost bits).
-_EXACT_NORMS = {dt: (torch.finfo(dt).tiny ** 0.5 * 2 ** 10, torch.finfo(dt).max) for dt in (torch.float32, torch.float64)}
+_EXACT_NORMS = {dt: (torch.finfo(dt).tiny ** 0.5 * 2 ** 10, torch.finfo(dt).max)
+                for dt in (torch.float32, torch.float64)}
 
 
 def _plain_norms_exact(norm) -> bool:
-    low, high = torch.aminmax(norm)
-    bounds = _EXACT_NORMS[norm.dtype]
-    return bounds[0] < low.item() and high.item() < bounds[1]  # NaN: False
+    low, high = _EXACT_NORMS[norm.dtype]
+    if norm.numel() == 1:  # one row, a decode step at batch 1: one read, no reduction
+        return low < norm.item() < high  # NaN: False
+    smallest, largest = torch.aminmax(norm)
+    return low < smallest.item() and largest.item() < high
 
 
 def _scaled_factor(z32, tau, eps):
@@ -100,12 +109,15 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out):
     out.copy_(rows)
 
 
-def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
+def bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
     del workspace  # the reference allocates its intermediates
-    if weight is None:
-        z = _acc(hidden)
-    else:
-        z = _reconstruct(_project(hidden, weight, bias), basis, mean, sigma)
-    if tau is not None:
-        z = _calibrate(z, tau, eps)
-    _write_rows(out, z.to(out.dtype), latent_mask)
+
+    def kernel(hidden):
+        if weight is None:
+            z = _acc(hidden)
+        else:
+            z = _reconstruct(_project(hidden, weight, bias), basis, mean, sigma)
+        if tau is not None:
+            z = _calibrate(z, tau, eps)
+        _write_rows(out, z.to(out.dtype), latent_mask)
+    return kernel

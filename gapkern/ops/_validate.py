@@ -80,6 +80,69 @@ def eps_value(eps):
     return float(eps)
 
 
+def head(ref_name: str, ref, weight, bias):
+    """weight (D, d) and bias (d,) in the dtype and on the device of ``ref`` (B, D)."""
+    tensor(ref_name, ref, 2, "(B, D)")
+    tensor("weight", weight, 2, "(D, d)")
+    size("weight", weight, 0, ref.shape[1], f"D, the hidden size of {ref_name}")
+    optional("bias", bias, 1, "(d,)")
+    if bias is not None:
+        size("bias", bias, 0, weight.shape[1], "d, the PCA rank of weight")
+    same_dtype("weight", weight, ref_name, ref)
+    same_dtype("bias", bias, ref_name, ref)
+    same_device(ref.device, weight=weight, bias=bias)
+
+
+def basis_args(ref_name: str, ref, basis, mean, sigma):
+    """basis (D, d) orthonormal, mean (D,), sigma (d,) in the dtype and on the device of ``ref``."""
+    tensor("basis", basis, 2, "(D, d)")
+    optional("mean", mean, 1, "(D,)")
+    if mean is not None:
+        size("mean", mean, 0, basis.shape[0], "D, the rows of basis")
+    optional("sigma", sigma, 1, "(d,)")
+    if sigma is not None:
+        size("sigma", sigma, 0, basis.shape[1], "d, the columns of basis")
+    for name, t in (("basis", basis), ("mean", mean), ("sigma", sigma)):
+        same_dtype(name, t, ref_name, ref)
+    same_device(ref.device, basis=basis, mean=mean, sigma=sigma)
+    check_orthonormal(basis)
+
+
+def out_like(out, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+    """``out`` None, or a (rows, cols) tensor of ``dtype`` on ``device``."""
+    if out is None:
+        return
+    tensor("out", out, 2, f"({rows}, {cols})")
+    if tuple(out.shape) != (rows, cols):
+        raise ValueError(f"out: expected shape ({rows}, {cols}), got {tuple(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"out: expected dtype {dtype}, got {out.dtype}")
+    same_device(device, out=out)
+
+
+def latent_step_args(ref_name: str, ref, weight, bias, basis, mean, sigma, tau, eps, latent_mask):
+    """Check a latent step's arguments against ``ref`` (B, D): ``hidden``, or ``out`` for a bound step.
+
+    Returns (tau as a float32 (B,) tensor or None, eps as a float).
+    """
+    tensor(ref_name, ref, 2, "(B, D)")
+    rows, dim = ref.shape
+    if weight is not None:
+        head(ref_name, ref, weight, bias)
+        if basis is None:
+            raise TypeError("basis: expected a (D, d) tensor when weight is given, got None")
+        basis_args(ref_name, ref, basis, mean, sigma)
+        size("basis", basis, 0, dim, f"D, the hidden size of {ref_name}")
+        size("basis", basis, 1, weight.shape[1], "d, the PCA rank of weight")
+    else:
+        for name, t in (("bias", bias), ("basis", basis), ("mean", mean), ("sigma", sigma)):
+            if t is not None:
+                raise ValueError(f"{name}: must be None when weight is None (identity head)")
+    tau = as_tau(tau, rows, ref.device)
+    mask(latent_mask, rows, ref.device)
+    return tau, eps_value(eps)
+
+
 def token_ids_in_range(token_ids, latent_mask, vocab: int):
     """Text rows must name a row of the embedding table; latent rows carry placeholders (any value).
 
