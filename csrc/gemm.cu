@@ -109,6 +109,24 @@ GemmArgs<T> plain(Mat a, Mat b, OutMat c) {
 
 Mat transposed(Mat m) { return Mat{m.p, m.cols, m.rows, m.s1, m.s0}; }
 
+// An optional vector of a GEMM (kscale, nbias, nscale): its pointer and stride fields from a view.
+template <typename T>
+void set(const T*& p, int64_t& stride, Vec v) {
+  p = static_cast<const T*>(v.p);
+  stride = v.s;
+}
+
+// C = A @ B in dtype on L; vectors(p) fills in the optional vectors of the GemmArgs p.
+template <typename F>
+void gemm(const Launch& L, DType dtype, Mat a, Mat b, OutMat c, F&& vectors) {
+  DeviceGuard guard(L.device);
+  dispatch(dtype, [&](auto t) {
+    auto p = plain<decltype(t)>(a, b, c);
+    vectors(p);
+    launch(p, L.stream);
+  });
+}
+
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 }  // namespace
@@ -124,12 +142,7 @@ void pca_project(const Launch& L, DType dtype, Mat hidden, Mat weight, Vec bias,
   const int d = size_of("weight columns", weight.cols);
   expect_size("weight", "rows", weight.rows, D, "D, the columns of hidden");
   expect_shape("out", out, B, d, "B, the rows of hidden", "d, the columns of weight");
-  DeviceGuard guard(L.device);
-  dispatch(dtype, [&](auto t) {
-    auto p = plain<decltype(t)>(hidden, weight, out);
-    p.nbias = static_cast<const decltype(t)*>(bias.p); p.snb = bias.s;
-    launch(p, L.stream);
-  });
+  gemm(L, dtype, hidden, weight, out, [&](auto& p) { set(p.nbias, p.snb, bias); });
 }
 
 void pca_reconstruct(const Launch& L, DType dtype, Mat coeffs, Mat basis, Vec mean, Vec sigma, OutMat out) {
@@ -137,13 +150,9 @@ void pca_reconstruct(const Launch& L, DType dtype, Mat coeffs, Mat basis, Vec me
   const int D = size_of("basis rows", basis.rows);
   expect_size("basis", "columns", basis.cols, d, "d, the columns of coeffs");
   expect_shape("out", out, B, D, "B, the rows of coeffs", "D, the rows of basis");
-  DeviceGuard guard(L.device);
-  dispatch(dtype, [&](auto t) {
-    using T = decltype(t);
-    auto p = plain<T>(coeffs, transposed(basis), out);
-    p.kscale = static_cast<const T*>(sigma.p); p.sks = sigma.s;
-    p.nbias = static_cast<const T*>(mean.p); p.snb = mean.s;
-    launch(p, L.stream);
+  gemm(L, dtype, coeffs, transposed(basis), out, [&](auto& p) {
+    set(p.kscale, p.sks, sigma);
+    set(p.nbias, p.snb, mean);
   });
 }
 
@@ -164,13 +173,13 @@ void latent_step_strided(const Launch& L, DType dtype, const LatentArgs& a, Mat 
   const OutMat coeffs{ws, n.B, n.d, n.d, 1};
   const OutMat z{ws + round_up(sizeof(float) * size_t(n.B) * n.d, 256), n.B, n.D, n.D, 1};
   auto p1 = plain<float>(a.hidden, weight, coeffs);
-  p1.nbias = static_cast<const float*>(a.bias.p); p1.snb = a.bias.s;
-  p1.nscale = static_cast<const float*>(a.sigma.p); p1.sns = a.sigma.s;
+  set(p1.nbias, p1.snb, a.bias);
+  set(p1.nscale, p1.sns, a.sigma);
   launch(p1, L.stream);
 
   auto p2 = plain<float>(readable(coeffs), transposed(basis), a.tau.p ? z : a.out);
-  p2.nbias = static_cast<const float*>(a.mean.p); p2.snb = a.mean.s;
-  p2.mask = static_cast<const uint8_t*>(a.mask.p); p2.smask = a.mask.s;
+  set(p2.nbias, p2.snb, a.mean);
+  set(p2.mask, p2.smask, a.mask);
   launch(p2, L.stream);
   if (a.tau.p) calibrate_from_f32(L, dtype, readable(z), a.tau, a.eps, a.mask, a.out);
 }

@@ -22,7 +22,7 @@ from gapkern import ops
 from gapkern.ops import _cache
 
 import reference as R
-from cases import PACKED_DATA_EDITS, Case, reflect
+from cases import PACKED_DATA_EDITS, Case, cuda_graph, reflect
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -455,16 +455,8 @@ def test_latent_step_in_a_cuda_graph_matches_the_torch_backend(dtype, head):
         ops.latent_step(hidden, kw["weight"], kw["bias"], kw["basis"], kw["mean"], tau, sigma=kw["sigma"],
                         latent_mask=c.mask, out=o)
 
-    with ops.use_backend("cuda"):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: workspace and packed head cached, kernels loaded
-            for _ in range(2):
-                step(out)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step(out)
+    with ops.use_backend("cuda"):  # warm-ups: workspace and packed head cached, kernels loaded
+        graph = cuda_graph(lambda: step(out), warmups=2)
     for trial in range(3):
         hidden.copy_(torch.randn_like(hidden, dtype=torch.float32).to(hidden.dtype) * (trial + 1))
         tau.copy_(torch.rand_like(tau) * 5 + 1)

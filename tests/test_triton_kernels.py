@@ -9,7 +9,7 @@ import torch
 from gapkern import ops
 
 import reference as R
-from cases import Case, device_for
+from cases import Case, cuda_graph, device_for
 
 pytest.importorskip("triton")
 from gapkern.triton_kernels import calibrate, ema, embed, project, reconstruct  # noqa: E402
@@ -153,15 +153,7 @@ def test_gpu_latent_step_matches_reference_without_host_sync(dtype, B):
 def test_gpu_latent_step_replays_in_a_cuda_graph():
     c = Case(3584, 629, 1, torch.bfloat16, "cuda")
     out = c.out_buffer()
-    step = lambda: ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = cuda_graph(lambda: ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out))
     c.hidden.copy_(torch.randn_like(c.hidden))
     graph.replay()
     torch.cuda.synchronize()
@@ -173,15 +165,7 @@ def test_gpu_graph_replays_follow_in_place_edits_of_mean_and_basis():
     """No value derived from mean or basis is cached: a replay after an edit is the step of the edit."""
     c = Case(3584, 629, 2, torch.bfloat16, "cuda")
     out = c.out_buffer()
-    step = lambda: ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = cuda_graph(lambda: ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out))
     c.mean.data.mul_(-3.0)
     c.basis.data.copy_(c.basis.flip(1))
     graph.replay()

@@ -29,6 +29,14 @@ def round_bf16(out: torch.Tensor) -> bool:
     return INTERPRET and out.dtype == torch.bfloat16
 
 
+@triton.jit
+def store_f32(ptrs, x, mask, ROUND_BF16: tl.constexpr):
+    """tl.store of the float32 values ``x``, rounded to bfloat16 here first when ROUND_BF16 (round_bf16)."""
+    if ROUND_BF16:
+        x = rne_bf16(x)
+    tl.store(ptrs, x, mask=mask)
+
+
 def dot_f32(*tensors) -> bool:
     """Whether ``tl.dot`` must run on float32 operands with ``input_precision="ieee"``.
 
@@ -56,6 +64,14 @@ def stride0(t) -> int:
 def block(n: int, lo: int, hi: int) -> int:
     """The power of two covering ``n``, clamped to [lo, hi]."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def row_tiles(M: int, D: int, gpu_block_d: int) -> dict:
+    """Tiles of a row-wise kernel, (BLOCK_M rows, BLOCK_D columns): few large blocks under the
+    interpreter (few numpy calls), a few rows per program on a GPU."""
+    if INTERPRET:
+        return dict(BLOCK_M=block(M, 1, 64), BLOCK_D=block(D, 16, 1024))
+    return dict(BLOCK_M=block(M, 1, 4), BLOCK_D=block(D, 16, gpu_block_d), num_warps=4)
 
 
 def num_sms(device: torch.device) -> int:

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, arg, block, calibration_scale, mask_bytes, norm_chunk, rne_bf16, round_bf16, stride0
+from ._common import arg, calibration_scale, mask_bytes, norm_chunk, round_bf16, row_tiles, store_f32, stride0
 
 
 @triton.jit
@@ -33,22 +33,14 @@ def calibrate_kernel(x_ptr, tau_ptr, mask_ptr, out_ptr, M, D, eps,
         cols = d0 + tl.arange(0, BLOCK_D)
         ok = row_ok[:, None] & (cols < D)[None, :]
         z = tl.load(x_rows + cols[None, :] * stride_xd, mask=ok, other=0.0).to(tl.float32) * scale[:, None]
-        if ROUND_BF16:
-            z = rne_bf16(z)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_od, z, mask=ok)
-
-
-def tiles(M: int, D: int) -> dict:
-    if INTERPRET:
-        return dict(BLOCK_M=block(M, 1, 64), BLOCK_D=block(D, 16, 1024))
-    return dict(BLOCK_M=block(M, 1, 4), BLOCK_D=block(D, 16, 1024), num_warps=4)
+        store_f32(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_od, z, ok, ROUND_BF16)
 
 
 def launch(x, out, *, tau=None, eps=1e-6, latent_mask=None):
     """Write x (calibrated when ``tau`` is given) into the rows of ``out`` selected by ``latent_mask``."""
     M, D = x.shape
     latent_mask = mask_bytes(latent_mask)
-    cfg = tiles(M, D)
+    cfg = row_tiles(M, D, gpu_block_d=1024)
     calibrate_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
         x, arg(tau, out), arg(latent_mask, out), out, M, D, eps,
         *x.stride(), stride0(tau), stride0(latent_mask), *out.stride(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, mask_bytes, block, rne_bf16, round_bf16
+from ._common import mask_bytes, round_bf16, row_tiles, store_f32
 
 
 # debug=True compiles the device_assert in (GPU); under the interpreter the ops check CPU tensors first.
@@ -25,22 +25,14 @@ def reembed_kernel(ids_ptr, latents_ptr, mask_ptr, embed_ptr, out_ptr, M, D, V,
                 mask=ok & latent[:, None], other=0.0).to(tl.float32)
     e = tl.load(embed_ptr + ids[:, None] * stride_ev + cols[None, :] * stride_ed,
                 mask=ok & (in_table & ~latent)[:, None], other=0.0).to(tl.float32)
-    val = tl.where(latent[:, None], z, e)
-    if ROUND_BF16:
-        val = rne_bf16(val)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_od, val, mask=ok)
-
-
-def tiles(M: int, D: int) -> dict:
-    if INTERPRET:
-        return dict(BLOCK_M=block(M, 1, 64), BLOCK_D=block(D, 16, 1024))
-    return dict(BLOCK_M=block(M, 1, 4), BLOCK_D=block(D, 16, 512), num_warps=4)
+    store_f32(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_od, tl.where(latent[:, None], z, e), ok,
+          ROUND_BF16)
 
 
 def reembed(token_ids, latents, latent_mask, embed_weight, out) -> None:
     (M, D), V = out.shape, embed_weight.shape[0]
     latent_mask = mask_bytes(latent_mask)
-    cfg = tiles(M, D)
+    cfg = row_tiles(M, D, gpu_block_d=512)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_D"]))
     reembed_kernel[grid](
         token_ids, latents, latent_mask, embed_weight, out, M, D, V,

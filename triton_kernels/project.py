@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, arg, block, dot_f32, num_sms, rne_bf16, round_bf16, stride0
+from ._common import INTERPRET, arg, block, dot_f32, num_sms, round_bf16, store_f32, stride0
 
 
 @triton.jit
@@ -38,10 +38,8 @@ def project_kernel(h_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, K_PER_SPLIT,
         if pid_s == 0:
             bias = tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-    if ROUND_BF16:
-        acc = rne_bf16(acc)
     out = out_ptr + pid_s * stride_os + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+    store_f32(out, acc, row_ok[:, None] & col_ok[None, :], ROUND_BF16)
 
 
 def tiles(M: int, N: int, K: int) -> dict:

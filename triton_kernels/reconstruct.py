@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, arg, block, mask_bytes, rne_bf16, round_bf16, stride0
+from ._common import INTERPRET, arg, block, mask_bytes, round_bf16, store_f32, stride0
 
 
 @triton.jit
@@ -39,10 +39,8 @@ def reconstruct_kernel(c_ptr, basis_ptr, mean_ptr, sigma_ptr, mask_ptr, out_ptr,
         acc = tl.dot(c, u.to(tl.float32), acc, input_precision="ieee")  # float32 coefficients, no TF32
     if HAS_MEAN:
         acc += tl.load(mean_ptr + cols * stride_mean, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if ROUND_BF16:
-        acc = rne_bf16(acc)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_od, acc,
-             mask=row_ok[:, None] & col_ok[None, :])
+    store_f32(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_od, acc, row_ok[:, None] & col_ok[None, :],
+          ROUND_BF16)
 
 
 def tiles(M: int, N: int, D: int) -> dict:
