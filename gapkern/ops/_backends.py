@@ -94,11 +94,12 @@ def name_of(module) -> str:
     return next(name for name, path in _MODULES.items() if path == module.__name__)
 
 
-def backend_status(name: str, device="cuda") -> Status:
-    """Whether backend ``name`` (``cuda``, ``triton``, ``torch``) can run on tensors of ``device``."""
+def backend_status(name: str, device=None) -> Status:
+    """Whether backend ``name`` (``cuda``, ``triton``, ``torch``) can run on tensors of ``device``
+    (default: this machine's GPU if it has one, else its CPU)."""
     if _check_name(name) == "auto":
         raise ValueError("backend: expected cuda, triton or torch (auto is a choice among them), got 'auto'")
-    device_type = torch.device(device).type
+    device_type = _machine_device() if device is None else torch.device(device).type
     if name == "torch":
         return Status(State.READY)
     module = _load(name)
@@ -115,10 +116,13 @@ def backend_status(name: str, device="cuda") -> Status:
     return Status(State.NEEDS_CUDA, f"got {device_type} tensors")
 
 
+def _machine_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def backend_info() -> dict:
     """Backend name -> ``ready`` or why it cannot run on this machine's device, in words."""
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return {name: str(backend_status(name, device_type)) for name in ("cuda", "triton", "torch")}
+    return {name: str(backend_status(name)) for name in ("cuda", "triton", "torch")}
 
 
 def module_for(device: torch.device, dtype: torch.dtype = torch.float32):
