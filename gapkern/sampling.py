@@ -5,6 +5,12 @@ call :func:`generate_responses`: the prompt is :func:`gapkern.prompts.prompt_bat
 and attempt ``j`` of a line is drawn with ``derive_seed(seed, id, j)``
 (:class:`SeededSampler`), so it does not depend on the other lines of a
 batch, on the number of ranks, or on where a run was resumed.
+
+The ``ema`` calibration target is running state: each prefill moves it. A
+run that resumes, or that splits its lines over ranks, would see another
+target than an uninterrupted one; so a run computes one start target
+(:func:`ema_start`) and every batch starts from it (``tau_ema=`` of
+:func:`generate_responses`).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .prompts import prompt_batch
 
-__all__ = ["derive_seed", "SeededSampler", "Response", "generate_responses"]
+__all__ = ["derive_seed", "SeededSampler", "Response", "generate_responses", "ema_start"]
 
 
 def derive_seed(*parts) -> int:
@@ -71,13 +77,14 @@ class Response(NamedTuple):
 def generate_responses(model, tokenizer, samples: list[dict], *, n: int = 1, temperature: float = 1.0,
                        max_new_tokens: int = 512, seed: int = 0, settings: dict | None = None,
                        suppress: list[int] | None = None, span_at: int | None = None,
-                       trace=None) -> list[list[Response]]:
+                       tau_ema: torch.Tensor | None = None, trace=None) -> list[list[Response]]:
     """``n`` responses per sample (a list per sample) from one batched ``generate`` of a patched model.
 
     ``suppress``: token ids never sampled (the latent start of a model that was
     not trained to write latents). ``span_at``: every row is made to write the
     latent start token at new position ``span_at`` (so a model that never opens
-    a span writes one; it wins over ``suppress``). ``trace``: a
+    a span writes one; it wins over ``suppress``). ``tau_ema``: the running
+    calibration target this batch starts from (default: the model's as it is). ``trace``: a
     :class:`gapkern.models.StepTrace` handed to ``generate`` (rows in sample
     order, ``n`` per sample).
     """
@@ -94,9 +101,32 @@ def generate_responses(model, tokenizer, samples: list[dict], *, n: int = 1, tem
         start = model.gap.config.latent_start_id
         processors.insert(0, ForceTokens(prompt_len, {(row, span_at): start for row in range(len(seeds))}))
     extra = {} if trace is None else {"trace": trace}
+    if tau_ema is not None:
+        model.gap.tau_ema.copy_(tau_ema)
     out = model.generate(**batch, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
                          logits_processor=LogitsProcessorList(processors), suppress_tokens=suppress or None,
                          return_dict_in_generate=True, **extra)
     texts = tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
     rows = [Response(text, int(latents.shape[0])) for text, latents in zip(texts, out.latents)]
     return [rows[i * n:(i + 1) * n] for i in range(len(samples))]
+
+
+def ema_start(model, samples: list[dict], *, batch: int = 8, settings: dict | None = None) -> torch.Tensor:
+    """The running calibration target (1,) float32 a run starts every batch from: the patched model's own, or,
+    when it has observed nothing yet (0 or NaN), the ema of the samples' visual input embeddings, fed
+    ``batch`` lines at a time in file order as the prefills of an uninterrupted run would feed it."""
+    from . import ops
+    from .data import image_embeddings
+
+    gap = model.gap
+    tau = gap.tau_ema.detach().clone().float()
+    if bool(tau.nan_to_num(0.0).any()):
+        return tau
+    tau.zero_()
+    for i in range(0, len(samples), batch):
+        images = [(path, None) for sample in samples[i:i + batch] for path in sample.get("images", [])]
+        norms = [torch.linalg.vector_norm(embeds.float(), dim=-1)
+                 for embeds, _ in image_embeddings(model, images, settings=settings)]
+        if norms:
+            ops.ema_update(tau, torch.cat(norms).to(tau.device), gap.config.ema_decay)
+    return tau
