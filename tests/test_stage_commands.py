@@ -12,11 +12,11 @@ import gapkern
 from gapkern.cli import main
 from gapkern.commands import STAGES
 
-COMMANDS = ["fit-pca", "build-data", "curate", "eval"]
+COMMANDS = ["fit-pca", "build-data", "curate", "eval", "diagnose"]
 
 
 def test_the_stages_are_registered_in_order():
-    assert STAGES[:5] == ("fit_pca", "build_data", "curate", "train", "evaluate")
+    assert STAGES[:6] == ("fit_pca", "build_data", "curate", "train", "evaluate", "diagnose")
 
 
 @pytest.mark.parametrize("module", STAGES)
