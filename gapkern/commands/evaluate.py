@@ -11,8 +11,10 @@ OUT/NAME/settings.json, OUT/scores.json (per configuration: accuracy per task,
 counts, Avg-P, Avg-R) and OUT/scores.md (the table, printed at the end).
 Predictions are appended line by line while the run goes: killed and rerun
 with the same options, it continues where it stopped and ends with the same
-files. The training-free calibration experiment on an output-as-input model:
---head none --calibration none,ema.
+files. Calibrated modes (rms, ema) start every batch from one running target
+(the checkpoint's, else the ema of the file's visual input embeddings), so
+batches, ranks and resumed runs answer alike. The training-free calibration
+experiment on an output-as-input model: --head none --calibration none,ema.
 """
 from __future__ import annotations
 
