@@ -77,4 +77,57 @@ __device__ __forceinline__ float block_sum(float v) {
   return warp_sum(v);
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Max over the block; every thread gets the result. As block_sum.
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = lane < warps ? part[lane] : 0.f;
+  return warp_max(v);
+}
+
+// A running Euclidean norm ||x|| = m sqrt(s): m the largest |x_i| so far, s the sum of (x_i / m)^2
+// (LAPACK's nrm2 scaling), so that squares of entries near the float32 limits neither overflow
+// (all-zero rows) nor underflow. A NaN entry makes s NaN.
+struct Norm {
+  float m = 0.f, s = 0.f;
+};
+
+__device__ __forceinline__ void norm_add(Norm& n, float v) {
+  const float a = fabsf(v);
+  if (!(a <= n.m)) {  // a new largest entry, or NaN
+    const float r = n.m / a;
+    n.s = fmaf(n.s, r * r, 1.f);
+    n.m = a;
+  } else if (a > 0.f) {
+    const float r = a / n.m;
+    n.s = fmaf(r, r, n.s);
+  }
+}
+
+// The norm of a row whose entries the threads of the block hold in parts; every thread gets it.
+__device__ __forceinline__ Norm block_norm(Norm n) {
+  const float m = block_max(n.m);
+  const float r = m > 0.f ? n.m / m : 0.f;
+  return Norm{m, block_sum(n.s * r * r)};
+}
+
+// tau / max(||x||, eps) for tau > 0, else 1. Divided as (tau / m) / sqrt(s): ||x|| itself may
+// exceed the largest float32.
+__device__ __forceinline__ float calibration_scale(Norm n, float tau, float eps) {
+  if (!(tau > 0.f)) return 1.f;
+  const float root = sqrtf(n.s);            // >= 1 once m > 0: the largest entry adds exactly 1
+  if (n.m < eps / fmaxf(root, 1.f)) return tau / eps;  // ||x|| < eps, without forming ||x||
+  return tau / n.m / root;
+}
+
 }  // namespace gapkern

@@ -65,17 +65,17 @@ void norm_calibrate(const Launch& L, DType dtype, int B, int D, Mat src, Vec tau
 // mean(observed) when tau_state is 0 or NaN.
 void ema_update(const Launch& L, DType observed_dtype, int n, float* tau_state, Vec observed, double decay);
 
-// out[b] = mask[b] ? latents[b] : embed[clamp(ids[b], 0, V - 1)].
+// out[b] = mask[b] ? latents[b] : embed[ids[b]]; a text row (mask[b] == 0) whose id is outside
+// [0, vocab) traps on the device (a sticky error, like torch's index asserts).
 void reembed(const Launch& L, DType out_dtype, DType latents_dtype, DType ids_dtype, int B, int D,
              int64_t vocab, Vec ids, Mat latents, Vec mask, Mat embed, OutMat out);
 
-// The fused latent step with a head. consts (float32): [perp, 0, 0, 0, U.T @ mean (d)] where
-// perp = ||mean||^2 - ||U.T @ mean||^2, so ||z||^2 = perp + ||U.T @ mean + c_raw||^2.
+// The latent step with a head. Calibrated (tau given), the latents are reconstructed into the
+// workspace as float32 and a last launch scales them by tau / max(||z||, eps), the norm of z itself.
 struct LatentArgs {
   int B, D, d;
   Mat hidden;
   Vec bias, sigma, mean;
-  const float* consts;
   Vec tau;              // float32 or null: no calibration
   float eps;
   Vec mask;             // uint8 (torch.bool) or null: every row
@@ -85,18 +85,20 @@ struct LatentArgs {
 };
 
 // Half types: weight.T and basis prepacked in mma.m16n8k16 A-fragment order
-// (see gapkern/ops/_cuda.py: _pack_a). Two launches.
+// (see gapkern/ops/_cuda.py: _pack_a). Two launches, three when calibrated.
 void latent_step_packed(const Launch& L, DType dtype, const LatentArgs& a, const void* weight_packed,
                         const void* basis_packed);
 
 // coeffs = hidden @ weight + bias for half types on the projection kernel of the latent step
-// (weight.T packed as above; workspace as for latent_step_packed with the same B, D, d). One launch.
+// (weight.T packed as above; workspace of project_workspace_bytes). One launch.
 void pca_project_packed(const Launch& L, DType dtype, int B, int D, int d, Mat hidden, const void* weight_packed,
                         Vec bias, OutMat out, void* workspace, size_t workspace_bytes);
 
-// Any dtype (used for float32): plain strided weight and basis. Two launches.
+// float32: plain strided weight and basis. Two launches, three when calibrated.
 void latent_step_strided(const Launch& L, DType dtype, const LatentArgs& a, Mat weight, Mat basis);
 
+// Bytes of the zero-initialised workspace of latent_step_* / of pca_project_packed for these sizes.
 size_t latent_workspace_bytes(int device, DType dtype, int B, int D, int d);
+size_t project_workspace_bytes(int device, DType dtype, int B, int D, int d);
 
 }  // namespace gapkern

@@ -1,6 +1,6 @@
-// C[m, n] = ((sum_k A[m, k] * kscale[k] * B[k, n]) + nbias[n]) * nscale[n] * rowscale[m]:
-// a strided GEMM on CUDA cores with float32 accumulation, for pca_project,
-// pca_reconstruct and the float32 latent step (rowscale from SPEC's norm identity).
+// C[m, n] = ((sum_k A[m, k] * kscale[k] * B[k, n]) + nbias[n]) * nscale[n], rows m with mask[m] == 0
+// left untouched: a strided GEMM on CUDA cores with float32 accumulation, for pca_project,
+// pca_reconstruct and the float32 latent step.
 #include <string>
 
 #include "common.cuh"
@@ -19,52 +19,17 @@ struct GemmArgs {
   const T* nscale; int64_t sns;            // (N,) or null
   T* c; int64_t sc0, sc1;                  // C (M, N)
   int M, N, K;
-  // Row calibration (latent step): A rows are the coefficients c_raw of the rows of C.
-  const float* tau; int64_t stau;          // null: no calibration
   const uint8_t* mask; int64_t smask;      // null: write every row
-  const float* consts;                     // [perp, ., ., ., U.T @ mean (K)] or null
-  float eps;
 };
-
-// rowscale[r] and rowwrite[r] for the rows m0 + r of this tile, one warp per row.
-template <typename T>
-__device__ void row_prologue(const GemmArgs<T>& p, int m0, float* rowscale, uint8_t* rowwrite) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int r = warp; r < kBM; r += kThreads / 32) {
-    const int m = m0 + r;
-    float scale = 1.f;
-    uint8_t write = 0;
-    if (m < p.M) {
-      write = p.mask ? (p.mask[m * p.smask] != 0) : 1;
-      const float tau = p.tau ? p.tau[m * p.stau] : 0.f;
-      if (write && tau > 0.f) {  // warp-uniform
-        float ss = 0.f;
-        for (int k = lane; k < p.K; k += 32) {
-          float v = to_f(p.a[m * p.sa0 + k * p.sa1]);
-          if (p.kscale) v *= to_f(p.kscale[k * p.sks]);
-          if (p.consts) v += p.consts[4 + k];
-          ss = fmaf(v, v, ss);
-        }
-        ss = warp_sum(ss) + (p.consts ? p.consts[0] : 0.f);
-        scale = tau / fmaxf(sqrtf(fmaxf(ss, 0.f)), p.eps);
-      }
-    }
-    if (lane == 0) {
-      rowscale[r] = scale;
-      rowwrite[r] = write;
-    }
-  }
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs<T> p) {
   __shared__ float As[kBK][kBM + 4];
   __shared__ float Bs[kBK][kBN + 4];
-  __shared__ float rowscale[kBM];
   __shared__ uint8_t rowwrite[kBM];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
-  row_prologue(p, m0, rowscale, rowwrite);
+  if (tid < kBM) rowwrite[tid] = m0 + tid < p.M && (!p.mask || p.mask[(m0 + tid) * p.smask] != 0);
   __syncthreads();
 
   // Neighbouring threads walk the unit-stride dimension, so the loads coalesce.
@@ -118,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs<T> p) {
       float v = acc[i][j];
       if (p.nbias) v += to_f(p.nbias[n * p.snb]);
       if (p.nscale) v *= to_f(p.nscale[n * p.sns]);
-      p.c[m * p.sc0 + n * p.sc1] = from_f<T>(v * rowscale[r]);
+      p.c[m * p.sc0 + n * p.sc1] = from_f<T>(v);
     }
   }
 }
@@ -137,7 +102,6 @@ GemmArgs<T> plain(int M, int N, int K, Mat a, Mat b, OutMat c) {
   p.b = static_cast<const T*>(b.p); p.sb0 = b.s0; p.sb1 = b.s1;
   p.c = static_cast<T*>(c.p); p.sc0 = c.s0; p.sc1 = c.s1;
   p.M = M; p.N = N; p.K = K;
-  p.eps = 1.f;
   return p;
 }
 
@@ -178,29 +142,32 @@ void pca_reconstruct(const Launch& L, DType dtype, int B, int D, int d, Mat coef
   dispatch(dtype, [&](auto t) { reconstruct<decltype(t)>(L, B, D, d, coeffs, basis, mean, sigma, out); });
 }
 
-size_t strided_workspace_bytes(int B, int d) { return round_up(sizeof(float) * size_t(B) * d, 256); }
+size_t strided_workspace_bytes(int B, int D, int d) {
+  return round_up(sizeof(float) * size_t(B) * d, 256) + round_up(sizeof(float) * size_t(B) * D, 256);
+}
 
 // Launch 1: c_raw = (hidden @ weight + bias) * sigma into the float32 workspace.
-// Launch 2: mean + c_raw @ basis.T, calibrated from c_raw, into the masked rows of out.
+// Launch 2: mean + c_raw @ basis.T into the masked rows of out, or, calibrated, of the workspace's
+// latents, which launch 3 scales by tau / max(||z||, eps) into out.
 void latent_step_strided(const Launch& L, DType dtype, const LatentArgs& a, Mat weight, Mat basis) {
   if (dtype != DType::F32) throw Error("gapkern cuda backend: latent_step_strided runs float32 only");
-  if (a.workspace_bytes < strided_workspace_bytes(a.B, a.d))
+  if (a.workspace_bytes < strided_workspace_bytes(a.B, a.D, a.d))
     throw Error("gapkern cuda backend: latent_step workspace too small");
   DeviceGuard guard(L.device);
-  float* ws = static_cast<float*>(a.workspace);
-  auto p1 = plain<float>(a.B, a.d, a.D, a.hidden, weight, OutMat{ws, a.d, 1});
+  float* coeffs = static_cast<float*>(a.workspace);
+  float* z = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + round_up(sizeof(float) * size_t(a.B) * a.d, 256));
+  auto p1 = plain<float>(a.B, a.d, a.D, a.hidden, weight, OutMat{coeffs, a.d, 1});
   p1.nbias = static_cast<const float*>(a.bias.p); p1.snb = a.bias.s;
   p1.nscale = static_cast<const float*>(a.sigma.p); p1.sns = a.sigma.s;
   launch(p1, L.stream);
 
   const Mat basis_t{basis.p, basis.s1, basis.s0};
-  auto p2 = plain<float>(a.B, a.D, a.d, Mat{ws, a.d, 1}, basis_t, a.out);
+  const OutMat dst = a.tau.p ? OutMat{z, a.D, 1} : a.out;
+  auto p2 = plain<float>(a.B, a.D, a.d, Mat{coeffs, a.d, 1}, basis_t, dst);
   p2.nbias = static_cast<const float*>(a.mean.p); p2.snb = a.mean.s;
-  p2.tau = static_cast<const float*>(a.tau.p); p2.stau = a.tau.s;
   p2.mask = static_cast<const uint8_t*>(a.mask.p); p2.smask = a.mask.s;
-  p2.consts = a.consts;
-  p2.eps = a.eps;
   launch(p2, L.stream);
+  if (a.tau.p) calibrate_from_f32(L, dtype, a.B, a.D, Mat{z, a.D, 1}, a.tau, a.eps, a.mask, a.out);
 }
 
 }  // namespace gapkern

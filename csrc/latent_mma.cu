@@ -4,11 +4,12 @@
 // Launch 1, project_kernel: c_raw^T = W^T @ hidden^T, split over D across blocks (split-K). Every
 //   block writes its float32 partial sums; the last block of each column group to finish (an
 //   arrival counter, reset for the next launch) adds the splits, bias and sigma, and writes c_raw
-//   as 16-bit hi + lo parts already in mma B-fragment order, plus its share of
-//   ||U.T mean + c_raw||^2 for every row.
+//   as 16-bit hi + lo parts already in mma B-fragment order.
 // Launch 2, reconstruct_kernel: z^T = U @ c_raw^T (hi and lo: two mma each, so c_raw keeps ~16
-//   bits) + mean, scaled by tau / max(||z||, eps) with ||z||^2 = perp + ||U.T mean + c_raw||^2
-//   (SPEC's identity, perp = ||mean||^2 - ||U.T mean||^2), written into the masked rows of out.
+//   bits) + mean, written into the masked rows of out, or, calibrated, as float32 into the
+//   workspace, from which
+// Launch 3 (rowwise.cu's calibrate kernel) writes z * tau / max(||z||, eps) into the masked rows
+//   of out: the norm of z itself, exact for any basis and free of values cached between calls.
 // W^T and U arrive prepacked in A-fragment order (gapkern/ops/_cuda.py: _pack_a): each lane
 // loads one 16-byte vector per 16x16 tile, whatever d is (629 rows are not 16-byte aligned).
 #include <algorithm>
@@ -36,7 +37,7 @@ struct Plan {
                                         // block, column groups, splits, k-tiles per split and per
                                         // staged chunk, staged row pitch (elements)
   int MT2, G2;                          // reconstruction: m-tiles over D, blocks along D
-  size_t off_part, off_cf, off_pn, off_cnt, bytes;
+  size_t off_part, off_cf, off_cnt, off_z, bytes;
 };
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -88,8 +89,8 @@ Plan make_plan(int B, int D, int d, int sms) {
   size_t off = 0;
   p.off_part = off; off += align256(sizeof(float) * size_t(p.NG) * p.S * p.MT1 * p.NT * 128);
   p.off_cf = off;   off += align256(size_t(p.MT1) * p.NTW * 32 * 8 * 2);
-  p.off_pn = off;   off += align256(sizeof(float) * size_t(p.G1) * p.NTW * 8);
   p.off_cnt = off;  off += align256(sizeof(unsigned) * size_t(p.G1) * p.NG);
+  p.off_z = off;    off += align256(sizeof(float) * size_t(B) * D);  // unscaled latents, calibrated steps
   p.bytes = off;
   return p;
 }
@@ -103,13 +104,11 @@ struct ProjectArgs {
   const uint4* w;           // packed weight.T: [MT1][KT1][32 lanes] x 16 bytes
   const T* bias; int64_t sb;
   const T* sigma; int64_t ssg;
-  const float* utm;         // U.T @ mean (d,) or null
   float* part;              // [NG][S][MT1][NT][32][4] partial sums (C-fragment order)
   T* cf;                    // [MT1][NTW][32][8]: c_raw * cscale, hi (4) + lo (4) per lane
-  float* pn;                // [G1][NTW * 8]: sum over the group's columns of (utm + c_raw)^2
   unsigned* cnt;            // [NG][G1] arrival counters, zero between launches
   float cscale;
-  T* out; int64_t os0, os1; // pca_project: write coeffs (B, d) here instead of cf and pn
+  T* out; int64_t os0, os1; // pca_project: write coeffs (B, d) here instead of cf
   Plan pl;
 };
 
@@ -245,13 +244,11 @@ __global__ void __launch_bounds__(kThreads) project_kernel(const ProjectArgs<T> 
   __threadfence();
   if (threadIdx.x == 0) atomicExch(counter, 0u);  // ready for the next launch or graph replay
 
-  const int cols = 16 * MB, cp = cols + 1;
-  float* cs = reinterpret_cast<float*>(smem);  // [8 NT][cp]: c_raw of this group's columns
   for (int e = threadIdx.x; e < MB * per_mt; e += kThreads) {
     const int mi2 = e / per_mt, r = e - mi2 * per_mt;
     const int nt = r >> 7, ln = (r & 127) >> 2, i = r & 3;
     const int jl = mi2 * 16 + (ln >> 2) + 8 * (i >> 1), bl = nt * 8 + 2 * (ln & 3) + (i & 1);
-    const int mt2 = blockIdx.x * MB + mi2, j = blockIdx.x * cols + jl;
+    const int mt2 = blockIdx.x * MB + mi2, j = blockIdx.x * 16 * MB + jl;
     float v = 0.f;
     if (j < pl.d) {
       const float* src = a.part + (int64_t(ng) * pl.S * pl.MT1 + mt2) * per_mt + r;
@@ -267,47 +264,29 @@ __global__ void __launch_bounds__(kThreads) project_kernel(const ProjectArgs<T> 
       continue;
     }
     if (mt2 < pl.MT1) store_fragment(a.cf, pl.NTW, mt2, ng * NT + nt, ln, i, v * a.cscale);
-    cs[bl * cp + jl] = v;
-  }
-  if (a.out) return;  // block-uniform
-  __syncthreads();
-  if (threadIdx.x < NT * 8) {
-    const int bl = threadIdx.x;
-    float ss = 0.f;
-    for (int jl = 0; jl < cols; ++jl) {
-      const int j = blockIdx.x * cols + jl;
-      if (j >= pl.d) break;
-      const float v = cs[bl * cp + jl] + (a.utm ? a.utm[j] : 0.f);
-      ss = fmaf(v, v, ss);
-    }
-    a.pn[int64_t(blockIdx.x) * pl.NTW * 8 + row0 + bl] = ss;
   }
 }
 
-// -- launch 2: reconstruction, calibration, masked write -----------------------
+// -- launch 2: reconstruction, masked write ------------------------------------
 
-template <typename T>
+template <typename T, typename O>
 struct ReconArgs {
   const uint4* u;           // packed basis: [MT2][MT1][32 lanes] x 16 bytes
   const T* cf;
-  const float* pn;
-  const float* consts;      // [perp, ., ., ., utm (d)] or null
   const T* mean; int64_t sm;
-  const float* tau; int64_t stau;
   const uint8_t* mask; int64_t smask;
-  float eps, cinv;          // cinv = 1 / cscale
-  T* out; int64_t os0, os1;
+  float cinv;               // 1 / cscale
+  O* out; int64_t os0, os1; // out (O = T), or the float32 latents a calibration reads (O = float)
   Plan pl;
 };
 
-template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads) reconstruct_kernel(const ReconArgs<T> a) {
+template <typename T, int NT, typename O>
+__global__ void __launch_bounds__(kThreads) reconstruct_kernel(const ReconArgs<T, O> a) {
   constexpr int MB = recon_mb(NT), slots = kWarps / MB;
   constexpr int KW = NT >= 4 ? 4 : 8;  // k-tiles in flight per warp (1 + NT loads each)
   constexpr int ROWS = NT * 8, COLS = 16 * MB, ZP = COLS + 1;
   __shared__ __align__(16) float red[kWarps * NT * 128];
   __shared__ float zt[ROWS * ZP];
-  __shared__ float rowscale[ROWS];
   __shared__ int rowwrite[ROWS];
   __shared__ float s_zero[kWarps];
   const Plan& pl = a.pl;
@@ -321,19 +300,7 @@ __global__ void __launch_bounds__(kThreads) reconstruct_kernel(const ReconArgs<T
 
   if (threadIdx.x < ROWS) {
     const int b = row0 + threadIdx.x;
-    float scale = 1.f;
-    int write = 0;
-    if (b < pl.B) {
-      write = a.mask ? a.mask[b * a.smask] != 0 : 1;
-      const float tau = a.tau ? a.tau[b * a.stau] : 0.f;
-      if (tau > 0.f) {
-        float ss = a.consts ? a.consts[0] : 0.f;
-        for (int g1 = 0; g1 < pl.G1; ++g1) ss += a.pn[int64_t(g1) * pl.NTW * 8 + b];
-        scale = tau / fmaxf(sqrtf(fmaxf(ss, 0.f)), a.eps);
-      }
-    }
-    rowscale[threadIdx.x] = scale;
-    rowwrite[threadIdx.x] = write;
+    rowwrite[threadIdx.x] = b < pl.B && (!a.mask || a.mask[b * a.smask] != 0);
   }
 
   float acc[NT][4];
@@ -376,14 +343,14 @@ __global__ void __launch_bounds__(kThreads) reconstruct_kernel(const ReconArgs<T
         const int m = blockIdx.x * COLS + ml;
         float v = acc[nt][i] * a.cinv;
         if (a.mean && m < pl.D) v += to_f(a.mean[m * a.sm]);
-        zt[bl * ZP + ml] = v * rowscale[bl];
+        zt[bl * ZP + ml] = v;
       }
   }
   __syncthreads();
   for (int e = threadIdx.x; e < ROWS * COLS; e += kThreads) {
     const int bl = e / COLS, ml = e - bl * COLS;
     const int b = row0 + bl, m = blockIdx.x * COLS + ml;
-    if (b < pl.B && m < pl.D && rowwrite[bl]) a.out[b * a.os0 + m * a.os1] = from_f<T>(zt[bl * ZP + ml]);
+    if (b < pl.B && m < pl.D && rowwrite[bl]) a.out[b * a.os0 + m * a.os1] = from_f<O>(zt[bl * ZP + ml]);
   }
 }
 
@@ -400,7 +367,6 @@ ProjectArgs<T> project_args(const Plan& pl, int B, int D, Mat hidden, const void
   p.bias = static_cast<const T*>(bias.p); p.sb = bias.s;
   p.part = reinterpret_cast<float*>(ws + pl.off_part);
   p.cf = reinterpret_cast<T*>(ws + pl.off_cf);
-  p.pn = reinterpret_cast<float*>(ws + pl.off_pn);
   p.cnt = reinterpret_cast<unsigned*>(ws + pl.off_cnt);
   // float16 has 5 exponent bits: scale c_raw down so its hi part cannot overflow (c_raw up to ~1e6).
   p.cscale = std::is_same<T, f16>::value ? 1.f / 16.f : 1.f;
@@ -408,28 +374,35 @@ ProjectArgs<T> project_args(const Plan& pl, int B, int D, Mat hidden, const void
   return p;
 }
 
+template <typename T, int NT, typename O>
+void run_reconstruct(const Launch& L, const LatentArgs& a, const Plan& pl, const T* cf, float cinv, const void* up,
+                     O* out, int64_t os0, int64_t os1) {
+  ReconArgs<T, O> r{};
+  r.u = static_cast<const uint4*>(up);
+  r.cf = cf;
+  r.mean = static_cast<const T*>(a.mean.p); r.sm = a.mean.s;
+  r.mask = static_cast<const uint8_t*>(a.mask.p); r.smask = a.mask.s;
+  r.cinv = cinv;
+  r.out = out; r.os0 = os0; r.os1 = os1;
+  r.pl = pl;
+  launch_kernel(reconstruct_kernel<T, NT, O>, dim3(pl.G2, pl.NG), dim3(kThreads), L.stream, r);
+  check_launch("reconstruct_kernel");
+}
+
 template <typename T, int NT>
-void run_latent(const Launch& L, const LatentArgs& a, const Plan& pl, const void* wp, const void* up) {
+void run_latent(const Launch& L, DType dtype, const LatentArgs& a, const Plan& pl, const void* wp, const void* up) {
   ProjectArgs<T> p = project_args<T>(pl, a.B, a.D, a.hidden, wp, a.bias, a.workspace);
   p.sigma = static_cast<const T*>(a.sigma.p); p.ssg = a.sigma.s;
-  p.utm = a.consts ? a.consts + 4 : nullptr;
   launch_kernel(project_kernel<T, NT>, dim3(pl.G1, pl.S, pl.NG), dim3(kThreads), L.stream, p);
   check_launch("project_kernel");
-
-  ReconArgs<T> r{};
-  r.u = static_cast<const uint4*>(up);
-  r.cf = p.cf;
-  r.pn = p.pn;
-  r.consts = a.consts;
-  r.mean = static_cast<const T*>(a.mean.p); r.sm = a.mean.s;
-  r.tau = static_cast<const float*>(a.tau.p); r.stau = a.tau.s;
-  r.mask = static_cast<const uint8_t*>(a.mask.p); r.smask = a.mask.s;
-  r.eps = a.eps;
-  r.cinv = 1.f / p.cscale;
-  r.out = static_cast<T*>(a.out.p); r.os0 = a.out.s0; r.os1 = a.out.s1;
-  r.pl = pl;
-  launch_kernel(reconstruct_kernel<T, NT>, dim3(pl.G2, pl.NG), dim3(kThreads), L.stream, r);
-  check_launch("reconstruct_kernel");
+  const float cinv = 1.f / p.cscale;
+  if (!a.tau.p) {
+    run_reconstruct<T, NT, T>(L, a, pl, p.cf, cinv, up, static_cast<T*>(a.out.p), a.out.s0, a.out.s1);
+    return;
+  }
+  float* z = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + pl.off_z);
+  run_reconstruct<T, NT, float>(L, a, pl, p.cf, cinv, up, z, a.D, 1);
+  calibrate_from_f32(L, dtype, a.B, a.D, Mat{z, a.D, 1}, a.tau, a.eps, a.mask, a.out);
 }
 
 template <typename T, int NT>
@@ -461,9 +434,11 @@ void with_half_type(DType dtype, const char* op, F&& f) {
   }
 }
 
-Plan checked_plan(int device, int B, int D, int d, size_t workspace_bytes) {
+// latents: whether the workspace must hold the float32 latents of a calibrated step (the last region).
+Plan checked_plan(int device, int B, int D, int d, size_t workspace_bytes, bool latents) {
   const Plan pl = make_plan(B, D, d, sm_count(device));
-  if (workspace_bytes < pl.bytes) throw Error("gapkern cuda backend: workspace too small for these sizes");
+  if (workspace_bytes < (latents ? pl.bytes : pl.off_z))
+    throw Error("gapkern cuda backend: workspace too small for these sizes");
   return pl;
 }
 
@@ -473,15 +448,19 @@ void add_kernels(std::vector<const void*>& out) {
   out.push_back(reinterpret_cast<const void*>(&project_kernel<T, 2>));
   out.push_back(reinterpret_cast<const void*>(&project_kernel<T, 4>));
   out.push_back(reinterpret_cast<const void*>(&project_kernel<T, 8>));
-  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 1>));
-  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 2>));
-  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 4>));
-  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 8>));
+  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 1, T>));
+  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 2, T>));
+  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 4, T>));
+  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 8, T>));
+  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 1, float>));
+  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 2, float>));
+  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 4, float>));
+  out.push_back(reinterpret_cast<const void*>(&reconstruct_kernel<T, 8, float>));
 }
 
 }  // namespace
 
-size_t strided_workspace_bytes(int B, int d);  // gemm.cu
+size_t strided_workspace_bytes(int B, int D, int d);  // gemm.cu
 
 void add_latent_mma_kernels(std::vector<const void*>& out) {
   add_kernels<bf16>(out);
@@ -489,18 +468,24 @@ void add_latent_mma_kernels(std::vector<const void*>& out) {
 }
 
 size_t latent_workspace_bytes(int device, DType dtype, int B, int D, int d) {
-  if (dtype == DType::F32) return strided_workspace_bytes(B, d);
+  if (dtype == DType::F32) return strided_workspace_bytes(B, D, d);
   DeviceGuard guard(device);
   return make_plan(B, D, d, sm_count(device)).bytes;
+}
+
+size_t project_workspace_bytes(int device, DType dtype, int B, int D, int d) {
+  if (dtype == DType::F32) return 0;
+  DeviceGuard guard(device);
+  return make_plan(B, D, d, sm_count(device)).off_z;
 }
 
 void latent_step_packed(const Launch& L, DType dtype, const LatentArgs& a, const void* weight_packed,
                         const void* basis_packed) {
   DeviceGuard guard(L.device);
-  const Plan pl = checked_plan(L.device, a.B, a.D, a.d, a.workspace_bytes);
+  const Plan pl = checked_plan(L.device, a.B, a.D, a.d, a.workspace_bytes, a.tau.p != nullptr);
   with_half_type(dtype, "latent_step_packed", [&](auto t) {
     with_row_tiles(pl.NT, [&](auto nt) {
-      run_latent<decltype(t), decltype(nt)::value>(L, a, pl, weight_packed, basis_packed);
+      run_latent<decltype(t), decltype(nt)::value>(L, dtype, a, pl, weight_packed, basis_packed);
     });
   });
 }
@@ -508,7 +493,7 @@ void latent_step_packed(const Launch& L, DType dtype, const LatentArgs& a, const
 void pca_project_packed(const Launch& L, DType dtype, int B, int D, int d, Mat hidden, const void* weight_packed,
                         Vec bias, OutMat out, void* workspace, size_t workspace_bytes) {
   DeviceGuard guard(L.device);
-  const Plan pl = checked_plan(L.device, B, D, d, workspace_bytes);
+  const Plan pl = checked_plan(L.device, B, D, d, workspace_bytes, false);
   with_half_type(dtype, "pca_project_packed", [&](auto t) {
     with_row_tiles(pl.NT, [&](auto nt) {
       run_project<decltype(t), decltype(nt)::value>(L, pl, B, D, hidden, weight_packed, bias, out, workspace);

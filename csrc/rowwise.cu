@@ -1,5 +1,6 @@
 // The row-wise ops: norm calibration (also the identity-head latent step),
 // the running calibration target, and re-embedding.
+#include <cstdio>
 #include <string>
 
 #include "common.cuh"
@@ -9,24 +10,21 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// dst[b] = src[b] * tau[b] / max(||src[b]||, eps) (tau[b] <= 0 or no tau: a copy);
+// dst[b] = src[b] * tau[b] / max(||src[b]||, eps) (tau[b] <= 0 or no tau: a copy), stored as T;
 // rows with mask[b] == 0 are left untouched. One block per row; in place is fine.
-template <typename T>
+template <typename S, typename T>
 __global__ void __launch_bounds__(kThreads)
-calibrate_kernel(const T* src, int64_t ss0, int64_t ss1, T* dst, int64_t ds0, int64_t ds1, int D,
+calibrate_kernel(const S* src, int64_t ss0, int64_t ss1, T* dst, int64_t ds0, int64_t ds1, int D,
                  const float* tau, int64_t stau, const uint8_t* mask, int64_t smask, float eps) {
   const int b = blockIdx.x;
   if (mask && !mask[b * smask]) return;
-  const T* row = src + b * ss0;
+  const S* row = src + b * ss0;
   float scale = 1.f;
   const float t = tau ? tau[b * stau] : 0.f;
   if (t > 0.f) {  // block-uniform
-    float ss = 0.f;
-    for (int k = threadIdx.x; k < D; k += kThreads) {
-      const float v = to_f(row[k * ss1]);
-      ss = fmaf(v, v, ss);
-    }
-    scale = t / fmaxf(sqrtf(block_sum(ss)), eps);
+    Norm n;
+    for (int k = threadIdx.x; k < D; k += kThreads) norm_add(n, to_f(row[k * ss1]));
+    scale = calibration_scale(block_norm(n), t, eps);
   }
   T* out = dst + b * ds0;
   for (int k = threadIdx.x; k < D; k += kThreads) out[k * ds1] = from_f<T>(to_f(row[k * ss1]) * scale);
@@ -45,7 +43,8 @@ ema_kernel(float* tau_state, const void* observed, int64_t so, int n, DType dtyp
   }
 }
 
-// out[b] = mask[b] ? latents[b] (converted) : embed[clamp(ids[b], 0, V - 1)].
+// out[b] = mask[b] ? latents[b] (converted) : embed[ids[b]]. A text row's id outside [0, V) traps
+// (a sticky launch error, like torch's device-side index asserts; gapkern/ops checks CPU tensors first).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 reembed_kernel(const void* ids, DType ids_dtype, int64_t sid, const void* latents, DType lat_dtype, int64_t ls0,
@@ -60,7 +59,11 @@ reembed_kernel(const void* ids, DType ids_dtype, int64_t sid, const void* latent
   } else {
     int64_t id = ids_dtype == DType::I64 ? static_cast<const int64_t*>(ids)[b * sid]
                                          : static_cast<const int32_t*>(ids)[b * sid];
-    id = id < 0 ? 0 : (id >= vocab ? vocab - 1 : id);
+    if (id < 0 || id >= vocab) {
+      if (k == 0) printf("gapkern reembed: token id %lld of text row %d is outside [0, %lld)\n", (long long)id, b,
+                         (long long)vocab);
+      __trap();
+    }
     *o = embed[id * es0 + k * es1];
   }
 }
@@ -68,24 +71,40 @@ reembed_kernel(const void* ids, DType ids_dtype, int64_t sid, const void* latent
 }  // namespace
 
 void add_rowwise_kernels(std::vector<const void*>& out) {
-  out.push_back(reinterpret_cast<const void*>(&calibrate_kernel<float>));
-  out.push_back(reinterpret_cast<const void*>(&calibrate_kernel<bf16>));
-  out.push_back(reinterpret_cast<const void*>(&calibrate_kernel<f16>));
+  out.push_back(reinterpret_cast<const void*>(&calibrate_kernel<float, float>));
+  out.push_back(reinterpret_cast<const void*>(&calibrate_kernel<bf16, bf16>));
+  out.push_back(reinterpret_cast<const void*>(&calibrate_kernel<f16, f16>));
+  out.push_back(reinterpret_cast<const void*>(&calibrate_kernel<float, bf16>));
+  out.push_back(reinterpret_cast<const void*>(&calibrate_kernel<float, f16>));
   out.push_back(reinterpret_cast<const void*>(&ema_kernel));
   out.push_back(reinterpret_cast<const void*>(&reembed_kernel<float>));
   out.push_back(reinterpret_cast<const void*>(&reembed_kernel<bf16>));
   out.push_back(reinterpret_cast<const void*>(&reembed_kernel<f16>));
 }
 
+namespace {
+
+template <typename S, typename T>
+void launch_calibrate(const Launch& L, int B, int D, Mat src, Vec tau, float eps, Vec mask, OutMat dst) {
+  launch_kernel(calibrate_kernel<S, T>, dim3(B), dim3(kThreads), L.stream, static_cast<const S*>(src.p), src.s0,
+                src.s1, static_cast<T*>(dst.p), dst.s0, dst.s1, D, static_cast<const float*>(tau.p), tau.s,
+                static_cast<const uint8_t*>(mask.p), mask.s, eps);
+  check_launch("calibrate_kernel");
+}
+
+}  // namespace
+
 void norm_calibrate(const Launch& L, DType dtype, int B, int D, Mat src, Vec tau, float eps, Vec mask, OutMat dst) {
   DeviceGuard guard(L.device);
   dispatch(dtype, [&](auto t) {
     using T = decltype(t);
-    launch_kernel(calibrate_kernel<T>, dim3(B), dim3(kThreads), L.stream, static_cast<const T*>(src.p), src.s0,
-                  src.s1, static_cast<T*>(dst.p), dst.s0, dst.s1, D, static_cast<const float*>(tau.p), tau.s,
-                  static_cast<const uint8_t*>(mask.p), mask.s, eps);
-    check_launch("calibrate_kernel");
+    launch_calibrate<T, T>(L, B, D, src, tau, eps, mask, dst);
   });
+}
+
+void calibrate_from_f32(const Launch& L, DType dtype, int B, int D, Mat src, Vec tau, float eps, Vec mask,
+                        OutMat dst) {
+  dispatch(dtype, [&](auto t) { launch_calibrate<float, decltype(t)>(L, B, D, src, tau, eps, mask, dst); });
 }
 
 void ema_update(const Launch& L, DType observed_dtype, int n, float* tau_state, Vec observed, double decay) {

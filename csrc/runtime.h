@@ -30,6 +30,11 @@ void check_cuda(cudaError_t err, const char* what);
 void check_launch(const char* kernel);
 int sm_count(int device);
 
+// rowwise.cu: norm_calibrate from a float32 (B, D) buffer (the latent steps' unscaled latents) into
+// dst of dtype; the caller holds a DeviceGuard.
+void calibrate_from_f32(const Launch& L, DType dtype, int B, int D, Mat src, Vec tau, float eps, Vec mask,
+                        OutMat dst);
+
 // Each kernel file lists its kernels so check_device can load them all up
 // front (CUDA loads modules lazily: a first load inside graph capture is best avoided).
 void add_gemm_kernels(std::vector<const void*>& out);

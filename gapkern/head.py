@@ -49,7 +49,7 @@ class PCALatentHead(nn.Module):
             ops._validate.tensor("sigma", sigma, 1, "(d,)")
             ops._validate.size("sigma", sigma, 0, basis.shape[1], "d, the columns of basis")
             _check_sigma(sigma)
-        self.register_buffer("basis", basis.detach().contiguous().clone())
+        self.register_buffer("basis", ops.check_orthonormal(basis.detach().contiguous().clone()))
         self.register_buffer("mean", mean.detach().clone().to(basis.dtype))
         self.register_buffer("sigma", None if sigma is None else sigma.detach().clone().to(basis.dtype))
         weight = basis.detach().float()

@@ -16,7 +16,7 @@ using namespace gapkern;
 
 namespace {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;  // 2: the latent steps take no norm constants
 
 DType dtype_of(int code) {
   if (code < 0 || code > 4) throw py::value_error("gapkern._C: unknown dtype code " + std::to_string(code));
@@ -129,38 +129,44 @@ PYBIND11_MODULE(_C, m) {
       "Bytes of the zero-initialised workspace that latent_step_* needs for these sizes on this device.");
 
   m.def(
+      "project_workspace_bytes",
+      [](int device, int dtype, int B, int D, int d) { return project_workspace_bytes(device, dtype_of(dtype), B, D, d); },
+      py::arg("device"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("d"), nogil,
+      "Bytes of the zero-initialised workspace that pca_project_packed needs for these sizes on this device.");
+
+  m.def(
       "latent_step_packed",
       [](int device, uintptr_t stream, int dtype, int B, int D, int d, uintptr_t hidden, int64_t hs0, int64_t hs1,
          uintptr_t weight_packed, uintptr_t basis_packed, uintptr_t bias, int64_t bs, uintptr_t sigma, int64_t ss,
-         uintptr_t mean, int64_t ms, uintptr_t consts, uintptr_t tau, int64_t ts, float eps, uintptr_t mask,
+         uintptr_t mean, int64_t ms, uintptr_t tau, int64_t ts, float eps, uintptr_t mask,
          int64_t mks, uintptr_t out, int64_t os0, int64_t os1, uintptr_t workspace, size_t workspace_bytes) {
         const LatentArgs a{B, D, d, mat(hidden, hs0, hs1), vec(bias, bs), vec(sigma, ss), vec(mean, ms),
-                           static_cast<const float*>(ptr(consts)), vec(tau, ts), eps, vec(mask, mks),
-                           out_mat(out, os0, os1), reinterpret_cast<void*>(workspace), workspace_bytes};
+                           vec(tau, ts), eps, vec(mask, mks), out_mat(out, os0, os1),
+                           reinterpret_cast<void*>(workspace), workspace_bytes};
         latent_step_packed(launch(device, stream), dtype_of(dtype), a, ptr(weight_packed), ptr(basis_packed));
       },
       py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("d"),
       py::arg("hidden"), py::arg("hs0"), py::arg("hs1"), py::arg("weight_packed"), py::arg("basis_packed"),
       py::arg("bias"), py::arg("bs"), py::arg("sigma"), py::arg("ss"), py::arg("mean"), py::arg("ms"),
-      py::arg("consts"), py::arg("tau"), py::arg("ts"), py::arg("eps"), py::arg("mask"), py::arg("mks"),
+      py::arg("tau"), py::arg("ts"), py::arg("eps"), py::arg("mask"), py::arg("mks"),
       py::arg("out"), py::arg("os0"), py::arg("os1"), py::arg("workspace"), py::arg("workspace_bytes"), nogil);
 
   m.def(
       "latent_step_strided",
       [](int device, uintptr_t stream, int dtype, int B, int D, int d, uintptr_t hidden, int64_t hs0, int64_t hs1,
          uintptr_t weight, int64_t ws0, int64_t ws1, uintptr_t basis, int64_t us0, int64_t us1, uintptr_t bias,
-         int64_t bs, uintptr_t sigma, int64_t ss, uintptr_t mean, int64_t ms, uintptr_t consts, uintptr_t tau,
+         int64_t bs, uintptr_t sigma, int64_t ss, uintptr_t mean, int64_t ms, uintptr_t tau,
          int64_t ts, float eps, uintptr_t mask, int64_t mks, uintptr_t out, int64_t os0, int64_t os1,
          uintptr_t workspace, size_t workspace_bytes) {
         const LatentArgs a{B, D, d, mat(hidden, hs0, hs1), vec(bias, bs), vec(sigma, ss), vec(mean, ms),
-                           static_cast<const float*>(ptr(consts)), vec(tau, ts), eps, vec(mask, mks),
-                           out_mat(out, os0, os1), reinterpret_cast<void*>(workspace), workspace_bytes};
+                           vec(tau, ts), eps, vec(mask, mks), out_mat(out, os0, os1),
+                           reinterpret_cast<void*>(workspace), workspace_bytes};
         latent_step_strided(launch(device, stream), dtype_of(dtype), a, mat(weight, ws0, ws1), mat(basis, us0, us1));
       },
       py::arg("device"), py::arg("stream"), py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("d"),
       py::arg("hidden"), py::arg("hs0"), py::arg("hs1"), py::arg("weight"), py::arg("ws0"), py::arg("ws1"),
       py::arg("basis"), py::arg("us0"), py::arg("us1"), py::arg("bias"), py::arg("bs"), py::arg("sigma"),
-      py::arg("ss"), py::arg("mean"), py::arg("ms"), py::arg("consts"), py::arg("tau"), py::arg("ts"),
+      py::arg("ss"), py::arg("mean"), py::arg("ms"), py::arg("tau"), py::arg("ts"),
       py::arg("eps"), py::arg("mask"), py::arg("mks"), py::arg("out"), py::arg("os0"), py::arg("os1"),
       py::arg("workspace"), py::arg("workspace_bytes"), nogil);
 }

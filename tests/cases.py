@@ -72,3 +72,15 @@ class Case:
         if strided:
             return torch.full((self.B, 3, self.D), fill, dtype=self.dtype, device=self.device)[:, 1]
         return torch.full((self.B, self.D), fill, dtype=self.dtype, device=self.device)
+
+
+def reflect(basis, mean):
+    """(I - 2 v v.T) basis with v = mean / ||mean||: still orthonormal, and basis.T @ mean changes sign."""
+    v = mean.double().cpu() / mean.double().cpu().norm()
+    u = basis.double().cpu()
+    return (u - 2 * v[:, None] * (v @ u)[None, :]).to(basis.dtype).to(basis.device)
+
+
+# Known and documented (gapkern/ops/_cache.py): the cuda backend's packed copies of weight.T and
+# basis cannot see writes through .data; gapkern.ops.clear_caches() after such writes.
+PACKED_DATA_EDITS = "cuda backend: packed weight/basis copies cannot see .data writes (clear_caches())"

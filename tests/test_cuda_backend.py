@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from gapkern import ops
+from gapkern.ops import _cache
 
 import reference as R
-from cases import Case
+from cases import PACKED_DATA_EDITS, Case, reflect
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -57,7 +58,7 @@ def test_extension_imports_when_nvcc_is_there():
     """With nvcc on the machine, the install must have built gapkern._C (a compile error fails CI here)."""
     import gapkern._C as C
 
-    assert C.ABI_VERSION == 1
+    assert C.ABI_VERSION == 2
     assert issubclass(C.CudaError, RuntimeError)
     driver, runtime = C.cuda_versions()  # no context, no error, GPU or not
     assert runtime >= 12000 and driver >= 0
@@ -177,19 +178,31 @@ def emulated_C(tmp_path_factory):
     return _build_emulated(tmp_path_factory.mktemp("emulated_C"))
 
 
-@pytest.fixture
-def emulated(emulated_C, monkeypatch):
-    """gapkern.ops._cuda running the emulated kernels on CPU tensors."""
-    from gapkern.ops import _cuda
+@pytest.fixture(scope="module")
+def emulated_adapter(emulated_C):
+    """A copy of gapkern/ops/_cuda.py imported against the emulated extension (whatever gapkern._C
+    is installed, or none): it runs the kernels of this tree on CPU tensors."""
+    import gapkern
 
-    monkeypatch.setattr(_cuda, "_C", emulated_C)
-    monkeypatch.setattr(_cuda, "_on_gpu", lambda *tensors: None)
-    monkeypatch.setattr(_cuda, "_launch", lambda t: (0, 0))
-    monkeypatch.setattr(_cuda, "_workspaces", {})
-    monkeypatch.setattr(_cuda, "_derived", {})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "gapkern._C", emulated_C)
+        mp.setattr(gapkern, "_C", emulated_C, raising=False)
+        spec = importlib.util.spec_from_file_location("gapkern.ops._cuda_emulated", ROOT / "gapkern/ops/_cuda.py")
+        adapter = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(adapter)
+    adapter._on_gpu = lambda *tensors: None
+    adapter._launch = lambda t: (0, 0)
+    return adapter
+
+
+@pytest.fixture
+def emulated(emulated_adapter):
+    """The cuda backend's adapter running the emulated kernels, with empty caches."""
+    _cache.clear_caches()
     faulthandler.dump_traceback_later(600, exit=True)  # a barrier bug would hang: fail instead
-    yield _cuda
+    yield emulated_adapter
     faulthandler.cancel_dump_traceback_later()
+    _cache.clear_caches()
 
 
 EMU_DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16"),
@@ -275,9 +288,64 @@ def test_emulated_head_cache_follows_its_tensors(emulated):
     weight.mul_(-0.5)
     emulated.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
     R.assert_matches(out, R.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, c.tau))
-    assert len(emulated._derived) == 1
+    assert len(_cache._derived) == 1
     del weight
-    assert not emulated._derived
+    assert not _cache._derived
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize("scale,eps", [(1e30, 1e-6), (1e-30, 1e-35)], ids=["1e30", "1e-30-tiny-eps"])
+def test_emulated_calibration_near_float32_limits(emulated, dtype, scale, eps):
+    """No all-zero rows from overflowing squares, no tau / eps rows from underflowing ones."""
+    if dtype == torch.float16:
+        pytest.skip("float16 holds neither 1e30 nor 1e-30")
+    x = (torch.randn(3, 200, dtype=torch.float64).clamp(-3, 3) * scale).to(dtype)
+    tau = torch.tensor([2.0, 0.5, 7.0])
+    R.assert_matches(emulated.norm_calibrate(x, tau, eps), R.calibrate(x, tau, eps))
+    out = torch.zeros_like(x)
+    emulated.latent_step(x, None, None, None, None, None, tau, eps, None, out)  # the identity head
+    R.assert_matches(out, R.calibrate(x, tau, eps))
+    c = Case(200, 37, 3, dtype, "cpu")
+    hidden = (R.f64(c.hidden) * 1e20).to(dtype)  # a head fed huge hidden states
+    for sigma in (None, c.sigma):
+        got = c.out_buffer()
+        emulated.latent_step(hidden, c.weight, c.bias, c.basis, c.mean, sigma, c.tau, 1e-6, c.mask, got)
+        ref = R.latent_step(hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma)
+        R.assert_matches(got[c.mask], ref[c.mask])
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize("edit", ["mean.data", "mean-inference", "basis-inference", "basis.data"])
+def test_emulated_latent_step_sees_in_place_edits(request, emulated, dtype, edit):
+    """Nothing derived from mean is cached; packed copies of basis are not kept for inference tensors."""
+    if dtype != torch.float32 and edit == "basis.data":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PACKED_DATA_EDITS))
+    inference = edit.endswith("inference")
+    with torch.inference_mode(inference):
+        c = Case(200, 37, 3, dtype, "cpu")
+        c.mean.mul_(20.0)  # basis.T @ mean as large as the coefficients: an edit moves the norms
+    for change in (False, True):
+        if change:
+            with torch.inference_mode(inference):
+                if edit.startswith("mean"):
+                    (c.mean if inference else c.mean.data).mul_(-3.0)
+                else:
+                    (c.basis if inference else c.basis.data).copy_(reflect(c.basis, c.mean))
+        out = c.out_buffer()
+        emulated.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.sigma, c.tau, 1e-6, None, out)
+        R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma))
+
+
+def test_emulated_clear_caches_after_data_edits(emulated):
+    """The documented remedy for .data writes into a packed weight or basis."""
+    c = Case(200, 37, 3, torch.bfloat16, "cpu")
+    out = c.out_buffer()
+    emulated.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    c.basis.data.copy_(c.basis.flip(1))
+    c.weight.data.mul_(-1.0)
+    ops.clear_caches()
+    emulated.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))
 
 
 def test_emulated_ema_update(emulated):

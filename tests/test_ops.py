@@ -1,6 +1,10 @@
 """Parity of every op x backend x dtype x shape against the float64 reference."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -8,7 +12,7 @@ import gapkern
 from gapkern import ops
 
 import reference as R
-from cases import BACKENDS, DTYPES, ROWS, SHAPES, Case, device_for
+from cases import BACKENDS, DTYPES, PACKED_DATA_EDITS, ROWS, SHAPES, Case, device_for, reflect
 
 
 @pytest.fixture
@@ -174,3 +178,132 @@ def test_latent_step_7b_shape_from_fresh_install():
     c = Case(3584, 629, 1, torch.bfloat16, device_for("torch"))
     out = ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau)
     R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))
+
+
+# -- norms near the float32 limits (issue 7: all-zero rows when ||z||^2 overflowed) ----------
+
+EXTREMES = [
+    pytest.param(torch.float32, 1e30, 1e-6, id="f32-1e30"),
+    pytest.param(torch.bfloat16, 1e38, 1e-6, id="bf16-near-max"),
+    pytest.param(torch.float32, 1e-30, 1e-35, id="f32-1e-30-tiny-eps"),  # squares underflow
+    pytest.param(torch.bfloat16, 1e-30, 1e-35, id="bf16-1e-30-tiny-eps"),
+]
+
+
+@grid
+@pytest.mark.parametrize("dtype,scale,eps", EXTREMES)
+def test_calibration_near_float32_limits(backend, dtype, scale, eps):
+    """||z|| is taken without overflow or underflow of the squares: norm_calibrate and the identity step."""
+    device = device_for(backend)
+    latents = (torch.randn(3, 200, dtype=torch.float64).clamp(-3, 3) * scale).to(dtype).to(device)
+    latents[2] = latents[2, 0]  # a constant row: every square the same
+    tau = torch.tensor([2.0, 0.5, 7.0], device=device)
+    ref = R.calibrate(latents, tau, eps)
+    R.assert_matches(ops.norm_calibrate(latents, tau, eps), ref)
+    R.assert_matches(ops.latent_step(latents, tau=tau, eps=eps), ref)
+    full = torch.full((2, 40), scale, dtype=dtype, device=device)  # the case of the issue
+    R.assert_matches(ops.norm_calibrate(full, 1.0, eps), R.calibrate(full, 1.0, eps))
+
+
+@grid
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
+@pytest.mark.parametrize("whiten", [False, True], ids=["plain", "whitened"])
+def test_latent_step_with_a_head_fed_huge_hidden_states(backend, dtype, whiten):
+    """hidden ~1e20: the latents' squares overflow float32, the step must not."""
+    c = case_for(backend, (200, 37), 3, dtype)
+    hidden = (R.f64(c.hidden) * 1e20).to(dtype)
+    sigma = c.sigma if whiten else None
+    out = c.out_buffer()
+    ops.latent_step(hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma, latent_mask=c.mask, out=out)
+    ref = R.latent_step(hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma)
+    R.assert_matches(out[c.mask], ref[c.mask.cpu()])
+
+
+# -- head tensors edited in place where no version counter sees it (issue 7) -----------------
+
+def _edits(c):
+    """In-place edits of mean and basis that keep the basis orthonormal and move the latents' norms."""
+    def mean_data():
+        c.mean.data.mul_(-3.0)
+
+    def basis_data():
+        c.basis.data.copy_(reflect(c.basis, c.mean))
+
+    def mean_inference():
+        with torch.inference_mode():
+            c.mean.mul_(-3.0)
+
+    def basis_inference():
+        with torch.inference_mode():
+            c.basis.copy_(reflect(c.basis, c.mean))
+
+    return {"mean.data": mean_data, "basis.data": basis_data,
+            "mean-inference": mean_inference, "basis-inference": basis_inference}
+
+
+@grid
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[1]])
+@pytest.mark.parametrize("edit", ["mean.data", "basis.data", "mean-inference", "basis-inference"])
+def test_latent_step_sees_in_place_edits_of_mean_and_basis(request, backend, dtype, edit):
+    """The result after an edit is the step of the edited tensors, never of a cached copy."""
+    if backend == "cuda" and dtype != torch.float32 and edit == "basis.data":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PACKED_DATA_EDITS))
+    with torch.inference_mode(edit.endswith("inference")):  # inference tensors: no version counter at all
+        c = case_for(backend, (200, 37), 3, dtype)
+        c.mean.mul_(20.0)  # basis.T @ mean as large as the coefficients: an edit moves the norms
+    for change in (lambda: None, _edits(c)[edit]):
+        change()
+        with torch.inference_mode(edit.endswith("inference")):
+            out = ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau)
+        R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))
+
+
+# -- token ids of text rows (issue 7: clamped to the table's ends) ----------------------------
+
+@grid
+@pytest.mark.parametrize("bad", [-1, 97, 10 ** 6], ids=["negative", "V", "huge"])
+def test_reembed_rejects_out_of_range_ids_of_text_rows(backend, bad):
+    c = case_for(backend, (200, 37), 4, torch.float32)
+    ids = c.token_ids.clone()
+    ids[c.mask] = -(10 ** 6)  # latent rows: placeholders, any value
+    ids[3] = bad  # row 3 is a text row
+    with pytest.raises(ValueError, match=rf"token_ids: expected ids in \[0, 97\) .* got {bad} on row 3"):
+        ops.reembed(ids, c.hidden, c.mask, c.embed)
+    ids[3] = 96
+    out = ops.reembed(ids, c.hidden, c.mask, c.embed)  # the last row of the table is fine
+    R.assert_matches(out[3], R.f64(c.embed)[96])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_reembed_out_of_range_id_fails_on_the_device(backend):
+    """On a GPU the check is device-side (no host sync): the process gets a CUDA error, never clamped rows."""
+    if any(k.startswith("NV_SANITIZER") or k == "CUDA_INJECTION64_PATH" for k in os.environ):
+        pytest.skip("under compute-sanitizer the intended device trap would count as a memcheck error")
+    code = f"""
+import torch
+from gapkern import ops
+ops.set_backend({backend!r})
+embed = torch.randn(97, 64, device="cuda")
+latents = torch.randn(2, 64, device="cuda")
+mask = torch.tensor([True, False], device="cuda")
+ops.reembed(torch.tensor([10 ** 6, 97], device="cuda"), latents, mask, embed)
+torch.cuda.synchronize()
+print("no error")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0 and "no error" not in run.stdout, run.stdout + run.stderr[-2000:]
+
+
+# -- the basis must be orthonormal (issue 7: the fused norms assumed it) ----------------------
+
+@grid
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_orthonormal_basis_is_rejected(backend, dtype):
+    c = case_for(backend, (200, 37), 3, dtype)
+    skewed = (R.f64(c.basis) @ (torch.eye(37, dtype=torch.float64) + 0.1)).to(dtype).to(c.device)
+    with pytest.raises(ValueError, match=r"basis: expected orthonormal columns"):
+        ops.latent_step(c.hidden, c.weight, c.bias, skewed, c.mean, c.tau)
+    with pytest.raises(ValueError, match=r"basis: expected orthonormal columns"):
+        ops.pca_reconstruct(c.hidden[:, :37], (R.f64(c.basis) * 2).to(dtype).to(c.device), c.mean)

@@ -46,6 +46,12 @@ def bad_calls():
         ("out-dtype", lambda: ops.latent_step(h, out=torch.empty(3, D, dtype=torch.half)), TypeError, r"out: expected dtype torch.float32"),
         ("ids-dtype", lambda: ops.reembed(torch.zeros(3), h, c.mask, c.embed), TypeError, r"token_ids: expected dtype int64 or int32"),
         ("latents-rows", lambda: ops.reembed(c.token_ids, h[:2], c.mask, c.embed), ValueError, r"latents: expected size 3"),
+        ("ids-range", lambda: ops.reembed(torch.tensor([-7, 97, 3]), h, c.mask, c.embed), ValueError,
+         r"token_ids: expected ids in \[0, 97\) \(the rows of embed_weight\) on text rows, got 97 on row 1"),
+        ("basis-orthonormal", lambda: ops.latent_step(h, w, b, U * 1.01, m), ValueError,
+         r"basis: expected orthonormal columns \(basis.T @ basis = I within 0.0001 for torch.float32\), got max"),
+        ("basis-wide", lambda: ops.check_orthonormal(torch.eye(3, 5)), ValueError,
+         r"basis: expected at most D = 3 orthonormal columns"),
         ("ema-state", lambda: ops.ema_update(torch.zeros(2), torch.ones(3)), ValueError, r"tau_state: expected size 1"),
         ("ema-decay", lambda: ops.ema_update(torch.zeros(1), torch.ones(3), decay=1.5), ValueError, r"decay: expected a number in \[0, 1\)"),
         ("backend", lambda: ops.set_backend("tpu"), ValueError, r"backend: expected one of auto, cuda, triton, torch"),
@@ -153,6 +159,23 @@ def test_torch_compile_traces_through_every_op():
     assert ops_seen == {"pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed_out"}, seen
 
 
+def test_torch_compile_backward_through_latent_step():
+    """The backward formula is traced too: the calibration's CPU fast path reads no data then."""
+    c = small()
+
+    def loss(h, w):
+        return ops.latent_step(h, w, c.bias, c.basis, c.mean, c.tau).square().sum()
+
+    w = c.weight.clone().requires_grad_(True)
+    torch.compile(loss, backend="aot_eager", fullgraph=True)(c.hidden, w).backward()
+    ref = R.f64(c.weight).requires_grad_(True)
+    z = R.reconstruct(R.project(c.hidden, ref, c.bias), c.basis, c.mean)
+    tau = R.f64(c.tau)
+    scale = torch.where(tau > 0, tau / z.norm(dim=1), 1.0)  # the float64 reference, differentiable
+    (z * scale[:, None]).square().sum().backward()
+    torch.testing.assert_close(R.f64(w.grad), ref.grad, rtol=1e-4, atol=1e-4 * ref.grad.abs().max().item())
+
+
 def test_torch_compile_inductor_fullgraph():
     c = small()
     compiled = torch.compile(lambda h: ops.latent_step(h, c.weight, c.bias, c.basis, c.mean, c.tau) + 1.0,
@@ -201,3 +224,75 @@ def test_out_path_allocates_nothing_and_returns_out():
     ptr = out.data_ptr()
     assert ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out) is out
     assert out.data_ptr() == ptr
+
+
+# -- the orthonormality check -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3584, 629), (40, 7)], ids=["D3584-d629", "D40-d7"])
+def test_check_orthonormal_accepts_rounded_orthonormal_bases(dtype, shape):
+    """An orthonormal basis stored in bfloat16 / float16 / float32 passes; 2% off does not."""
+    basis = torch.linalg.qr(torch.randn(*shape, dtype=torch.float64))[0]
+    assert ops.check_orthonormal(basis.to(dtype)) is not None
+    with pytest.raises(ValueError, match="orthonormal"):
+        ops.check_orthonormal((basis * 1.02).to(dtype), name="U")
+    nan = basis.to(dtype).clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="got max"):
+        ops.check_orthonormal(nan)
+
+
+def test_check_orthonormal_is_cached_per_tensor_and_version(monkeypatch):
+    """A passing check is kept while the tensor is unmodified; an in-place edit is checked again."""
+    from gapkern.ops import _cache, _validate
+
+    basis = torch.linalg.qr(torch.randn(40, 7, dtype=torch.float64))[0].float()
+    calls = []
+    real = _validate._gram_error
+    monkeypatch.setattr(_validate, "_gram_error", lambda t: calls.append(1) or real(t))
+    ops.check_orthonormal(basis)
+    ops.check_orthonormal(basis)
+    assert len(calls) == 1, "the second check of the same tensor is a cache hit"
+    basis.mul_(2.0)  # the version counter moves
+    with pytest.raises(ValueError, match="orthonormal"):
+        ops.check_orthonormal(basis)
+    key = ("orthonormal", id(basis))
+    assert key in _cache._checks
+    del basis
+    assert key not in _cache._checks, "the entry of a freed tensor goes with it"
+
+
+def test_pca_latent_head_rejects_a_non_orthonormal_basis():
+    import gapkern
+
+    basis = torch.linalg.qr(torch.randn(40, 7, dtype=torch.float64))[0].float()
+    head = gapkern.PCALatentHead(basis, torch.zeros(40))
+    assert head.basis.shape == (40, 7)
+    with pytest.raises(ValueError, match=r"basis: expected orthonormal columns"):
+        gapkern.PCALatentHead(basis + 0.05, torch.zeros(40))
+    gapkern.PCALatentHead(torch.eye(40, 7), torch.zeros(40))  # GapState.from_dict's placeholder
+    with torch.device("meta"):  # from_pretrained builds the model on meta, then loads the values
+        assert gapkern.PCALatentHead(torch.eye(40, 7), torch.zeros(40)).basis.is_meta
+
+
+# -- workspaces: bounded, pinned while a graph captures them, cleared on demand ------------
+
+def test_workspaces_are_bounded_and_cleared(monkeypatch):
+    from gapkern.ops import _cache
+
+    _cache.clear_caches()
+    monkeypatch.setattr(_cache, "LIMIT", 3)
+    first = _cache.workspace("test", (4,), "cpu")
+    assert _cache.workspace("test", (4,), "cpu") is first, "same kind, shape, dtype, device: the same buffer"
+    for n in range(5, 9):
+        _cache.workspace("test", (n,), "cpu")
+    kept = [k for k in _cache._workspaces if k[0] == "test"]
+    assert len(kept) == 3 and ("test", (4,), torch.float32, torch.device("cpu")) not in kept, "least recent dropped"
+    monkeypatch.setattr(_cache, "capturing", lambda device: True)  # as if a CUDA graph were capturing
+    pinned = _cache.workspace("test", (100,), "cpu")
+    monkeypatch.setattr(_cache, "capturing", lambda device: False)
+    for n in range(9, 20):
+        _cache.workspace("test", (n,), "cpu")
+    assert _cache.workspace("test", (100,), "cpu") is pinned, "a buffer a graph captured is never dropped"
+    ops.clear_caches()
+    assert not _cache._workspaces and not _cache._pinned

@@ -42,7 +42,10 @@ def _record(self, *args, grid, warmup, **kwargs):
             sig[name] = "fp32"
         else:
             sig[name] = "i64" if abs(int(value)) >= 2**31 else "i32"
-    options = tuple(sorted((k, v) for k, v in kwargs.items() if k in _OPTIONS))
+    options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
+    if self.debug:  # @triton.jit(debug=True): compiled with its device asserts, as at run time
+        options["debug"] = True
+    options = tuple(sorted(options.items()))
     key = (self.fn.__name__, tuple(sig.items()), tuple(sorted(const.items())), options)
     recorded.setdefault(key, (self, sig, const, dict(options)))
 

@@ -71,7 +71,27 @@ def num_sms(device: torch.device) -> int:
 
 
 @triton.jit
-def calibration_scale(sq, tau, eps):
-    """tau / max(sqrt(sq), eps) where tau > 0, else 1. ``sq`` is clamped at 0: the norm identity can round below."""
-    norm = tl.sqrt_rn(tl.maximum(sq, 0.0))
-    return tl.where(tau > 0, tl.div_rn(tau, tl.maximum(norm, eps)), 1.0)
+def norm_chunk(x, m, s):
+    """Fold the (BLOCK_M, BLOCK) float32 block ``x`` into each row's running (m, s), ||row|| = m sqrt(s).
+
+    m is the largest |x_i| so far, s the sum of (x_i / m)^2 (LAPACK's nrm2 scaling): squares of
+    entries near the float32 limits neither overflow nor underflow. A NaN makes s NaN.
+    """
+    new_m = tl.maximum(m, tl.max(tl.abs(x), axis=1))
+    safe = tl.where(new_m > 0, new_m, 1.0)
+    r = x / safe[:, None]
+    ratio = m / safe
+    return new_m, s * ratio * ratio + tl.sum(r * r, axis=1)
+
+
+@triton.jit
+def calibration_scale(m, s, tau, eps):
+    """tau / max(||x||, eps) where tau > 0, else 1, for ||x|| = m sqrt(s).
+
+    Divided as (tau / m) / sqrt(s): the norm itself may exceed the largest float32.
+    """
+    root = tl.sqrt_rn(s)  # >= 1 once m > 0: the largest entry adds exactly 1 to s
+    small = m < eps / tl.maximum(root, 1.0)  # ||x|| < eps, without forming ||x||
+    big = tl.div_rn(tl.div_rn(tau, tl.where(small, 1.0, m)), tl.where(small, 1.0, root))
+    scale = tl.where(small, tl.div_rn(tau, eps), big)
+    return tl.where(tau > 0, scale, 1.0)

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, arg, block, calibration_scale, mask_bytes, rne_bf16, round_bf16, stride0
+from ._common import INTERPRET, arg, block, calibration_scale, mask_bytes, norm_chunk, rne_bf16, round_bf16, stride0
 
 
 @triton.jit
@@ -21,14 +21,14 @@ def calibrate_kernel(x_ptr, tau_ptr, mask_ptr, out_ptr, M, D, eps,
     x_rows = x_ptr + rows[:, None] * stride_xm
     scale = tl.full((BLOCK_M,), 1.0, tl.float32)
     if HAS_TAU:
-        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        s = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             x = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
-            x = x.to(tl.float32)
-            sq += tl.sum(x * x, axis=1)
+            m, s = norm_chunk(x.to(tl.float32), m, s)
         tau = tl.load(tau_ptr + rows * stride_tau, mask=row_ok, other=0.0)
-        scale = calibration_scale(sq, tau, eps)
+        scale = calibration_scale(m, s, tau, eps)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         ok = row_ok[:, None] & (cols < D)[None, :]

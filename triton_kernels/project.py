@@ -32,9 +32,12 @@ def project_kernel(h_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, K_PER_SPLIT,
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-    if HAS_BIAS:  # added once, by the first split
-        bias = tl.load(bias_ptr + cols * stride_bias, mask=col_ok & (pid_s == 0), other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        # Added once, by the first split. A branch, not the mask `col_ok & (pid_s == 0)`: triton
+        # 3.9's interpreter splats that scalar comparison to an int32 mask and rejects it.
+        if pid_s == 0:
+            bias = tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
     if ROUND_BF16:
         acc = rne_bf16(acc)
     out = out_ptr + pid_s * stride_os + rows[:, None] * stride_om + cols[None, :] * stride_on

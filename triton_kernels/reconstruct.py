@@ -1,26 +1,22 @@
-"""latents = (mean + (coeffs * sigma) @ basis.T) * scale, scale = tau / max(||latents||, eps) from the coefficients."""
+"""latents = mean + (coeffs * sigma) @ basis.T, row by row; the split-K partial sums of coeffs are added here."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, arg, block, calibration_scale, mask_bytes, rne_bf16, round_bf16, stride0
+from ._common import INTERPRET, arg, block, mask_bytes, rne_bf16, round_bf16, stride0
 
 
 @triton.jit
-def reconstruct_kernel(c_ptr, basis_ptr, mean_ptr, sigma_ptr, utm_ptr, perp_ptr, tau_ptr, mask_ptr, out_ptr,
-                       M, N, D, SPLITS, eps,
+def reconstruct_kernel(c_ptr, basis_ptr, mean_ptr, sigma_ptr, mask_ptr, out_ptr,
+                       M, N, D, SPLITS,
                        stride_cs, stride_cm, stride_cn, stride_bd, stride_bn, stride_mean, stride_sigma,
-                       stride_tau, stride_mask, stride_om, stride_od,
-                       HAS_MEAN: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_TAU: tl.constexpr,
-                       HAS_MASK: tl.constexpr, ROUND_BF16: tl.constexpr,
+                       stride_mask, stride_om, stride_od,
+                       HAS_MEAN: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_MASK: tl.constexpr,
+                       ROUND_BF16: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (BLOCK_M, BLOCK_D) tile of latents; rows outside ``mask`` are neither read nor written.
-
-    With orthonormal columns ||z||^2 = perp + ||U.T mean + c_raw||^2, perp = ||mean||^2 - ||U.T mean||^2:
-    each program gets its rows' norms from the d coefficients it reduces anyway (SPEC section 2).
-    """
+    """One (BLOCK_M, BLOCK_D) tile of latents; rows outside ``mask`` are neither read nor written."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < M
@@ -28,7 +24,6 @@ def reconstruct_kernel(c_ptr, basis_ptr, mean_ptr, sigma_ptr, utm_ptr, perp_ptr,
         row_ok = row_ok & (tl.load(mask_ptr + rows * stride_mask, mask=row_ok, other=0) != 0)
     col_ok = cols < D
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         n_ok = ns < N
@@ -39,21 +34,11 @@ def reconstruct_kernel(c_ptr, basis_ptr, mean_ptr, sigma_ptr, utm_ptr, perp_ptr,
             c += tl.load(c_ptrs + s * stride_cs, mask=c_ok, other=0.0).to(tl.float32)
         if HAS_SIGMA:
             c *= tl.load(sigma_ptr + ns * stride_sigma, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_TAU:
-            t = c
-            if HAS_MEAN:
-                t = c + tl.load(utm_ptr + ns, mask=n_ok, other=0.0)[None, :]
-            sq += tl.sum(t * t, axis=1)
         u = tl.load(basis_ptr + ns[:, None] * stride_bn + cols[None, :] * stride_bd,
                     mask=n_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(c, u.to(tl.float32), acc, input_precision="ieee")  # float32 coefficients, no TF32
     if HAS_MEAN:
         acc += tl.load(mean_ptr + cols * stride_mean, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_TAU:
-        if HAS_MEAN:
-            sq += tl.load(perp_ptr)
-        tau = tl.load(tau_ptr + rows * stride_tau, mask=row_ok, other=0.0)
-        acc *= calibration_scale(sq, tau, eps)[:, None]
     if ROUND_BF16:
         acc = rne_bf16(acc)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_od, acc,
@@ -67,12 +52,10 @@ def tiles(M: int, N: int, D: int) -> dict:
     return dict(BLOCK_M=block(M, 16, 32), BLOCK_D=32, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-def launch(partials, basis, mean, sigma, out, *, tau=None, eps=1e-6, latent_mask=None, utm=None, perp=None):
-    """Write the latents of ``partials`` ((splits, B, d) or (B, d) coefficients) into ``out`` (B, D).
-
-    ``tau`` calibrates (needs ``utm`` = U.T @ mean and ``perp`` when ``mean`` is given); rows where
-    ``latent_mask`` is false are left untouched.
-    """
+def launch(partials, basis, mean, sigma, out, *, latent_mask=None):
+    """Write the latents of ``partials`` ((splits, B, d) or (B, d) coefficients) into ``out`` (B, D)
+    (any float dtype: a float32 buffer when a calibration follows); rows where ``latent_mask`` is
+    false are left untouched."""
     latent_mask = mask_bytes(latent_mask)
     if partials.dim() == 2:
         partials = partials.unsqueeze(0)
@@ -81,15 +64,14 @@ def launch(partials, basis, mean, sigma, out, *, tau=None, eps=1e-6, latent_mask
     cfg = tiles(M, N, D)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_D"]))
     reconstruct_kernel[grid](
-        partials, basis, arg(mean, out), arg(sigma, out), arg(utm, out), arg(perp, out), arg(tau, out),
-        arg(latent_mask, out), out, M, N, D, splits, eps, *partials.stride(), *basis.stride(),
-        stride0(mean), stride0(sigma), stride0(tau), stride0(latent_mask), *out.stride(),
-        HAS_MEAN=mean is not None, HAS_SIGMA=sigma is not None, HAS_TAU=tau is not None,
-        HAS_MASK=latent_mask is not None, ROUND_BF16=round_bf16(out), **cfg)
+        partials, basis, arg(mean, out), arg(sigma, out), arg(latent_mask, out), out, M, N, D, splits,
+        *partials.stride(), *basis.stride(), stride0(mean), stride0(sigma), stride0(latent_mask), *out.stride(),
+        HAS_MEAN=mean is not None, HAS_SIGMA=sigma is not None, HAS_MASK=latent_mask is not None,
+        ROUND_BF16=round_bf16(out), **cfg)
 
 
 def reconstruct(coeffs, basis, mean, sigma) -> torch.Tensor:
-    """latents (B, D) in basis's dtype, uncalibrated."""
+    """latents (B, D) in basis's dtype."""
     out = basis.new_empty(coeffs.shape[0], basis.shape[0])
     launch(coeffs, basis, mean, sigma, out)
     return out

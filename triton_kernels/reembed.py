@@ -1,4 +1,4 @@
-"""out[b] = latents[b] if latent_mask[b] else embed_weight[clamp(token_ids[b], 0, V - 1)]."""
+"""out[b] = latents[b] if latent_mask[b] else embed_weight[token_ids[b]]; a text row's id outside [0, V) asserts."""
 from __future__ import annotations
 
 import triton
@@ -7,7 +7,8 @@ import triton.language as tl
 from ._common import INTERPRET, mask_bytes, block, rne_bf16, round_bf16
 
 
-@triton.jit
+# debug=True compiles the device_assert in (GPU); under the interpreter the ops check CPU tensors first.
+@triton.jit(debug=True)
 def reembed_kernel(ids_ptr, latents_ptr, mask_ptr, embed_ptr, out_ptr, M, D, V,
                    stride_ids, stride_lm, stride_ld, stride_mask, stride_ev, stride_ed, stride_om, stride_od,
                    ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -18,11 +19,12 @@ def reembed_kernel(ids_ptr, latents_ptr, mask_ptr, embed_ptr, out_ptr, M, D, V,
     ok = row_ok[:, None] & (cols < D)[None, :]
     latent = tl.load(mask_ptr + rows * stride_mask, mask=row_ok, other=0) != 0
     ids = tl.load(ids_ptr + rows * stride_ids, mask=row_ok, other=0).to(tl.int64)
-    ids = tl.minimum(tl.maximum(ids, 0), V - 1)
+    in_table = (ids >= 0) & (ids < V)
+    tl.device_assert(in_table | latent, "gapkern reembed: a text row's token id is outside [0, V)")
     z = tl.load(latents_ptr + rows[:, None] * stride_lm + cols[None, :] * stride_ld,
                 mask=ok & latent[:, None], other=0.0).to(tl.float32)
     e = tl.load(embed_ptr + ids[:, None] * stride_ev + cols[None, :] * stride_ed,
-                mask=ok & ~latent[:, None], other=0.0).to(tl.float32)
+                mask=ok & (in_table & ~latent)[:, None], other=0.0).to(tl.float32)
     val = tl.where(latent[:, None], z, e)
     if ROUND_BF16:
         val = rne_bf16(val)

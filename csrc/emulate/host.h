@@ -20,6 +20,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -142,6 +144,9 @@ inline void cp_async_wait_all() {}
 inline void warp_barrier(int) { emu::warp().sync.arrive_and_wait(); }
 
 }  // namespace gapkern
+
+// A device trap aborts the process here; the ops check CPU tensors before any kernel could trap.
+[[noreturn]] inline void __trap() { std::abort(); }
 
 inline void __syncthreads() { gapkern::emu::block->sync.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { gapkern::emu::warp().sync.arrive_and_wait(); }

@@ -11,11 +11,13 @@ import torch
 
 from . import _validate as V
 from ._backends import backend_info, get_backend, module_for, set_backend
+from ._cache import clear_caches
+from ._validate import check_orthonormal
 from . import _custom
 
 __all__ = [
     "pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed", "latent_step",
-    "set_backend", "get_backend", "backend_info",
+    "set_backend", "get_backend", "backend_info", "check_orthonormal", "clear_caches",
 ]
 
 
@@ -50,6 +52,7 @@ def _check_basis(ref_name, ref, basis, mean, sigma):
     for name, t in (("basis", basis), ("mean", mean), ("sigma", sigma)):
         V.same_dtype(name, t, ref_name, ref)
     V.same_device(ref.device, basis=basis, mean=mean, sigma=sigma)
+    V.check_orthonormal(basis)
 
 
 def _check_out(out, rows, cols, dtype, device):
@@ -121,7 +124,11 @@ def ema_update(tau_state, observed, decay=0.99):
 
 
 def reembed(token_ids, latents, latent_mask, embed_weight, out=None):
-    """embeds[b] = latents[b] if latent_mask[b] else embed_weight[token_ids[b]]."""
+    """embeds[b] = latents[b] if latent_mask[b] else embed_weight[token_ids[b]].
+
+    Latent rows' ids are placeholders (any value); a text row's id outside [0, V) is an error:
+    a ValueError for CPU tensors, a device-side assert on a GPU (no host sync).
+    """
     V.tensor("token_ids", token_ids, 1, "(B,)", dtypes=(torch.int64, torch.int32), dtype_names="int64 or int32")
     rows = token_ids.shape[0]
     V.tensor("embed_weight", embed_weight, 2, "(V, D)")
@@ -133,6 +140,7 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out=None):
     V.mask(latent_mask, rows, token_ids.device)
     V.same_device(token_ids.device, latents=latents, embed_weight=embed_weight)
     _check_out(out, rows, embed_weight.shape[1], embed_weight.dtype, token_ids.device)
+    V.token_ids_in_range(token_ids, latent_mask, embed_weight.shape[0])
     if out is None:
         out = embed_weight.new_empty(rows, embed_weight.shape[1])
     if rows == 0:

@@ -4,13 +4,15 @@ The extension is torch-free: this adapter hands it data pointers, strides in
 elements, dtype codes and the current CUDA stream. Arguments arrive validated
 (``gapkern/ops/__init__.py``); the only check here is that tensors are on a GPU.
 
-Cached, so that a decode step allocates nothing and can be captured in a CUDA
-graph: the workspace per (device, dtype, B, D, d), kept for good (a captured
-graph may still point at it); and per head, ``weight.T`` and ``basis``
-prepacked in tensor-core fragment order plus the float32 norm constants,
-rebuilt when a source tensor is modified in place (version counter), moved, or
-freed. Warm up once before capturing. Calls of the same sizes on different
-streams at the same time would share a workspace: keep them on one stream.
+Kept between calls (gapkern/ops/_cache.py), so that a decode step allocates
+nothing and can be captured in a CUDA graph: the workspace per (device, dtype,
+B, D, d); and per head, ``weight.T`` and ``basis`` prepacked in tensor-core
+fragment order, rebuilt when a source tensor is modified in place (version
+counter), moved, or freed, and packed on every call for tensors without a
+version counter (made under ``torch.inference_mode``). Edits through ``.data``
+cannot be seen: call ``gapkern.ops.clear_caches()`` after them. Warm up once
+before capturing. Calls of the same sizes on different streams at the same
+time would share a workspace: keep them on one stream.
 
 Half types run on tensor cores (latent_step, and pca_project up to 1024 rows
 with unit-stride hidden); float32, and the strided or large products of
@@ -18,13 +20,13 @@ training, run on the CUDA-core GEMM.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from gapkern import _C
 
-if getattr(_C, "ABI_VERSION", None) != 1:
+from . import _cache
+
+if getattr(_C, "ABI_VERSION", None) != 2:
     raise ImportError("gapkern._C was built from another gapkern version: rebuild it (pip install -e .)")
 
 
@@ -42,9 +44,6 @@ _check_driver()
 
 _DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3, torch.int64: 4}
 _F32 = 0
-
-_workspaces: dict = {}
-_derived: dict = {}
 
 
 def _on_gpu(*tensors):
@@ -68,38 +67,6 @@ def _v(t):
     return (t.data_ptr(), t.stride(0)) if t is not None else (0, 0)
 
 
-def _stamp(t):
-    """What must not change for a value derived from ``t`` to stay valid."""
-    if t is None:
-        return None
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors keep no version counter
-        version = None
-    return t.data_ptr(), version, t.shape, t.stride(), t.dtype
-
-
-def _cached(kind, make, *tensors):
-    """make(), cached until one of ``tensors`` (None allowed) is freed, moved or modified in place.
-
-    An entry leaves the cache when one of its tensors is freed, so a live entry's ids name
-    live tensors: no stale hit through a reused id.
-    """
-    key = (kind, *map(id, tensors))
-    stamps = tuple(map(_stamp, tensors))
-    hit = _derived.get(key)
-    if hit is not None and hit[0] == stamps:
-        return hit[1]
-    with torch.no_grad():
-        value = make()
-    if hit is None:  # a new key: drop it when any of its tensors is freed
-        for t in tensors:
-            if t is not None:
-                weakref.finalize(t, _derived.pop, key, None)
-    _derived[key] = (stamps, value)
-    return value
-
-
 def _pack_a(a):
     """An (M, K) matrix as mma.m16n8k16 A fragments: [M/16][K/16][32 lanes][8], zero-padded.
 
@@ -113,26 +80,11 @@ def _pack_a(a):
     return p.view(mt, 2, 8, kt, 2, 4, 2).permute(0, 3, 2, 5, 4, 1, 6).contiguous()
 
 
-def _norm_consts(basis, mean):
-    """float32 [perp, 0, 0, 0, U.T @ mean]: ||z||^2 = perp + ||U.T @ mean + c_raw||^2 (SPEC section 2)."""
-    d = basis.shape[1]
-    c = torch.zeros(4 + d, dtype=torch.float64, device=basis.device)
-    if mean is not None:
-        m = mean.detach().double()
-        utm = basis.detach().double().T @ m
-        c[0] = m.dot(m) - utm.dot(utm)
-        c[4:] = utm
-    return c.float()
-
-
-def _workspace(device, index, dtype_code, rows, dim, rank):
-    """The zero-initialised latent-step workspace for these sizes on ``device`` (``index`` for _C)."""
-    key = (device, dtype_code, rows, dim, rank)
-    ws = _workspaces.get(key)
-    if ws is None:
-        nbytes = _C.latent_workspace_bytes(index, dtype_code, rows, dim, rank)
-        ws = _workspaces[key] = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-    return ws
+def _workspace(kind, device, index, dtype_code, rows, dim, rank):
+    """The zero-initialised workspace of ``kind`` (latent_step / pca_project) for these sizes on ``device``."""
+    size = _C.latent_workspace_bytes if kind == "latent_step" else _C.project_workspace_bytes
+    nbytes = size(index, dtype_code, rows, dim, rank)
+    return _cache.workspace(f"cuda.{kind}", (nbytes,), device, dtype=torch.uint8, zeroed=True)
 
 
 _PACKED_PROJECT_ROWS = 1024
@@ -145,8 +97,8 @@ def pca_project(hidden, weight, bias):
     code = _DTYPE[hidden.dtype]
     launch = _launch(hidden)
     if code != _F32 and hidden.stride(1) == 1 and rows <= _PACKED_PROJECT_ROWS:
-        w_packed = _cached("weight.T", lambda: _pack_a(weight.detach().T), weight)
-        ws = _workspace(hidden.device, launch[0], code, rows, dim, rank)
+        w_packed = _cache.derived("cuda.weight.T", lambda: _pack_a(weight.detach().T), weight)
+        ws = _workspace("pca_project", hidden.device, launch[0], code, rows, dim, rank)
         _C.pca_project_packed(*launch, code, rows, dim, rank, *_m(hidden), w_packed.data_ptr(), *_v(bias),
                               *_m(out), ws.data_ptr(), ws.numel())
     else:  # float32, and the strided or large products of training: the CUDA-core GEMM
@@ -185,16 +137,9 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out):
                embed_weight.shape[0], *_v(token_ids), *_m(latents), *_v(latent_mask), *_m(embed_weight), *_m(out))
 
 
-def _packed_head(weight, basis, mean, packed):
-    """(weight.T packed, basis packed, norm constants) as data pointers, with the tensors kept alive."""
-    def make():
-        consts = _norm_consts(basis, mean)
-        if not packed:
-            return (0, 0, consts.data_ptr()), (consts,)
-        w, u = _pack_a(weight.detach().T), _pack_a(basis.detach())
-        return (w.data_ptr(), u.data_ptr(), consts.data_ptr()), (w, u, consts)
-
-    return _cached("head" if packed else "consts", make, weight, basis, mean)[0]
+def _packed_head(weight, basis):
+    """(weight.T packed, basis packed): hold them until the launch is enqueued (they may be fresh)."""
+    return _cache.derived("cuda.head", lambda: (_pack_a(weight.detach().T), _pack_a(basis.detach())), weight, basis)
 
 
 def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out):
@@ -206,12 +151,11 @@ def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask,
         _C.norm_calibrate(*launch, code, rows, dim, *_m(hidden), *_v(tau), eps, *_v(latent_mask), *_m(out))
         return
     rank = weight.shape[1]
-    packed = code != _F32
-    w_packed, u_packed, consts = _packed_head(weight, basis, mean, packed)
-    ws = _workspace(hidden.device, launch[0], code, rows, dim, rank)
-    tail = (*_v(bias), *_v(sigma), *_v(mean), consts, *_v(tau), eps, *_v(latent_mask), *_m(out),
-            ws.data_ptr(), ws.numel())
-    if packed:
-        _C.latent_step_packed(*launch, code, rows, dim, rank, *_m(hidden), w_packed, u_packed, *tail)
+    ws = _workspace("latent_step", hidden.device, launch[0], code, rows, dim, rank)
+    tail = (*_v(bias), *_v(sigma), *_v(mean), *_v(tau), eps, *_v(latent_mask), *_m(out), ws.data_ptr(), ws.numel())
+    if code != _F32:
+        w_packed, u_packed = _packed_head(weight, basis)
+        _C.latent_step_packed(*launch, code, rows, dim, rank, *_m(hidden), w_packed.data_ptr(), u_packed.data_ptr(),
+                              *tail)
     else:
         _C.latent_step_strided(*launch, code, rows, dim, rank, *_m(hidden), *_m(weight), *_m(basis), *tail)

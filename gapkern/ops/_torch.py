@@ -29,10 +29,40 @@ def _reconstruct(coeffs32, basis, mean, sigma):
 
 
 def _calibrate(z32, tau, eps):
-    """z' = z * tau / max(||z||, eps); rows with tau <= 0 stay as they are."""
-    norm = torch.linalg.vector_norm(z32, dim=1).clamp_min(eps)
-    scale = torch.where(tau > 0, tau.to(norm.dtype) / norm, 1.0)
+    """z' = z * tau / max(||z||, eps); rows with tau <= 0 stay as they are.
+
+    The plain norm when it is exact, checked on the host (free on CPU); on other devices, and in
+    traced code (torch.compile traces the step's backward), always the scaled one: no sync.
+    """
+    norm = torch.linalg.vector_norm(z32, dim=1)
+    if z32.device.type != "cpu" or torch.compiler.is_compiling() or not _plain_norms_exact(norm):
+        return z32 * _scaled_factor(z32, tau, eps)[:, None]
+    scale = torch.where(tau > 0, tau.to(norm.dtype) / norm.clamp_min(eps), 1.0)
     return z32 * scale[:, None]
+
+
+# Plain norms in this range had no square overflow (inf) or fall below the normal range (lost bits).
+_EXACT_NORMS = {dt: (torch.finfo(dt).tiny ** 0.5 * 2 ** 10, torch.finfo(dt).max) for dt in (torch.float32, torch.float64)}
+
+
+def _plain_norms_exact(norm) -> bool:
+    low, high = torch.aminmax(norm)
+    bounds = _EXACT_NORMS[norm.dtype]
+    return bounds[0] < low.item() and high.item() < bounds[1]  # NaN: False
+
+
+def _scaled_factor(z32, tau, eps):
+    """tau / max(||z||, eps) per row (1 where tau <= 0) without overflow or underflow.
+
+    ||z|| = m ||z / m|| with m = max |z_i| (LAPACK's nrm2 scaling), and tau / ||z|| taken as
+    (tau / m) / ||z / m||: ||z|| itself may exceed the largest float32.
+    """
+    m = z32.abs().amax(dim=1)
+    root = torch.linalg.vector_norm(z32 / torch.where(m > 0, m, 1.0)[:, None], dim=1)
+    small = m < eps / root.clamp_min(1.0)  # ||z|| < eps (also m == 0) without forming ||z||
+    tau = tau.to(z32.dtype)
+    scale = torch.where(small, tau / eps, tau / torch.where(small, 1.0, m) / torch.where(small, 1.0, root))
+    return torch.where(tau > 0, scale, 1.0)
 
 
 def pca_project(hidden, weight, bias):
@@ -61,8 +91,9 @@ def _write_rows(out, rows, latent_mask):
 
 
 def reembed(token_ids, latents, latent_mask, embed_weight, out):
-    # Latent rows may carry any placeholder id: clamp so the gather stays in range.
-    ids = token_ids.clamp(0, embed_weight.shape[0] - 1)
+    # Latent rows may carry any placeholder id: gather row 0 for them. Text rows gather their own
+    # id, so one out of range fails in the gather (a device-side assert on a GPU), never clamps.
+    ids = torch.where(latent_mask, 0, token_ids)
     rows = torch.where(latent_mask[:, None], latents.to(out.dtype), embed_weight[ids].to(out.dtype))
     out.copy_(rows)
 

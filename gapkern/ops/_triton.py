@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from gapkern.triton_kernels import calibrate, ema, latent_step as step, project, reconstruct, reembed as embed
 
+from . import _cache
+
 
 def pca_project(hidden, weight, bias):
     return project.project(hidden, weight, bias)
@@ -29,4 +31,4 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out):
 
 
 def latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out):
-    step.latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out)
+    step.latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, _cache.workspace)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _cache
+
 # float64 runs on the torch backend only (gradcheck, references).
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DTYPE_NAMES = "float32, bfloat16 or float16 (float64 on the torch backend)"
@@ -76,3 +78,63 @@ def eps_value(eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
     return float(eps)
+
+
+def token_ids_in_range(token_ids, latent_mask, vocab: int):
+    """Text rows must name a row of the embedding table; latent rows carry placeholders (any value).
+
+    Checked on the host for CPU tensors only: on a GPU the kernels check on the device, so the
+    call stays free of host syncs (CUDA-graph safe); traced code leaves it to the gather's own check.
+    """
+    if token_ids.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    bad = ((token_ids < 0) | (token_ids >= vocab)) & ~latent_mask
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"token_ids: expected ids in [0, {vocab}) (the rows of embed_weight) on text rows, "
+                         f"got {int(token_ids[row])} on row {row}")
+
+
+# -- orthonormal bases ---------------------------------------------------------
+
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def orthonormal_tolerance(dtype: torch.dtype) -> float:
+    """max |basis.T @ basis - I| allowed: storage rounding of each entry moves a unit column's
+    squared norm by up to 2u (u the unit roundoff); 4u leaves room for it, and 1e-4 for float32
+    bases computed in float32."""
+    return max(4 * _UNIT_ROUNDOFF.get(dtype, 0.0), 1e-4)
+
+
+def _gram_error(basis) -> float:
+    """max |basis.T @ basis - I|, accumulated in float32 (float64 for float64), on basis's device."""
+    acc = basis.detach().double() if basis.dtype == torch.float64 else basis.detach().float()
+    gram = acc.T @ acc
+    gram.diagonal().sub_(1.0)
+    return gram.abs().max().item() if gram.numel() else 0.0
+
+
+def check_orthonormal(basis, name: str = "basis"):
+    """Raise ValueError unless ``basis`` (D, d) has orthonormal columns within its dtype's precision.
+
+    A pass is remembered per tensor until it is freed or modified in place (gapkern/ops/_cache.py),
+    so a decode loop checks its basis once. The check reads its result back (a host sync on a
+    GPU): during CUDA-graph capture, in traced code, and on the meta device (no values), an
+    unchecked basis is let through.
+    """
+    tensor(name, basis, 2, "(D, d)")
+    if torch.compiler.is_compiling() or _cache.passed("orthonormal", basis):
+        return basis
+    if basis.shape[1] > basis.shape[0]:
+        raise ValueError(f"{name}: expected at most D = {basis.shape[0]} orthonormal columns, "
+                         f"got shape {tuple(basis.shape)}")
+    if basis.is_meta or _cache.capturing(basis.device):  # meta: no values yet (a model built to load into)
+        return basis
+    err = _gram_error(basis)
+    tol = orthonormal_tolerance(basis.dtype)
+    if not err <= tol:  # NaN fails too
+        raise ValueError(f"{name}: expected orthonormal columns ({name}.T @ {name} = I within {tol:g} for "
+                         f"{basis.dtype}), got max |{name}.T @ {name} - I| = {err:.3g}")
+    _cache.remember_pass("orthonormal", basis)
+    return basis
