@@ -174,3 +174,30 @@ def test_the_command_refuses_a_foreign_folder(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["demo", "--out", str(tmp_path), "--size", "small"]) == 2
     assert "not a gapkern demo folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("log_lines", [True, False])
+@pytest.mark.parametrize("bar", [True, False])
+def test_train_without_log_lines_prints_no_log(tmp_path, capsys, one_thread, log_lines, bar):
+    """The demo trains with log_lines=False: the logs stay in trainer_state.json, not one printed line each."""
+    from transformers import AutoTokenizer
+
+    from gapkern.build import load_build
+    from gapkern.head import PCALatentHead
+    from gapkern.models import GapQwen2_5_VLForConditionalGeneration
+    from gapkern.train import attach_gap, train, training_arguments
+    from train_data import make_checkpoint, make_data
+
+    base, head = make_checkpoint(tmp_path)
+    data = load_build(make_data(tmp_path, base, n=4, g=2)[0])
+    model = GapQwen2_5_VLForConditionalGeneration.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    attach_gap(model, tokenizer, PCALatentHead.load(head), latent_budget=4)
+    out = str(tmp_path / "out")
+    args = training_arguments(out, max_steps=3, logging_steps=1, save_strategy="no", disable_tqdm=not bar)
+    capsys.readouterr()
+    train(model, tokenizer, data.samples, out, targets=data.targets, args=args, log_lines=log_lines)
+    printed = capsys.readouterr()
+    assert ("'text_loss'" in printed.out + printed.err) == log_lines
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        assert len([e for e in json.load(f)["log_history"] if "loss" in e]) == 3

@@ -240,7 +240,8 @@ def train(model, tokenizer, samples: list[dict], out: str, *, targets=None, args
     TrainingArguments (default :func:`training_arguments` ``(out)``),
     ``resume`` a checkpoint folder or True for the last one in ``args.output_dir``.
     ``log_lines=False``: no line printed per log; the progress bar (unless ``args.disable_tqdm``) shows the
-    losses instead (the logs are kept in ``trainer_state.json`` all the same). Returns a summary: steps, lines, hard lines, trainable parameters, the
+    losses instead (the logs are kept in ``trainer_state.json`` all the same).
+    Returns a summary: steps, lines, hard lines, trainable parameters, the
     first and last logged losses, seconds, world size.
     """
     start = time.perf_counter()
