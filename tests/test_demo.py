@@ -168,6 +168,8 @@ def test_another_folder_or_other_settings_are_refused(small, tmp_path):
     with pytest.raises(FolderError, match="not a gapkern demo folder"):
         run_demo(str(tmp_path), size="small", echo=lambda line: None)
     assert os.listdir(tmp_path) == ["notes.txt"]  # nothing written
+    with pytest.raises(FolderError, match="is a file"):
+        run_demo(str(tmp_path / "notes.txt"), size="small", echo=lambda line: None)
 
 
 def test_the_command_refuses_a_foreign_folder(tmp_path, capsys):

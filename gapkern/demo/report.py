@@ -88,24 +88,24 @@ def _no_spans(spans: dict, curated: dict) -> list[str]:
     """Why calibration changed nothing, when the GAP model wrote no latent at eval."""
     if any(value for name, value in spans.items() if name.startswith("GAP")):
         return []
-    return ["", f"The GAP model opened no latent span at greedy decoding: it trained with spans on the "
-            f"{curated['hard']} hard lines of {curated['lines']} only, so where a span could open, the plain-text "
-            "continuation stays the likelier token. Calibration none and ema therefore give the same answers here; "
-            "diagnose (below) forces a span to measure the latents."]
+    return ["", f"The GAP model opened no latent span at greedy decoding (it trained with spans on the "
+            f"{curated['hard']} hard lines of {curated['lines']} only: wherever a span could open, the plain-text "
+            "continuation won). Calibration none and ema therefore give the same answers here; diagnose (below) "
+            "forces a span to measure the latents."]
 
 
 def _diagnosis(found: dict) -> list[str]:
     lines = ["Mean L2 norms on the first eval lines, as ratios to the matching input embeddings' norm "
              "(`diagnose/*/table.txt` has every layer):", "",
-             "| model | last layer, text | last layer, visual | latents before calibration | after rms | after ema |",
+             "| model | last layer, text | last layer, visual | latents, uncalibrated | after rms | after ema |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for folder, title in (("gap", "GAP (PCA head)"), ("base", "base, output-as-input")):
         s = found[folder]
         forced = "" if s["span_at"] is None else " (span forced)"
         lines.append(f"| {title}{forced} | {s['last_text_ratio']:.3g}x | {s['last_visual_ratio']:.3g}x | "
                      f"{s['before_ratio']:.3g}x | {s['rms_ratio']:.3g}x | {s['ema_ratio']:.3g}x |")
-    lines += ["", "Latent ratios are to the visual input norm. A span is forced right after the prompt for a model "
-              "that opens none by itself.", "",
+    lines += ["", "Last layer: its hidden states before the final norm. Latent ratios are to the visual input norm. "
+              "A span is forced right after the prompt for a model that opens none by itself.", "",
               "![diagnosis, GAP](diagnose/gap/diagnosis.png)",
               "![diagnosis, output-as-input](diagnose/base/diagnosis.png)"]
     return lines
