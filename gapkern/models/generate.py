@@ -1,25 +1,24 @@
-"""The latent-aware decode loop of SPEC section 3, gpt-fast style: prefill, decode_one, decode.
+"""The latent-aware decode loop of SPEC section 3, gpt-fast style: prefill, next_token, decode_n_tokens.
 
 ``gap_generate`` keeps Hugging Face's ``generate``: HF prepares the generation
 config, the logits processors, the lengths and the M-RoPE positions (rope
 deltas computed once, at prefill), then runs :func:`decode` as its custom
 decoding loop.
 
-Per row the state is one counter, ``left``: 0 in text mode, ``K + 1`` once the
-row sampled (or its prompt ends with) the start token; every step decrements
-it. A step where ``left > 1`` writes a latent as the next input, ``left == 1``
-forces the end token. The device keeps the counter in a tensor that the
-(captured) step updates; the host keeps an exact mirror (:class:`_Rows`), so
-it knows each row's mode without reading the device. Only a step where some
-live row is in text mode runs the LM head and reads the sampled tokens back:
-that read is the loop's one host sync, and a latent span has none.
+Per row the state is one counter, ``left``, and a ``done`` flag; :class:`SpanRule`
+is the one definition of how they move. The device applies it to (B,) tensors
+inside the (captured) decode step; the host applies the same rule to Python
+ints (:class:`_Rows`), so it knows each row's mode and every forced token
+without reading the device. Only a step where some live row is in text mode
+runs the LM head and reads the sampled tokens back: that read is the loop's
+one host sync, and a latent span has none.
 
 What HF hands the loop (it differs between releases: :mod:`.hf_compat`) is
 read by :mod:`.loop_inputs`, which also continues a caller's ``past_key_values``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -28,7 +27,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 
 from .. import ops
 from . import hf_compat as hf
-from .loop_inputs import OWN_NORMS, check_inputs, mrope, own_norms, take_prompt, targets
+from .loop_inputs import OWN_NORMS, Prompt, check_inputs, mrope, own_norms, take_prompt, targets
 
 STATIC_BUCKET = 128  # static caches are sized in multiples of this, so a captured graph serves many lengths
 GRAPH_ATTENTION = ("sdpa", "eager")  # attention kernels the decode step can take a prebuilt mask for
@@ -46,30 +45,78 @@ def _to_host(t: torch.Tensor) -> list:
     return t.tolist()
 
 
-class _Rows:
-    """Host mirror of the per-row counters: which rows write latents, sample text, are done."""
+@dataclass(frozen=True)
+class SpanRule:
+    """SPEC section 3 for every row, written once for both sides of the loop.
 
-    def __init__(self, left: list[int], budget: int, start_id: int, eos: set[int]):
-        self.left, self.budget, self.start_id, self.eos = left, budget, start_id, eos
-        self.done = [False] * len(left)
-        self.text = [False] * len(left)
+    A row's state is ``left`` (0 in text mode, ``budget + 1`` once it wrote the
+    start token, one less every step) and ``done``. The decoder applies these
+    methods to (B,) device tensors with ``where=torch.where``; the host mirror
+    to each row's Python ints with ``where=_pick``. Only ``==``, ``>``, ``&``,
+    ``|`` and ``where`` are used, so both sides run the same code.
+    """
+
+    start: int
+    end: int
+    placeholder: int
+    budget: int
+
+    @classmethod
+    def of(cls, config) -> "SpanRule":
+        return cls(config.latent_start_id, config.latent_end_id, config.latent_pad_id, config.latent_budget)
+
+    def opened(self, left, text, token, where):
+        """After a row in text mode wrote ``token``: the start token opens a span of ``budget`` latents."""
+        return where(text & (token == self.start), self.budget + 1, left)
+
+    def advance(self, left, where):
+        """A new position: (latent, end, text, left after): the row writes a latent, the forced end token,
+        or samples text there."""
+        return left > 1, left == 1, left == 0, where(left > 0, left - 1, 0)
+
+    def forced(self, latent, end, other, where):
+        """The token a row writes without sampling: the placeholder in a span, the end token after it."""
+        return where(latent, self.placeholder, where(end, self.end, other))
+
+    def commit(self, left, done, text, token, is_eos, where):
+        """Rows in text mode wrote ``token``: the start token opens a span, EOS finishes the row."""
+        return self.opened(left, text, token, where), done | (text & is_eos)
+
+
+def _pick(cond, a, b):
+    """``torch.where`` for one row's Python values: how the host mirror runs :class:`SpanRule`."""
+    return a if cond else b
+
+
+class _Rows:
+    """The host mirror: :class:`SpanRule` on Python ints, so the host knows each row's mode and every
+    forced token without reading the device."""
+
+    def __init__(self, rule: SpanRule, last: list[int], pad: int, eos: set[int]):
+        self.rule, self.pad, self.eos = rule, pad, eos
+        self.left = [rule.opened(0, True, t, _pick) for t in last]
+        self.done = [False] * len(last)
+        self.text = [False] * len(last)
+        self.tokens = [pad] * len(last)
 
     def advance(self) -> list[bool]:
         """Mirror :meth:`Decoder.advance`; returns which rows wrote a latent."""
-        wrote = [n > 1 for n in self.left]
-        self.text = [n == 0 for n in self.left]
-        self.left = [max(n - 1, 0) for n in self.left]
-        return wrote
+        steps = [self.rule.advance(n, _pick) for n in self.left]
+        self.text = [text for _, _, text, _ in steps]
+        self.left = [left for _, _, _, left in steps]
+        self.tokens = [self.rule.forced(latent, end, self.pad, _pick) for latent, end, _, _ in steps]
+        return [latent for latent, _, _, _ in steps]
 
     def sampling(self) -> bool:
+        """Whether some live row writes text at this position (the LM head must run)."""
         return any(t and not d for t, d in zip(self.text, self.done))
 
     def commit(self, tokens: list[int]) -> None:
+        """Mirror :meth:`Decoder.commit` from the tokens it wrote (read back from the device)."""
+        rule, eos = self.rule, self.eos
         for b, tok in enumerate(tokens):
-            if self.text[b] and not self.done[b]:
-                if tok == self.start_id:
-                    self.left[b] = self.budget + 1
-                self.done[b] = tok in self.eos
+            self.left[b], self.done[b] = rule.commit(self.left[b], self.done[b], self.text[b], tok, tok in eos, _pick)
+        self.tokens = tokens
 
     def finished(self) -> bool:
         return all(self.done)
@@ -78,13 +125,13 @@ class _Rows:
 class Decoder:
     """Static buffers of one decode loop; ``step`` reads and writes only these (graph-safe)."""
 
-    def __init__(self, model, rows: int, max_len: int, static: bool):
+    def __init__(self, model, rows: int, max_len: int, static: bool, graph: bool = False):
         gap, lm = model.gap, model.model.language_model
         dim, device, dtype = lm.config.hidden_size, model.device, model.dtype
         cfg = gap.config
         self.config, self.lm, self.head, self.static = model.config, lm, gap.head, static
-        self.rows, self.max_len, self.budget, self.eps = rows, max_len, cfg.latent_budget, cfg.eps
-        self.ids = (cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id)
+        self.rows, self.max_len, self.eps = rows, max_len, cfg.eps
+        self.rule = SpanRule.of(cfg)
         self.attention = hf.attention_kind(model)
         self.embed = model.get_input_embeddings()
         self.end_embed = self.embed.weight[cfg.latent_end_id]
@@ -99,7 +146,7 @@ class Decoder:
         self.pad = torch.zeros((), dtype=torch.long, device=device)  # a tensor: the graph reads it at replay
         self.tau = None if cfg.calibration == "none" else torch.zeros(rows, dtype=torch.float32, device=device)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len) if static else None
-        self.graph = self.hidden = None
+        self.use_graph, self.graph, self.hidden = graph, None, None  # the graph is captured after the first prefill
         self.made_for = self.key(model, rows, max_len, static)
 
     @staticmethod
@@ -112,7 +159,8 @@ class Decoder:
     def start(self, input_ids, attention_mask, position_ids, pad_id, eos, past=None):
         """Reset the state for a new batch whose prompt the next :func:`prefill` writes.
 
-        ``past``: a caller's DynamicCache holding the conversation's start (dynamic decoders only).
+        ``eos`` (n,) the EOS ids (empty: none); ``past``: a caller's DynamicCache holding the
+        conversation's start (dynamic decoders only).
         """
         length = input_ids.shape[1]
         if past is not None:
@@ -125,33 +173,33 @@ class Decoder:
         self.valid[:, :length] = attention_mask.bool()
         self.cur.fill_(length)
         self.pos.copy_(mrope(position_ids)[:, :, -1:] + 1)
-        self.left.copy_(torch.where(input_ids[:, -1] == self.ids[0], self.budget + 1, 0))
+        self.left.copy_(self.rule.opened(0, True, input_ids[:, -1], torch.where))
         self.done.zero_()
         self.pad.fill_(pad_id)
         self.eos = eos
 
     def advance(self, hidden):
         """Write the latents and forced end tokens that follow ``hidden`` (B, D); graph-safe."""
-        left, out = self.left, self.embeds[:, 0]
-        latent, end = left > 1, left == 1
-        self.text.copy_(left == 0)
+        out = self.embeds[:, 0]
+        latent, end, text, left = self.rule.advance(self.left, torch.where)
         head = self.head
         args = (None,) * 4 if head is None else (head.weight, head.bias, head.basis, head.mean)
         ops.latent_step(hidden, *args, self.tau, sigma=None if head is None else head.sigma, eps=self.eps,
                         latent_mask=latent, out=out)
         out.copy_(torch.where(end[:, None], self.end_embed, out))
-        self.tokens.copy_(torch.where(latent, self.ids[2], torch.where(end, self.ids[1], self.pad)))
-        left.sub_((left > 0).long())
+        self.tokens.copy_(self.rule.forced(latent, end, self.pad, torch.where))
+        self.text.copy_(text)
+        self.left.copy_(left)
 
     def commit(self, sampled):
-        """Append the sampled tokens of the text rows (eager, text steps only)."""
+        """Append the sampled tokens of the text rows (eager, text steps only); finished rows write pad."""
         text, out = self.text, self.embeds[:, 0]
         tok = torch.where(self.done, self.pad, sampled)
         self.tokens.copy_(torch.where(text, tok, self.tokens))
         out.copy_(torch.where(text[:, None], self.embed(tok), out))
-        self.left.masked_fill_(text & (tok == self.ids[0]), self.budget + 1)
-        if self.eos is not None:
-            self.done |= text & torch.isin(tok, self.eos)
+        left, done = self.rule.commit(self.left, self.done, text, tok, torch.isin(tok, self.eos), torch.where)
+        self.left.copy_(left)
+        self.done.copy_(done)
 
     def _mask(self, valid):
         if self.attention == "sdpa":
@@ -258,7 +306,7 @@ def _decoder(model, rows, max_len, static, graph):
         if kept is not None and kept.made_for == Decoder.key(model, rows, max_len, static) and (
                 (kept.graph is not None) == graph):
             return kept
-    dec = Decoder(model, rows, max_len, static)
+    dec = Decoder(model, rows, max_len, static, graph)
     gap.decoder = dec if static else None  # one static decoder kept: its cache and graph are large
     return dec
 
@@ -288,6 +336,101 @@ def sample(model, hidden, seq, logits_processor, do_sample):
     return torch.argmax(scores, dim=-1)
 
 
+@dataclass
+class _Loop:
+    """One generate call on the host: the decoder, its host mirror, the sequences and what the output collects."""
+
+    model: object
+    dec: Decoder
+    prompt: Prompt
+    rows: _Rows
+    seq: torch.Tensor  # (B, total): the prompt, then one token per new position
+    new: int  # the next position of seq to write
+    logits_processor: object
+    do_sample: bool
+    keep: bool  # return_dict_in_generate: collect the latents
+    trace: object = None
+    visual: tuple = (None, None)  # the prompt's visual-embedding norms (N,) and image mask (B, L), from prefill
+    snapshots: list = field(default_factory=list)  # each latent step's fed-back inputs (B, D)
+    written: list = field(default_factory=list)  # per row: the snapshots holding its latents
+
+    def finished(self) -> bool:
+        return self.new == self.seq.shape[1] or self.rows.finished()
+
+
+def _start(model, input_ids, logits_processor, stopping_criteria, generation_config, cuda_graph, static_cache,
+           trace, model_kwargs) -> _Loop:
+    """The decoder for this batch, reset for its prompt, and the host's side of the loop."""
+    rows, length = input_ids.shape
+    device = input_ids.device
+    # HF's merged criteria: a MaxLengthCriteria / EosTokenCriteria the caller passed replaces the default one
+    lengths = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
+    total = min(lengths) if lengths else generation_config.max_length
+    if total <= length:
+        raise ValueError(f"generate: max_length {total} leaves no room after the {length}-token prompt")
+    eos = [c.eos_token_id.reshape(-1).to(device) for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
+    eos = torch.cat(eos) if eos else torch.zeros(0, dtype=torch.long, device=device)
+    pad_id = hf.pad_id(generation_config)
+    prompt = take_prompt(model, input_ids, model_kwargs)
+    static, graph = _modes(model, device, cuda_graph, static_cache, generation_config, prompt.past is not None)
+    dec = _decoder(model, rows, total, static, graph)
+    dec.start(input_ids, prompt.attention_mask, prompt.position_ids, pad_id, eos, prompt.past)
+    host = _Rows(dec.rule, _to_host(input_ids[:, -1]), pad_id, set(_to_host(eos)))
+    seq = torch.full((rows, total), pad_id, dtype=input_ids.dtype, device=device)
+    seq[:, :length] = input_ids
+    return _Loop(model, dec, prompt, host, seq, length, logits_processor, generation_config.do_sample,
+                 generation_config.return_dict_in_generate, trace, written=[[] for _ in range(rows)])
+
+
+def prefill_prompt(loop: _Loop):
+    """Prefill the prompt, set the calibration targets, capture the graph once, write the first position's
+    latent inputs; returns the last hidden (B, D)."""
+    model, dec, prompt = loop.model, loop.dec, loop.prompt
+    rows = prompt.input_ids.shape[0]
+    hidden, norms, image_mask = prefill(model, dec.cache, prompt.input_ids, prompt.attention_mask,
+                                        prompt.position_ids, past=prompt.past_len, **prompt.visual)
+    loop.visual = norms, image_mask
+    if dec.tau is not None:
+        dec.tau.copy_(targets(model.gap, prompt, norms, image_mask, rows))
+    if dec.use_graph and dec.graph is None:
+        dec.capture()
+    if loop.trace is not None:
+        loop.trace.begin(rows, norms, image_mask)
+    dec.advance(hidden)
+    return hidden
+
+
+def next_token(loop: _Loop, hidden) -> bool:
+    """Write every row's token at the next position (the device already wrote the latent rows' inputs);
+    returns whether some live row sampled text there."""
+    dec, rows = loop.dec, loop.rows
+    wrote = rows.advance()
+    if loop.trace is not None:
+        loop.trace.wrote(hidden, wrote, loop.model.gap.head, dec.embeds[:, 0])
+    if loop.keep and any(wrote):
+        for b in (b for b, w in enumerate(wrote) if w):
+            loop.written[b].append(len(loop.snapshots))
+        loop.snapshots.append(dec.embeds[:, 0].clone())
+    text = rows.sampling()
+    if text:  # LM head and sampling only when some live row writes text
+        dec.commit(sample(loop.model, hidden, loop.seq[:, :loop.new], loop.logits_processor, loop.do_sample))
+        rows.commit(_to_host(dec.tokens))
+    loop.seq[:, loop.new] = dec.tokens
+    loop.new += 1
+    return text
+
+
+def decode_n_tokens(loop: _Loop, hidden):
+    """Step until every row is done or the sequences are full; returns the last hidden (B, D)."""
+    while True:
+        text = next_token(loop, hidden)
+        if loop.finished():
+            return hidden
+        hidden = loop.dec.step(loop.new)
+        if loop.trace is not None:
+            loop.trace.stepped(text, hidden.device)
+
+
 def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
            streamer=None, cuda_graph=None, static_cache=None, trace=None, **model_kwargs):
     """HF ``custom_generate`` loop: prefill, then one :meth:`Decoder.step` per new position.
@@ -295,66 +438,24 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     ``trace`` (a :class:`~gapkern.models.trace.StepTrace`, opt-in) times each step and records latent norms.
     """
     _check_supported(generation_config, stopping_criteria, model_kwargs)
-    gap, cfg, device = model.gap, model.gap.config, input_ids.device
-    rows, length = input_ids.shape
-    # HF's merged criteria: a MaxLengthCriteria / EosTokenCriteria the caller passed replaces the default one
-    lengths = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
-    total = min(lengths) if lengths else generation_config.max_length
-    if total <= length:
-        raise ValueError(f"generate: max_length {total} leaves no room after the {length}-token prompt")
-    eos = [c.eos_token_id.reshape(-1).to(device) for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
-    eos = torch.cat(eos) if eos else None
-    pad_id = hf.pad_id(generation_config)
-    prompt = take_prompt(model, input_ids, model_kwargs)
-    static, graph = _modes(model, device, cuda_graph, static_cache, generation_config, prompt.past is not None)
-    dec = _decoder(model, rows, total, static, graph)
+    loop = _start(model, input_ids, logits_processor, stopping_criteria, generation_config, cuda_graph,
+                  static_cache, trace, model_kwargs)
+    hidden = decode_n_tokens(loop, prefill_prompt(loop))
+    return _output(loop, hidden)
 
-    dec.start(input_ids, prompt.attention_mask, prompt.position_ids, pad_id, eos, prompt.past)
-    hidden, norms, image_mask = prefill(model, dec.cache, input_ids, prompt.attention_mask, prompt.position_ids,
-                                        past=prompt.past_len, **prompt.visual)
-    if dec.tau is not None:
-        dec.tau.copy_(targets(gap, prompt, norms, image_mask, rows))
-    if graph and dec.graph is None:
-        dec.capture()
-    starts = [cfg.latent_budget + 1 if t == cfg.latent_start_id else 0 for t in _to_host(input_ids[:, -1])]
-    host = _Rows(starts, cfg.latent_budget, cfg.latent_start_id, set() if eos is None else set(_to_host(eos)))
 
-    seq = torch.full((rows, total), pad_id, dtype=input_ids.dtype, device=device)
-    seq[:, :length] = input_ids
-    keep = generation_config.return_dict_in_generate
-    snapshots, written = [], [[] for _ in range(rows)]  # latent inputs, and per row where its latents are
-    new = length
-    if trace is not None:
-        trace.begin(rows, norms, image_mask)
-    dec.advance(hidden)
-    while True:
-        wrote = host.advance()
-        if trace is not None:
-            trace.wrote(hidden, wrote, gap.head, dec.embeds[:, 0])
-        if keep and any(wrote):
-            for b in (b for b in range(rows) if wrote[b]):
-                written[b].append(len(snapshots))
-            snapshots.append(dec.embeds[:, 0].clone())
-        text = host.sampling()
-        if text:  # LM head and sampling only when some live row writes text
-            dec.commit(sample(model, hidden, seq[:, :new], logits_processor, generation_config.do_sample))
-            host.commit(_to_host(dec.tokens))
-        seq[:, new] = dec.tokens
-        new += 1
-        if new == total or host.finished():
-            break
-        hidden = dec.step(new)
-        if trace is not None:
-            trace.stepped(text, device)
-
-    if not keep:
-        return seq[:, :new]
-    stacked = torch.stack(snapshots) if snapshots else hidden.new_zeros(0, rows, hidden.shape[-1])
-    latents = tuple(stacked[w, b].float() for b, w in enumerate(written))
-    cache = None if static else dec.cache  # a static cache is the kept decoder's: the next call rewrites it
-    if cache is not None and prompt.past is None:
-        setattr(cache, OWN_NORMS, own_norms(norms, image_mask, rows, device))
-    return GapGenerateOutput(sequences=seq[:, :new], latents=latents, **{hf.OUTPUT_CACHE: cache})
+def _output(loop: _Loop, hidden):
+    """The sequences, or (return_dict_in_generate) HF's output with the latents and the cache to continue."""
+    seq = loop.seq[:, :loop.new]
+    if not loop.keep:
+        return seq
+    rows, dec = seq.shape[0], loop.dec
+    stacked = torch.stack(loop.snapshots) if loop.snapshots else hidden.new_zeros(0, rows, hidden.shape[-1])
+    latents = tuple(stacked[w, b].float() for b, w in enumerate(loop.written))
+    cache = None if dec.static else dec.cache  # a static cache is the kept decoder's: the next call rewrites it
+    if cache is not None and loop.prompt.past is None:
+        setattr(cache, OWN_NORMS, own_norms(*loop.visual, rows, seq.device))
+    return GapGenerateOutput(sequences=seq, latents=latents, **{hf.OUTPUT_CACHE: cache})
 
 
 def gap_generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
