@@ -83,7 +83,7 @@ class Steps:
         self.model, self.dec = model, G._decoder(model, rows, length + 2 * G.STATIC_BUCKET, True, ON_GPU)
         pos, _ = model.model.get_rope_index(input_ids, batch["mm_token_type_ids"],
                                             image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
-        self.dec.start(input_ids, mask, pos, ids.pad, torch.zeros(0, dtype=torch.long, device=DEVICE))  # no EOS
+        self.dec.start(input_ids[:, -1], mask, pos, ids.pad, torch.zeros(0, dtype=torch.long, device=DEVICE))
         hidden, norms, image_mask = G.prefill(model, self.dec.cache, input_ids, mask, pos, batch["pixel_values"],
                                               batch["image_grid_thw"])
         self.dec.tau.copy_(model.gap.targets(norms, image_mask, rows))

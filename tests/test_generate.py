@@ -239,8 +239,6 @@ def test_unsupported_options_fail_clearly(tiny):
     try:
         with pytest.raises(NotImplementedError, match="num_beams"):
             model.generate(**batch, max_new_tokens=2, num_beams=2)
-        with pytest.raises(NotImplementedError, match="output_scores"):
-            model.generate(**batch, max_new_tokens=2, output_scores=True, return_dict_in_generate=True)
         with pytest.raises(ValueError, match="custom_generate"):
             model.generate(**batch, max_new_tokens=2, custom_generate=lambda *a, **k: None)
         with pytest.raises(ValueError, match="cuda_graph"):  # the tiny model is on the CPU
