@@ -8,28 +8,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 import gapkern
-from gapkern.models import ForceTokens, generate as G, tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.models import generate as G, tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.models.reference import naive_generate
+
+from generate_cases import CACHES, K, ROWS, forcing, hf_and_patched
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-K = 2
 STEPS = 14
-ROWS = [(4, None), (2, (56, 56)), (6, (56, 84))]
 KEEP = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
-CACHES = [pytest.param(False, id="dynamic"), pytest.param(True, id="static")]
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_qwen2_5_vl(seed=0)
-
-
-def forcing(batch, ids, sched):
-    return LogitsProcessorList([ForceTokens(batch["input_ids"].shape[1], sched, banned=[ids.latent_start])])
 
 
 def spans(ids):
@@ -56,14 +50,7 @@ def test_scores_and_logits_match_hugging_face_without_spans(tiny, sample, static
     kw = dict(max_new_tokens=10, do_sample=sample, logits_processor=forcing(batch, ids, {(2, 3): ids.eos}), **KEEP)
     if sample:
         kw.update(temperature=0.8, top_k=20)
-    torch.manual_seed(0)
-    ref = model.generate(**batch, **kw)
-    gapkern.patch(model, tiny_head(model), ids.gap_config(latent_budget=K, calibration="rms"))
-    try:
-        torch.manual_seed(0)
-        out = model.generate(**batch, static_cache=static, **kw)
-    finally:
-        gapkern.unpatch(model)
+    ref, out = hf_and_patched(model, ids, batch, static, **kw)
     assert torch.equal(out.sequences, ref.sequences), f"\n{out.sequences}\n{ref.sequences}"
     assert len(out.scores) == len(ref.scores) == len(out.logits) == 10
     for got, want in zip(out.scores + out.logits, ref.scores + ref.logits):
