@@ -19,8 +19,9 @@ import torch
 from transformers import LogitsProcessorList
 
 import gapkern
-from gapkern.models import ForceTokens, generate as G, tiny_head, tiny_prompts, tiny_qwen2_5_vl
-from gapkern.models.reference import naive_generate
+from gapkern.models import generate as G
+from gapkern.testing import ForceTokens, tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import naive_generate
 
 from conftest import ON_GPU
 

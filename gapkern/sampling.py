@@ -88,7 +88,7 @@ def generate_responses(model, tokenizer, samples: list[dict], *, n: int = 1, tem
     :class:`gapkern.models.StepTrace` handed to ``generate`` (rows in sample
     order, ``n`` per sample).
     """
-    from .models import ForceTokens
+    from .testing import ForceTokens
 
     batch = prompt_batch(model, tokenizer, samples, settings=settings)
     batch = {k: v.to(model.device) for k, v in batch.items()}

@@ -6,7 +6,7 @@ import torch
 from transformers import LogitsProcessorList
 
 import gapkern
-from gapkern.models import ForceTokens, tiny_head
+from gapkern.testing import ForceTokens, tiny_head
 
 K = 2  # latents per span: short spans keep the CPU tests fast
 ROWS = [(4, None), (2, (56, 56)), (6, (56, 84))]  # three prompt lengths, left padding; row 0 has no image

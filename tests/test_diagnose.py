@@ -12,7 +12,8 @@ import gapkern
 from gapkern.cli import main
 from gapkern.data import image_inputs, load_samples, visual_embeddings
 from gapkern.diagnose import FORCED_SPAN_AT, diagnose, diagnosis_table, hidden_norms, write_diagnosis
-from gapkern.models import ForceTokens, StepTrace, tiny_qwen2_5_vl, tiny_tokenizer
+from gapkern.models import StepTrace
+from gapkern.testing import ForceTokens, tiny_qwen2_5_vl, tiny_tokenizer
 from gapkern.prompts import prompt_batch
 
 from stages import checkpoint, images, line, write_jsonl

@@ -12,7 +12,7 @@ import gapkern.sampling
 from gapkern.cli import main
 from gapkern.data import image_inputs, load_samples, visual_embeddings
 from gapkern.evaluate import evaluate, extract_answer, is_correct, score, score_table
-from gapkern.models import tiny_qwen2_5_vl, tiny_tokenizer
+from gapkern.testing import tiny_qwen2_5_vl, tiny_tokenizer
 from gapkern.sampling import ema_start
 
 from stages import checkpoint, images, line, read_jsonl, torchrun, write_jsonl

@@ -9,8 +9,9 @@ import torch
 from transformers import StaticCache
 
 import gapkern
-from gapkern.models import hf_compat, tiny_head, tiny_prompts, tiny_qwen2_5_vl
-from gapkern.models.reference import naive_generate
+from gapkern.models import hf_compat
+from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import naive_generate
 
 from generate_cases import K, ROWS, forcing
 

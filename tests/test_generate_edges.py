@@ -9,8 +9,8 @@ from transformers import StoppingCriteriaList
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 import gapkern
-from gapkern.models import tiny_head, tiny_prompts, tiny_qwen2_5_vl
-from gapkern.models.reference import naive_generate
+from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import naive_generate
 
 from generate_cases import CACHES, ROWS, forcing
 

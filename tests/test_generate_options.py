@@ -19,7 +19,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.streamers import BaseStreamer
 
 import gapkern
-from gapkern.models import ForceTokens, tiny_qwen2_5_vl, tiny_prompts, tiny_tokenizer
+from gapkern.testing import ForceTokens, tiny_qwen2_5_vl, tiny_prompts, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

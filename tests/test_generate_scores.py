@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import gapkern
-from gapkern.models import generate as G, tiny_head, tiny_prompts, tiny_qwen2_5_vl
-from gapkern.models.reference import naive_generate
+from gapkern.models import generate as G
+from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import naive_generate
 
 from generate_cases import CACHES, K, ROWS, forcing, hf_and_patched
 

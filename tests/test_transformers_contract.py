@@ -11,7 +11,8 @@ import transformers
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
-from gapkern.models import hf_compat as hf, loop_inputs, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.models import hf_compat as hf, loop_inputs
+from gapkern.testing import tiny_prompts, tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VERSION = f"transformers {transformers.__version__}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from ..data import ANSWER_FORMAT
-from ..models.tiny import TinyIds, tiny_qwen2_5_vl, tiny_tokenizer
+from ..testing import TinyIds, tiny_qwen2_5_vl, tiny_tokenizer
 from . import task
 
 __all__ = ["TAGS", "vocabulary", "demo_tokenizer", "demo_model", "SIZES"]

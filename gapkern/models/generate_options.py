@@ -106,7 +106,7 @@ def check_config(generation_config) -> None:
         refuse("guidance_scale", GUIDANCE)
     if gc.use_cache is False:
         refuse("use_cache=False", "a latent exists only as the KV-cache entry of its position (the recomputing "
-                                  "reference is gapkern.models.reference.naive_generate)")
+                                  "reference is gapkern.testing.naive_generate)")
 
 
 def stop_strings(model, generation_config, stopping_criteria, kwargs):
