@@ -7,8 +7,8 @@ layers, 28 heads, 4 kv heads, intermediate 18944, vocab 152064), built on the de
 small vision tower: a decode step never runs the tower, it only sets the prompt's visual
 embeddings. The patched generate replays a CUDA graph per step there.
 
-Recorded in extra_info: ``latent_over_text`` (median latent step / text step, goal <= 0.95 on a
-GPU) on the latent step, ``speedup_vs_naive`` and ``speedup_vs_hf`` on the patched generate.
+The ratios (latent step / text step, goal <= 0.95 on a GPU; the patched generate x HF and x naive)
+are computed from the JSON afterwards, per benchmark group: ``python -m benchmarks.report RESULTS.json``.
 
 Run: pytest benchmarks/bench_generate.py --benchmark-only [--benchmark-json=benchmarks/results/NAME.json]
 """
@@ -19,8 +19,9 @@ import torch
 from transformers import LogitsProcessorList
 
 import gapkern
-from gapkern.models import ForceTokens, generate as G, tiny_head, tiny_prompts, tiny_qwen2_5_vl
-from gapkern.models.reference import naive_generate
+from gapkern.models import generate as G
+from gapkern.testing import ForceTokens, tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import naive_generate
 
 from conftest import ON_GPU
 
@@ -32,7 +33,6 @@ RANK = 629 if ON_GPU else 8  # PCA rank keeping ~95% of variance at 7B
 K = 8  # latents per span
 NEW = 32  # new positions per generate call: two spans (18 latent-only steps), 14 text steps
 PROMPT = [(16, (224, 224))]  # 16 text tokens and a 224x224 image (64 visual tokens)
-RESULTS: dict[tuple[str, str], float] = {}  # (group, impl) -> seconds per call, for the ratios
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,7 +84,7 @@ class Steps:
         self.model, self.dec = model, G._decoder(model, rows, length + 2 * G.STATIC_BUCKET, True, ON_GPU)
         pos, _ = model.model.get_rope_index(input_ids, batch["mm_token_type_ids"],
                                             image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
-        self.dec.start(input_ids, mask, pos, ids.pad, None)
+        self.dec.start(input_ids[:, -1], mask, pos, ids.pad, torch.zeros(0, dtype=torch.long, device=DEVICE))
         hidden, norms, image_mask = G.prefill(model, self.dec.cache, input_ids, mask, pos, batch["pixel_values"],
                                               batch["image_grid_thw"])
         self.dec.tau.copy_(model.gap.targets(norms, image_mask, rows))
@@ -125,13 +125,10 @@ def test_decode_step(measure, benchmark, setup, mode):
     try:
         steps = Steps(model, ids, batch, latent=mode == "latent")
         fn = steps.latent if mode == "latent" else steps.text
-        RESULTS[benchmark.group, mode] = measure(fn, weight_bytes(model, head, mode == "text"), op="decode_step",
-                                                 mode=mode, cuda_graph=ON_GPU, **info)
+        measure(fn, weight_bytes(model, head, mode == "text"), op="decode_step", mode=mode, cuda_graph=ON_GPU,
+                **info)
     finally:
         gapkern.unpatch(model)
-    text = RESULTS.get((benchmark.group, "text"))
-    if mode == "latent" and text:
-        benchmark.extra_info["latent_over_text"] = round(RESULTS[benchmark.group, mode] / text, 3)
 
 
 # ---- whole generate calls --------------------------------------------------------------------------------------
@@ -163,12 +160,6 @@ def test_generate(measure, benchmark, setup, impl):
         fn = lambda: model.generate(**batch, **kw)  # noqa: E731
     try:
         bytes_moved = NEW * weight_bytes(model, head, text=True)  # the weights, once per new position
-        RESULTS[benchmark.group, impl] = measure(fn, bytes_moved, inner=1, op="generate", impl=impl, new=NEW,
-                                                 **info)
+        measure(fn, bytes_moved, inner=1, op="generate", impl=impl, new=NEW, **info)
     finally:
         gapkern.unpatch(model)
-    if impl == "patched":
-        for base in ("naive", "hf"):
-            if (benchmark.group, base) in RESULTS:
-                speedup = RESULTS[benchmark.group, base] / RESULTS[benchmark.group, impl]
-                benchmark.extra_info[f"speedup_vs_{base}"] = round(speedup, 2)

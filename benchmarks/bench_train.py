@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gapkern.models import GapQwen2_5_VLForConditionalGeneration, tiny_head, tiny_qwen2_5_vl
+from gapkern.models import GapQwen2_5_VLForConditionalGeneration
+from gapkern.testing import tiny_head, tiny_qwen2_5_vl
 from gapkern.train import forward as train_forward
 
 from conftest import ON_GPU

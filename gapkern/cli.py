@@ -137,7 +137,7 @@ def _load_head(spec):
 
 
 def _tiny(args, dtype):
-    from .models import tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
+    from .testing import tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
 
     model, ids = tiny_qwen2_5_vl(seed=args.seed, dtype=dtype)
     head = _load_head(args.head)
@@ -322,7 +322,8 @@ def generate(args) -> int:
     from tqdm import tqdm
     from transformers import LogitsProcessorList
 
-    from .models import ForceTokens, StepTrace
+    from .models import StepTrace
+    from .testing import ForceTokens
 
     device, dtype = _device_dtype(args)
     _check_backend(device, dtype)

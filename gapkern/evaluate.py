@@ -12,14 +12,20 @@
   runs of whitespace and punctuation.
 - ``score``: accuracy per task; Avg-P / Avg-R are the mean accuracies over
   the perception / reasoning tasks (None when a category has no task).
+- ``evaluate``: a sample file through a patched model's batched ``generate``,
+  one prediction line per sample (:func:`prediction`) in a JSONL file, written
+  resumably line by line (:mod:`gapkern.resumable`, as curation is).
+- ``score_table``: scores of several configurations as one Markdown table.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import string
 
-__all__ = ["extract_answer", "is_correct", "score", "parse_number", "choice_letter"]
+__all__ = ["extract_answer", "is_correct", "score", "parse_number", "choice_letter", "prediction", "evaluate",
+           "score_table"]
 
 CATEGORIES = ("perception", "reasoning")
 RELATIVE_TOLERANCE = 1e-6
@@ -122,8 +128,9 @@ def _as_number(answer) -> float | None:
 def score(records) -> dict:
     """``records``: dicts with ``task``, ``category`` and ``correct`` (bool).
 
-    Returns ``{"tasks": {task: accuracy}, "counts": {task: lines}, "avg_p": ..., "avg_r": ...}``:
-    Avg-P / Avg-R average the tasks' accuracies (each task weighs the same), None when no task has that category.
+    Returns ``{"tasks": {task: accuracy}, "counts": {task: lines}, "categories": {task: category}, "avg_p": ...,
+    "avg_r": ...}``: Avg-P / Avg-R average the tasks' accuracies (each task weighs the same), None when no task
+    has that category.
     """
     hits, counts, category = {}, {}, {}
     for i, record in enumerate(records):
@@ -144,4 +151,83 @@ def score(records) -> dict:
         values = [acc for task, acc in tasks.items() if category[task] == cat]
         return sum(values) / len(values) if values else None
 
-    return {"tasks": tasks, "counts": counts, "avg_p": average("perception"), "avg_r": average("reasoning")}
+    return {"tasks": tasks, "counts": counts, "categories": category, "avg_p": average("perception"),
+            "avg_r": average("reasoning")}
+
+
+def prediction(sample: dict, text: str, latents: int = 0) -> dict:
+    """One line of an evaluation's predictions: ``id``, ``task``, ``category``, ``expected`` (the sample's
+    answer), ``prediction`` (the response text), ``answer`` (extracted), ``correct``, ``latents`` (written)."""
+    return {"id": sample["id"], "task": sample["task"], "category": sample["category"], "expected": sample["answer"],
+            "prediction": text, "answer": extract_answer(text), "correct": is_correct(text, sample),
+            "latents": int(latents)}
+
+
+def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: str | None = None, batch: int = 8,
+             max_new_tokens: int = 512, temperature: float = 0.0, seed: int = 0, settings: dict | None = None,
+             suppress: list[int] | None = None, span_at: int | None = None, identity: dict | None = None,
+             keep_settings: str | None = None, desc: str = "eval", progress: bool | None = None) -> list[dict]:
+    """Answer ``samples`` (``load_samples``' output) with the patched ``model`` (its head and GapConfig, with
+    ``calibration`` if given, for this run only); write one :func:`prediction` line per sample to the JSONL
+    file ``out``; return those lines.
+
+    Resumes an interrupted run (a run that finds ``out`` finished returns its lines). ``temperature`` 0 is
+    greedy; above, each line draws with a seed derived from ``seed`` and its id. Calibration ``rms`` / ``ema``:
+    every batch starts from one running target (:func:`gapkern.sampling.ema_start`), so a resumed run, or N
+    ranks, answer as one uninterrupted run; the model's own target is left as it was. ``settings``: the image
+    settings (``gapkern.models.prompt.image_settings``). ``suppress`` / ``span_at``: as
+    :func:`gapkern.sampling.generate_responses`. ``identity`` (e.g. the model path) joins the GapConfig, the
+    head's shape, the samples (a digest) and the options in what a resumed run must match; ``keep_settings``:
+    a file that keeps them after the run (:func:`gapkern.resumable.run_lines`).
+    """
+    from .resumable import read_lines, run_lines, samples_digest
+    from .sampling import ema_start, generate_responses
+
+    gap = model.gap
+    config, saved, start = gap.config, gap.tau_ema.detach().clone(), []
+
+    def compute(chunk):
+        if not start:  # once, and only when some line is left to answer
+            calibrated = gap.config.calibration != "none"
+            start.append(ema_start(model, samples, batch=batch, settings=settings) if calibrated else None)
+        responses = generate_responses(model, tokenizer, chunk, temperature=temperature,
+                                       max_new_tokens=max_new_tokens, seed=seed, settings=settings,
+                                       suppress=suppress, span_at=span_at, tau_ema=start[0])
+        return [prediction(sample, one.text, one.latents) for sample, (one,) in zip(chunk, responses)]
+
+    try:
+        if calibration is not None:
+            gap.config = dataclasses.replace(config, calibration=calibration)
+        run = {**(identity or {}), "gap": gap.to_dict(), "samples": samples_digest(samples), "batch": batch,
+               "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "span_at": span_at,
+               "suppress": list(suppress or [])}
+        run_lines(samples, out, run, compute, batch=batch, desc=desc, line_name="prediction line",
+                  out_name="evaluation", keep_settings=keep_settings, progress=progress)
+    finally:
+        gap.config = config
+        gap.tau_ema.copy_(saved)
+    return read_lines(out)
+
+
+def score_table(scores: dict[str, dict]) -> str:
+    """A Markdown table of :func:`score` outputs keyed by configuration name: one row per configuration, one
+    column per task (perception tasks first, then reasoning, each in first-seen order), then Avg-P and Avg-R;
+    accuracies in percent, ``-`` where a configuration has no such task or category."""
+    categories = {}
+    for result in scores.values():
+        for task in result["tasks"]:
+            categories.setdefault(task, (result.get("categories") or {}).get(task))
+    tasks = [t for t, c in categories.items() if c != "reasoning"] + [t for t, c in categories.items()
+                                                                       if c == "reasoning"]
+
+    def cell(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    def row(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [row(["configuration", *tasks, "Avg-P", "Avg-R"]), row(["---"] * (len(tasks) + 3))]
+    for name, result in scores.items():
+        lines.append(row([name, *(cell(result["tasks"].get(t)) for t in tasks), cell(result.get("avg_p")),
+                          cell(result.get("avg_r"))]))
+    return "\n".join(lines) + "\n"

@@ -10,7 +10,8 @@ import PIL.Image
 import torch
 
 import gapkern
-from gapkern.models import GapQwen2_5_VLForConditionalGeneration, tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
+from gapkern.models import GapQwen2_5_VLForConditionalGeneration
+from gapkern.testing import tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
 
 SIZES = [(224, 224), (112, 168), (140, 84), (200, 150)]  # (width, height); merged grids 8x8, 6x4, 3x5, 5x7
 

@@ -12,7 +12,7 @@ from gapkern.build import load_build
 from gapkern.cli import main
 from gapkern.commands.build_data import default_grid
 from gapkern.data import image_inputs, load_samples, merged_grid, pool_targets
-from gapkern.models import tiny_qwen2_5_vl
+from gapkern.testing import tiny_qwen2_5_vl
 
 from stages import checkpoint, images, line, read_jsonl, torchrun, write_jsonl
 

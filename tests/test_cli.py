@@ -15,9 +15,9 @@ from transformers import LogitsProcessorList
 
 import gapkern
 from gapkern.cli import main
-from gapkern.models import (ForceTokens, GapQwen2_5_VLForConditionalGeneration, StepTrace, tiny_head, tiny_prompts,
-                            tiny_qwen2_5_vl, tiny_tokenizer)
-from gapkern.models.reference import naive_generate
+from gapkern.models import GapQwen2_5_VLForConditionalGeneration, StepTrace
+from gapkern.testing import ForceTokens, tiny_head, tiny_prompts, tiny_qwen2_5_vl, tiny_tokenizer
+from gapkern.testing import naive_generate
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -97,14 +97,16 @@ def test_score_accuracy_per_task_and_category_means():
     result = score(records)
     assert result["tasks"] == {"hr": 0.75, "star": 0.5, "vista": pytest.approx(1 / 3)}
     assert result["counts"] == {"hr": 4, "star": 2, "vista": 3}
+    assert result["categories"] == {"hr": "perception", "star": "perception", "vista": "reasoning"}
     assert result["avg_p"] == pytest.approx((0.75 + 0.5) / 2)  # the mean over tasks, not over lines (5/6)
     assert result["avg_r"] == pytest.approx(1 / 3)
 
 
 def test_score_without_a_category_gives_none():
     result = score([{"task": "hr", "category": "perception", "correct": True}])
-    assert result == {"tasks": {"hr": 1.0}, "counts": {"hr": 1}, "avg_p": 1.0, "avg_r": None}
-    assert score([]) == {"tasks": {}, "counts": {}, "avg_p": None, "avg_r": None}
+    assert result == {"tasks": {"hr": 1.0}, "counts": {"hr": 1}, "categories": {"hr": "perception"}, "avg_p": 1.0,
+                      "avg_r": None}
+    assert score([]) == {"tasks": {}, "counts": {}, "categories": {}, "avg_p": None, "avg_r": None}
 
 
 @pytest.mark.parametrize("record, message", [

@@ -10,7 +10,7 @@ import torch
 from gapkern import PCALatentHead
 from gapkern.cli import main
 from gapkern.data import image_embeddings, image_inputs, load_samples, merged_grid, sample_images, visual_embeddings
-from gapkern.models import tiny_qwen2_5_vl
+from gapkern.testing import tiny_qwen2_5_vl
 from gapkern.pca import PCAStats
 
 from stages import SIZES, checkpoint, images, line, torchrun, write_jsonl

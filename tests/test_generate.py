@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 import gapkern
-from gapkern.models import ForceTokens, generate as G, tiny_head, tiny_prompts, tiny_qwen2_5_vl
-from gapkern.models.reference import naive_generate
+from gapkern.models import generate as G
+from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import naive_generate
 
-K = 2  # latents per span: short spans keep the CPU tests fast
+from generate_cases import CACHES, K, ROWS, forcing, hf_and_patched
+
 STEPS = 14
-ROWS = [(4, None), (2, (56, 56)), (6, (56, 84))]  # three prompt lengths; row 0 has no image
 
 
 def schedule(ids):
@@ -38,10 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny():
     model, ids = tiny_qwen2_5_vl(seed=0)
     return model, ids
-
-
-def forcing(batch, ids, sched):
-    return LogitsProcessorList([ForceTokens(batch["input_ids"].shape[1], sched, banned=[ids.latent_start])])
 
 
 def image_norms(model, batch, ids):
@@ -97,7 +93,6 @@ def run_case(model, ids, head, calibration, static=False, rows=ROWS, sched=None,
 
 HEADS = [pytest.param(False, id="output-as-input"), pytest.param(True, id="pca-head")]
 CALIBRATIONS = ["none", "rms", "ema"]
-CACHES = [pytest.param(False, id="dynamic"), pytest.param(True, id="static")]
 
 
 @pytest.mark.parametrize("static", CACHES)
@@ -178,14 +173,7 @@ def test_text_only_matches_hugging_face_generate(tiny, sample, static):
     kw = dict(max_new_tokens=12, do_sample=sample, suppress_tokens=[ids.latent_start])
     if sample:
         kw.update(temperature=0.8, top_k=20, top_p=0.9)
-    torch.manual_seed(0)
-    ref = model.generate(**batch, **kw)
-    gapkern.patch(model, tiny_head(model), ids.gap_config(latent_budget=K, calibration="rms"))
-    try:
-        torch.manual_seed(0)
-        out = model.generate(**batch, static_cache=static, **kw)
-    finally:
-        gapkern.unpatch(model)
+    ref, out = hf_and_patched(model, ids, batch, static, **kw)
     assert torch.equal(out, ref), f"\n{out}\n{ref}"
 
 
@@ -239,8 +227,6 @@ def test_unsupported_options_fail_clearly(tiny):
     try:
         with pytest.raises(NotImplementedError, match="num_beams"):
             model.generate(**batch, max_new_tokens=2, num_beams=2)
-        with pytest.raises(NotImplementedError, match="output_scores"):
-            model.generate(**batch, max_new_tokens=2, output_scores=True, return_dict_in_generate=True)
         with pytest.raises(ValueError, match="custom_generate"):
             model.generate(**batch, max_new_tokens=2, custom_generate=lambda *a, **k: None)
         with pytest.raises(ValueError, match="cuda_graph"):  # the tiny model is on the CPU

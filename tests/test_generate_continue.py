@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, StaticCache
+from transformers import StaticCache
 
 import gapkern
-from gapkern.models import ForceTokens, hf_compat, tiny_head, tiny_prompts, tiny_qwen2_5_vl
-from gapkern.models.reference import naive_generate
+from gapkern.models import hf_compat
+from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import naive_generate
+
+from generate_cases import K, ROWS, forcing
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -18,8 +21,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning"),
 ]
 
-K = 2
-ROWS = [(4, None), (2, (56, 56)), (6, (56, 84))]  # row 0 has no image; left padding
 GREEDY = dict(do_sample=False, return_dict_in_generate=True)
 
 
@@ -40,10 +41,6 @@ def next_turn(batch, out, seed=7, extra=3):
     grown = input_ids.shape[1] - batch["attention_mask"].shape[1]
     mask = torch.cat([batch["attention_mask"], torch.ones(rows, grown, dtype=torch.long)], 1)
     return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": (input_ids == 5).long()}
-
-
-def forcing(batch, ids, sched):
-    return LogitsProcessorList([ForceTokens(batch["input_ids"].shape[1], sched, banned=[ids.latent_start])])
 
 
 def two_turns(model, batch, first=5, second=6, **kw):

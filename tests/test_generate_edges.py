@@ -5,26 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 import gapkern
-from gapkern.models import ForceTokens, tiny_head, tiny_prompts, tiny_qwen2_5_vl
-from gapkern.models.reference import naive_generate
+from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import naive_generate
+
+from generate_cases import CACHES, ROWS, forcing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROWS = [(4, None), (2, (56, 56)), (6, (56, 84))]
-CACHES = [pytest.param(False, id="dynamic"), pytest.param(True, id="static")]
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_qwen2_5_vl(seed=0)
-
-
-def forcing(batch, ids, sched):
-    return LogitsProcessorList([ForceTokens(batch["input_ids"].shape[1], sched, banned=[ids.latent_start])])
 
 
 def assert_same(out, seq, latents):

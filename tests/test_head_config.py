@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import gapkern
 from gapkern import GapConfig, PCALatentHead
-from gapkern.models import tiny_tokenizer
+from gapkern.testing import tiny_tokenizer
 
 import reference as R
 

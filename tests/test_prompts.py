@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gapkern.data import question_text, uses_latents
-from gapkern.models import tiny_qwen2_5_vl, tiny_tokenizer
+from gapkern.testing import tiny_qwen2_5_vl, tiny_tokenizer
 from gapkern.models.prompt import chat_inputs, read_image
 from gapkern.prompts import expand_images, prompt_batch, prompt_messages
 

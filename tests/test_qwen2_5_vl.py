@@ -13,8 +13,8 @@ from transformers import LogitsProcessorList, Qwen2_5_VLForConditionalGeneration
 from transformers.generation import GenerationMixin
 
 import gapkern
-from gapkern.models import (ForceTokens, GapQwen2_5_VLForConditionalGeneration, add_latent_tokens, is_patched,
-                            tiny_head, tiny_prompts, tiny_qwen2_5_vl)
+from gapkern.models import GapQwen2_5_VLForConditionalGeneration, add_latent_tokens, is_patched
+from gapkern.testing import ForceTokens, tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.models.qwen2_5_vl import CheckpointError
 
 ROWS = [(4, None), (2, (56, 56)), (3, (56, 84))]

@@ -1,6 +1,7 @@
 """Every GAP stage is a ``gapkern`` subcommand with its own --help (from the package and as ``python -m``)."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -11,11 +12,20 @@ import gapkern
 from gapkern.cli import main
 from gapkern.commands import STAGES
 
-COMMANDS = ["fit-pca", "build-data", "curate"]
+COMMANDS = ["fit-pca", "build-data", "curate", "eval", "diagnose"]
 
 
 def test_the_stages_are_registered_in_order():
-    assert STAGES[:3] == ("fit_pca", "build_data", "curate")
+    assert STAGES[:6] == ("fit_pca", "build_data", "curate", "train", "evaluate", "diagnose")
+
+
+@pytest.mark.parametrize("module", STAGES)
+def test_every_stage_prints_its_help(capsys, module):
+    name = importlib.import_module(f"gapkern.commands.{module}").NAME
+    with pytest.raises(SystemExit) as info:
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and out.startswith(f"usage: gapkern {name} ") and "--help" in out
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gapkern.data import TargetReader, image_inputs, load_samples
-from gapkern.models import GapQwen2_5_VLForConditionalGeneration, tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
+from gapkern.models import GapQwen2_5_VLForConditionalGeneration
+from gapkern.testing import tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
 from gapkern.train import GapCollator
 from train_data import write_image, write_jsonl, write_targets
 

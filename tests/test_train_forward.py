@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from gapkern.models import GapQwen2_5_VLForConditionalGeneration, tiny_head, tiny_qwen2_5_vl
+from gapkern.models import GapQwen2_5_VLForConditionalGeneration
+from gapkern.testing import tiny_head, tiny_qwen2_5_vl
 from gapkern.train import GapCausalLMOutput, gap_forward, latent_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")

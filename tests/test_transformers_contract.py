@@ -11,7 +11,8 @@ import transformers
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
-from gapkern.models import hf_compat as hf, loop_inputs, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.models import hf_compat as hf, loop_inputs
+from gapkern.testing import tiny_prompts, tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VERSION = f"transformers {transformers.__version__}"
@@ -155,3 +156,41 @@ def test_decode_refuses_keywords_it_does_not_know(tiny):
     seen.pop("generation_config")
     with pytest.raises(NotImplementedError, match="new_thing reached the decoding loop"):
         loop_inputs.take_prompt(model, seen.pop("input_ids"), {**seen, "new_thing": 1})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside the exporters
+def test_exporters_record_generate_through_forward_and_a_patched_model_refuses(tiny):
+    """transformers' exporters capture prefill and decode by wrapping ``model.forward`` during generate (what
+    hf_compat.exporting detects). A patched model refuses, naming torch.export, rather than let them
+    export a plain forward run by a token-by-token loop that never writes a latent."""
+    from transformers.exporters.utils import decompose_prefill_decode
+
+    import gapkern
+
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS[:1], seed=1)
+    stages = decompose_prefill_decode(model, dict(batch))
+    assert set(stages) == {"prefill", "decode"}, f"{VERSION}: the exporters no longer capture forward() calls"
+    gapkern.patch(model, None, ids.gap_config())
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            decompose_prefill_decode(model, dict(batch))
+    finally:
+        gapkern.unpatch(model)
+    cause = failed.value.__cause__
+    assert isinstance(cause, NotImplementedError) and "torch.export (transformers.exporters)" in str(cause), (
+        f"{VERSION}: the exporters reach generate another way; gapkern.models.hf_compat.exporting "
+        f"must follow ({failed.value!r}, caused by {cause!r})")
+
+
+def test_compile_criteria_are_read_from_generate(tiny):
+    """``compile_config`` is honoured where HF's own criteria say generate compiles: a static cache, on a
+    device HF compiles for (the CPU only with CompileConfig._compile_all_devices), not ``disable_compile``."""
+    model, _ = tiny
+    config = transformers.GenerationConfig(compile_config=transformers.CompileConfig(backend="eager"))
+    static, dynamic = StaticCache(config=model.config, max_cache_len=8), DynamicCache(config=model.config)
+    assert not hf.compiles(model, config, static)  # on the CPU
+    config.compile_config._compile_all_devices = True
+    assert hf.compiles(model, config, static) and not hf.compiles(model, config, dynamic)
+    config.disable_compile = True
+    assert not hf.compiles(model, config, static)

@@ -78,7 +78,7 @@ def make_data(folder, checkpoint, n=8, g=2, hard_every=2, seed=0):
 def make_checkpoint(folder, seed=0, init_std=0.02):
     """A plain tiny Qwen2.5-VL checkpoint with the tiny tokenizer, and a PCA head file beside it.
     Returns (checkpoint folder, head file)."""
-    from gapkern.models import tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
+    from gapkern.testing import tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
 
     folder = os.fspath(folder)
     model, ids = tiny_qwen2_5_vl(seed=seed, init_std=init_std)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 # gapkern.commands.<module>, in the order ``gapkern --help`` lists them
-STAGES: tuple[str, ...] = ("fit_pca", "build_data", "curate", "train")
+STAGES: tuple[str, ...] = ("fit_pca", "build_data", "curate", "train", "evaluate", "diagnose", "demo")
 
 
 class UsageError(Exception):

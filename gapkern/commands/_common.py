@@ -14,6 +14,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def add_model_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="PATH",
                         help="a local Qwen2.5-VL checkpoint folder (plain, or saved by gapkern)")
+    add_device_arguments(parser)
+
+
+def add_device_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N; "
                                                              "under torchrun each rank uses cuda:LOCAL_RANK")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on cuda, else float32")

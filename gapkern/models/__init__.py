@@ -1,13 +1,12 @@
 """Model integrations, one small file per model family, dispatched by ``config.model_type``."""
 from .qwen2_5_vl import GapQwen2_5_VLForConditionalGeneration, GapState, is_patched
-from .tiny import ForceTokens, TinyIds, tiny_head, tiny_prompts, tiny_qwen2_5_vl, tiny_tokenizer
 from .tokens import add_latent_tokens
 from .trace import StepTrace
 from . import qwen2_5_vl
 
 __all__ = [
     "patch", "unpatch", "is_patched", "add_latent_tokens", "GapQwen2_5_VLForConditionalGeneration", "GapState",
-    "ForceTokens", "TinyIds", "tiny_qwen2_5_vl", "tiny_head", "tiny_prompts", "tiny_tokenizer", "StepTrace",
+    "StepTrace",
 ]
 
 _FAMILIES = {qwen2_5_vl.MODEL_TYPE: qwen2_5_vl}

@@ -1,34 +1,37 @@
-"""The latent-aware decode loop of SPEC section 3, gpt-fast style: prefill, decode_one, decode.
+"""The latent-aware decode loop of SPEC section 3, gpt-fast style: prefill, next_token, decode_n_tokens.
 
 ``gap_generate`` keeps Hugging Face's ``generate``: HF prepares the generation
-config, the logits processors, the lengths and the M-RoPE positions (rope
-deltas computed once, at prefill), then runs :func:`decode` as its custom
-decoding loop.
+config, the logits processors, the stopping criteria, the lengths and the
+M-RoPE positions (rope deltas computed once, at prefill), then runs
+:func:`decode` as its custom decoding loop. :mod:`.generate_options` refuses,
+saying why, the options this loop cannot honour.
 
-Per row the state is one counter, ``left``: 0 in text mode, ``K + 1`` once the
-row sampled (or its prompt ends with) the start token; every step decrements
-it. A step where ``left > 1`` writes a latent as the next input, ``left == 1``
-forces the end token. The device keeps the counter in a tensor that the
-(captured) step updates; the host keeps an exact mirror (:class:`_Rows`), so
-it knows each row's mode without reading the device. Only a step where some
-live row is in text mode runs the LM head and reads the sampled tokens back:
-that read is the loop's one host sync, and a latent span has none.
+The step's state and SPEC section 3's span rule live in :mod:`.decoder`: the
+device applies the rule inside the (captured) decode step, the host mirror
+applies it to Python ints, so the host knows each row's mode without reading
+the device. Only a step where some live row is in text mode runs the LM head
+and reads the sampled tokens back: that read is the loop's one host sync, and
+a latent span has none (unless scores are kept: then the LM head also runs
+where finished rows are in text mode; or the caller's stopping criteria need
+a read every step).
 
 What HF hands the loop (it differs between releases: :mod:`.hf_compat`) is
 read by :mod:`.loop_inputs`, which also continues a caller's ``past_key_values``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import StoppingCriteriaList
 from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
-from .. import ops
+from . import generate_options as options
 from . import hf_compat as hf
-from .loop_inputs import OWN_NORMS, check_inputs, mrope, own_norms, take_prompt, targets
+from .decoder import Decoder, Rows
+from .loop_inputs import OWN_NORMS, Prompt, check_inputs, last_tokens, mrope, own_norms, take_prompt, targets
 
 STATIC_BUCKET = 128  # static caches are sized in multiples of this, so a captured graph serves many lengths
 GRAPH_ATTENTION = ("sdpa", "eager")  # attention kernels the decode step can take a prebuilt mask for
@@ -42,177 +45,24 @@ class GapGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 def _to_host(t: torch.Tensor) -> list:
-    """The loop's only device-to-host read (a function so tests can count the calls)."""
+    """The loop's device-to-host reads (a function so tests can count the calls)."""
     return t.tolist()
 
 
-class _Rows:
-    """Host mirror of the per-row counters: which rows write latents, sample text, are done."""
-
-    def __init__(self, left: list[int], budget: int, start_id: int, eos: set[int]):
-        self.left, self.budget, self.start_id, self.eos = left, budget, start_id, eos
-        self.done = [False] * len(left)
-        self.text = [False] * len(left)
-
-    def advance(self) -> list[bool]:
-        """Mirror :meth:`Decoder.advance`; returns which rows wrote a latent."""
-        wrote = [n > 1 for n in self.left]
-        self.text = [n == 0 for n in self.left]
-        self.left = [max(n - 1, 0) for n in self.left]
-        return wrote
-
-    def sampling(self) -> bool:
-        return any(t and not d for t, d in zip(self.text, self.done))
-
-    def commit(self, tokens: list[int]) -> None:
-        for b, tok in enumerate(tokens):
-            if self.text[b] and not self.done[b]:
-                if tok == self.start_id:
-                    self.left[b] = self.budget + 1
-                self.done[b] = tok in self.eos
-
-    def finished(self) -> bool:
-        return all(self.done)
-
-
-class Decoder:
-    """Static buffers of one decode loop; ``step`` reads and writes only these (graph-safe)."""
-
-    def __init__(self, model, rows: int, max_len: int, static: bool):
-        gap, lm = model.gap, model.model.language_model
-        dim, device, dtype = lm.config.hidden_size, model.device, model.dtype
-        cfg = gap.config
-        self.config, self.lm, self.head, self.static = model.config, lm, gap.head, static
-        self.rows, self.max_len, self.budget, self.eps = rows, max_len, cfg.latent_budget, cfg.eps
-        self.ids = (cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id)
-        self.attention = hf.attention_kind(model)
-        self.embed = model.get_input_embeddings()
-        self.end_embed = self.embed.weight[cfg.latent_end_id]
-        self.embeds = torch.zeros(rows, 1, dim, dtype=dtype, device=device)  # next input, written in place
-        self.pos = torch.zeros(3, rows, 1, dtype=torch.long, device=device)  # its M-RoPE position
-        self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)  # attention mask over the cache
-        self.cur = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
-        self.left = torch.zeros(rows, dtype=torch.long, device=device)
-        self.text = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # what this step appends
-        self.pad = torch.zeros((), dtype=torch.long, device=device)  # a tensor: the graph reads it at replay
-        self.tau = None if cfg.calibration == "none" else torch.zeros(rows, dtype=torch.float32, device=device)
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len) if static else None
-        self.graph = self.hidden = None
-        self.made_for = self.key(model, rows, max_len, static)
-
-    @staticmethod
-    def key(model, rows, max_len, static):
-        """What a kept decoder must match to be reused: shapes, the attention kernel (it prebuilt the mask for
-        it), the head and the GapConfig."""
-        gap = model.gap
-        return rows, max_len, static, hf.attention_kind(model), id(gap.head), tuple(gap.config.to_dict().values())
-
-    def start(self, input_ids, attention_mask, position_ids, pad_id, eos, past=None):
-        """Reset the state for a new batch whose prompt the next :func:`prefill` writes.
-
-        ``past``: a caller's DynamicCache holding the conversation's start (dynamic decoders only).
-        """
-        length = input_ids.shape[1]
-        if past is not None:
-            self.cache = past
-        elif self.static:
-            self.cache.reset()
-        else:
-            self.cache = DynamicCache(config=self.config)
-        self.valid.zero_()
-        self.valid[:, :length] = attention_mask.bool()
-        self.cur.fill_(length)
-        self.pos.copy_(mrope(position_ids)[:, :, -1:] + 1)
-        self.left.copy_(torch.where(input_ids[:, -1] == self.ids[0], self.budget + 1, 0))
-        self.done.zero_()
-        self.pad.fill_(pad_id)
-        self.eos = eos
-
-    def advance(self, hidden):
-        """Write the latents and forced end tokens that follow ``hidden`` (B, D); graph-safe."""
-        left, out = self.left, self.embeds[:, 0]
-        latent, end = left > 1, left == 1
-        self.text.copy_(left == 0)
-        head = self.head
-        args = (None,) * 4 if head is None else (head.weight, head.bias, head.basis, head.mean)
-        ops.latent_step(hidden, *args, self.tau, sigma=None if head is None else head.sigma, eps=self.eps,
-                        latent_mask=latent, out=out)
-        out.copy_(torch.where(end[:, None], self.end_embed, out))
-        self.tokens.copy_(torch.where(latent, self.ids[2], torch.where(end, self.ids[1], self.pad)))
-        left.sub_((left > 0).long())
-
-    def commit(self, sampled):
-        """Append the sampled tokens of the text rows (eager, text steps only)."""
-        text, out = self.text, self.embeds[:, 0]
-        tok = torch.where(self.done, self.pad, sampled)
-        self.tokens.copy_(torch.where(text, tok, self.tokens))
-        out.copy_(torch.where(text[:, None], self.embed(tok), out))
-        self.left.masked_fill_(text & (tok == self.ids[0]), self.budget + 1)
-        if self.eos is not None:
-            self.done |= text & torch.isin(tok, self.eos)
-
-    def _mask(self, valid):
-        if self.attention == "sdpa":
-            return {"full_attention": valid[:, None, None, :]}
-        if self.attention == "eager":
-            bias = torch.zeros(valid.shape, dtype=self.embeds.dtype, device=valid.device)
-            return {"full_attention": bias.masked_fill(~valid, torch.finfo(bias.dtype).min)[:, None, None, :]}
-        return valid.long()  # other kernels build their own mask from the 2-D one (eager path only)
-
-    def decode_one(self, kv_len: int):
-        """Forward the pending input, then advance; returns the final-normed hidden (B, D)."""
-        self.valid.index_fill_(1, self.cur, True)
-        valid = self.valid if self.static else self.valid[:, :kv_len]
-        out = self.lm(inputs_embeds=self.embeds, attention_mask=self._mask(valid), position_ids=self.pos,
-                      use_cache=True, **{hf.CACHE_KEYWORD: self.cache})
-        self.pos += 1
-        self.cur += 1
-        hidden = out.last_hidden_state[:, -1]
-        self.advance(hidden)
-        return hidden
-
-    def step(self, kv_len: int):
-        if self.graph is None:
-            return self.decode_one(kv_len)
-        self.graph.replay()
-        return self.hidden
-
-    def _state(self):
-        layers = hf.static_lengths(self.cache)
-        return [self.embeds, self.pos, self.valid, self.cur, self.left, self.text, self.tokens, *layers]
-
-    def warm_up(self, runs: int = 2):
-        """Run ``decode_one`` and undo it: the state is restored, and the cache slot it
-        wrote is the one the next real step rewrites."""
-        saved = [t.clone() for t in self._state()]
-        for _ in range(runs):
-            self.decode_one(self.max_len)
-            for t, s in zip(self._state(), saved):
-                t.copy_(s)
-
-    def capture(self):
-        """Capture ``decode_one`` in a CUDA graph; text and latent steps replay the same graph."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.warm_up()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records only: nothing runs, the state is untouched
-            self.hidden = self.decode_one(self.max_len)
-        self.graph = graph
-
-
 def prefill(model, cache, input_ids, attention_mask, position_ids, pixel_values=None, image_grid_thw=None,
-            pixel_values_videos=None, video_grid_thw=None, mm_encoder_outputs=None, past=0):
+            pixel_values_videos=None, video_grid_thw=None, mm_encoder_outputs=None, past=0, inputs_embeds=None,
+            chunk=None):
     """Run the prompt from position ``past`` on into ``cache`` (which holds the positions before).
 
-    Returns (last hidden (B, D), visual-embedding norms (N,) in prompt order, image mask (B, L - past)).
+    ``inputs_embeds`` (B, P, D): fed instead of the embedded ``input_ids``, and
+    the image placeholders are the positions holding the image token's
+    embedding (HF's rule). ``chunk``: positions per forward pass (HF's
+    ``prefill_chunk_size``). Returns (last hidden (B, D), visual-embedding norms
+    (N,) in prompt order, image mask (B, P - past)).
     """
     new = input_ids[:, past:]
-    embeds = model.get_input_embeddings()(new)
+    embed = model.get_input_embeddings()
+    embeds = embed(new) if inputs_embeds is None else inputs_embeds[:, past:]
     visual = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
                   video_grid_thw=video_grid_thw, mm_encoder_outputs=mm_encoder_outputs)
     norms = image_mask = None
@@ -221,57 +71,39 @@ def prefill(model, cache, input_ids, attention_mask, position_ids, pixel_values=
         feats = hf.visual_features(model, visual, kind)
         if feats is None:
             continue
-        mask = new == token
+        mask = new == token if inputs_embeds is None else (embeds == embed.weight[token]).all(-1)
         slots = int(mask.sum())
         if slots != feats.shape[0]:  # masked_scatter would drop extra embeddings silently
-            raise ValueError(f"{arg}: {feats.shape[0]} {kind} embeddings for {slots} {kind} tokens in input_ids")
+            where = "input_ids" if inputs_embeds is None else "inputs_embeds"
+            raise ValueError(f"{arg}: {feats.shape[0]} {kind} embeddings for {slots} {kind} tokens in {where}")
         feats = feats.to(embeds.device, embeds.dtype)
         embeds = embeds.masked_scatter(mask[..., None], feats)
         if kind == "image":
             norms, image_mask = torch.linalg.vector_norm(feats.float(), dim=-1), mask
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                     position_ids=mrope(position_ids)[..., past:], use_cache=True,
-                                     **{hf.CACHE_KEYWORD: cache})
+    positions, length = mrope(position_ids)[..., past:], embeds.shape[1]
+    for at in range(0, length, chunk or length):
+        end = min(at + (chunk or length), length)
+        out = model.model.language_model(inputs_embeds=embeds[:, at:end], attention_mask=attention_mask[:, :past + end],
+                                         position_ids=positions[..., at:end], use_cache=True,
+                                         **{hf.CACHE_KEYWORD: cache})
     return out.last_hidden_state[:, -1].contiguous(), norms, image_mask
 
 
-def _check_supported(generation_config, stopping_criteria, model_kwargs):
-    unsupported = {
-        "num_beams > 1": generation_config.num_beams > 1,
-        "output_scores / output_logits": generation_config.output_scores or generation_config.output_logits,
-        "output_attentions / output_hidden_states":
-            generation_config.output_attentions or generation_config.output_hidden_states,
-        "inputs_embeds (pass input_ids)": model_kwargs.get("inputs_embeds") is not None,
-        "stopping criteria other than max length / EOS":
-            any(not isinstance(c, (MaxLengthCriteria, EosTokenCriteria)) for c in stopping_criteria),
-    }
-    for what, used in unsupported.items():
-        if used:
-            raise NotImplementedError(f"generate: {what} is not supported by the latent-aware generate")
-
-
-def _decoder(model, rows, max_len, static, graph):
-    gap = model.gap
-    if static:
-        max_len = -(-max_len // STATIC_BUCKET) * STATIC_BUCKET
-        kept = gap.decoder
-        if kept is not None and kept.made_for == Decoder.key(model, rows, max_len, static) and (
-                (kept.graph is not None) == graph):
-            return kept
-    dec = Decoder(model, rows, max_len, static)
-    gap.decoder = dec if static else None  # one static decoder kept: its cache and graph are large
-    return dec
-
-
 def _modes(model, device, cuda_graph, static_cache, generation_config, continuing=False):
+    """(static cache, CUDA graph) for this call. An explicit ``compile_config`` replaces the graph: its
+    ``mode`` decides (``reduce-overhead`` makes CUDA graphs of its own)."""
     attention = hf.attention_kind(model)
     if continuing:
         if cuda_graph or static_cache or generation_config.cache_implementation == "static":
             raise ValueError("past_key_values: a continued conversation decodes on the caller's DynamicCache; "
                              "static_cache, cuda_graph and cache_implementation='static' need a fresh prompt")
         return False, False
+    compiling = generation_config.compile_config is not None and not generation_config.disable_compile
+    if compiling and cuda_graph:
+        raise ValueError("cuda_graph / compile_config: pass one (torch.compile's mode='reduce-overhead' makes "
+                         "CUDA graphs itself)")
     on_cuda = device.type == "cuda"
-    graph = on_cuda and attention in GRAPH_ATTENTION if cuda_graph is None else bool(cuda_graph)
+    graph = on_cuda and attention in GRAPH_ATTENTION and not compiling if cuda_graph is None else bool(cuda_graph)
     if graph and not on_cuda:
         raise ValueError("cuda_graph: needs the model and inputs on a CUDA device")
     static = graph or bool(static_cache) or generation_config.cache_implementation == "static"
@@ -280,81 +112,239 @@ def _modes(model, device, cuda_graph, static_cache, generation_config, continuin
     return static, graph
 
 
-def sample(model, hidden, seq, logits_processor, do_sample):
-    """The next token of every row from ``hidden`` (B, D), as HF's ``_sample`` picks it."""
-    scores = logits_processor(seq, model.lm_head(hidden).float())
+def _decoder(model, rows, max_len, static, graph, min_len=None):
+    """The kept static decoder if it fits this call, else a new one (kept if static)."""
+    gap = model.gap
+    if static:
+        max_len = -(-max(max_len, min_len or 0) // STATIC_BUCKET) * STATIC_BUCKET
+        kept = gap.decoder
+        if kept is not None and kept.made_for == Decoder.key(model, rows, max_len, static) and (
+                (kept.graph is not None) == graph):
+            return kept
+    dec = Decoder(model, rows, max_len, static, graph)
+    gap.decoder = dec if static else None  # one static decoder kept: its cache and graph are large
+    return dec
+
+
+def _compile(model, dec, generation_config) -> None:
+    """Honour ``compile_config`` where HF's generate would compile (a static cache on a device it compiles for,
+    not ``disable_compile``); HF logs why when it would not."""
+    config = generation_config.compile_config
+    wanted = config is not None and not generation_config.disable_compile
+    dec.compile(config.to_dict() if wanted and hf.compiles(model, generation_config, dec.cache) else None)
+
+
+def head_scores(model, hidden, seq, logits_processor):
+    """The LM head's logits (B, V) float32 at ``hidden`` and the processed scores, as HF's ``_sample`` has them."""
+    logits = model.lm_head(hidden).float()
+    return logits, logits_processor(seq, logits)
+
+
+def choose(scores, do_sample):
+    """The next token of every row from its scores, as HF's ``_sample`` picks it."""
     if do_sample:
         return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
     return torch.argmax(scores, dim=-1)
+
+
+def sample(model, hidden, seq, logits_processor, do_sample):
+    """The next token of every row from ``hidden`` (B, D)."""
+    return choose(head_scores(model, hidden, seq, logits_processor)[1], do_sample)
+
+
+class Scores:
+    """``output_scores`` / ``output_logits``: one (B, V) float32 tensor per new position, as HF shapes them.
+
+    A row that sampled (or, finished, would have: HF keeps scoring finished rows)
+    has the processed scores / the LM head's logits; a latent or forced end
+    position has HF's forced-token row: 0 at the token written, -inf elsewhere,
+    so ``compute_transition_scores`` gives it log-probability 0.
+    """
+
+    def __init__(self, generation_config, vocab: int):
+        self.scores = [] if generation_config.output_scores else None
+        self.logits = [] if generation_config.output_logits else None
+        self.vocab = vocab
+
+    def add(self, tokens, text, logits=None, scores=None):
+        """This position's ``tokens`` (B,); ``text`` (B,) bool the rows whose ``logits`` / ``scores`` count."""
+        forced = torch.full((tokens.shape[0], self.vocab), float("-inf"), device=tokens.device)
+        forced.scatter_(1, tokens[:, None], 0.0)
+        for kept, computed in ((self.scores, scores), (self.logits, logits)):
+            if kept is not None:
+                kept.append(forced if computed is None else torch.where(text[:, None], computed, forced))
+
+    def output(self) -> dict:
+        return {"scores": None if self.scores is None else tuple(self.scores),
+                "logits": None if self.logits is None else tuple(self.logits)}
+
+
+@dataclass
+class _Loop:
+    """One generate call on the host: the decoder, its host mirror, the sequences and what the output collects."""
+
+    model: object
+    dec: Decoder
+    prompt: Prompt
+    rows: Rows
+    seq: torch.Tensor  # (B, total): the prompt's ids, then one token per new position
+    new: int  # the next position of seq to write
+    offset: int  # the KV cache's positions minus seq's (an inputs_embeds prompt without ids)
+    logits_processor: object
+    criteria: object  # stopping criteria besides max length and EOS (evaluated every step), or None
+    do_sample: bool
+    keep: bool  # return_dict_in_generate: collect the latents
+    scores: Scores | None = None  # output_scores / output_logits (return_dict_in_generate)
+    streamer: object = None
+    trace: object = None
+    visual: tuple = (None, None)  # the prompt's visual-embedding norms (N,) and image mask (B, P), from prefill
+    snapshots: list = field(default_factory=list)  # each latent step's fed-back inputs (B, D)
+    written: list = field(default_factory=list)  # per row: the snapshots holding its latents
+
+    def finished(self) -> bool:
+        return self.new == self.seq.shape[1] or self.rows.finished()
+
+
+def _criteria(stopping_criteria, generation_config, device):
+    """(max length, EOS ids (n,), the other criteria or None) from HF's merged stopping criteria: a
+    MaxLengthCriteria / EosTokenCriteria the caller passed replaces the default one."""
+    lengths = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
+    eos = [c.eos_token_id.reshape(-1).to(device) for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
+    others = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+    return (min(lengths) if lengths else generation_config.max_length,
+            torch.cat(eos) if eos else torch.zeros(0, dtype=torch.long, device=device),
+            StoppingCriteriaList(others) if others else None)
+
+
+def _start(model, input_ids, logits_processor, stopping_criteria, generation_config, cuda_graph, static_cache,
+           trace, streamer, model_kwargs) -> _Loop:
+    """The decoder for this batch, reset for its prompt, and the host's side of the loop."""
+    (rows, length), device, gc = input_ids.shape, input_ids.device, generation_config
+    total, eos, others = _criteria(stopping_criteria, gc, device)
+    if total <= length:
+        raise ValueError(f"generate: max_length {total} leaves no room after the {length}-token prompt")
+    pad_id = hf.pad_id(gc)
+    prompt = take_prompt(model, input_ids, model_kwargs)
+    offset = prompt.length - length
+    static, graph = _modes(model, device, cuda_graph, static_cache, gc, prompt.past is not None)
+    dec = _decoder(model, rows, total + offset, static, graph, gc.max_cache_len)
+    last = last_tokens(model, prompt)
+    dec.start(last, prompt.attention_mask, prompt.position_ids, pad_id, eos, prompt.past)
+    _compile(model, dec, gc)
+    host = Rows(dec.rule, _to_host(last), pad_id, set(_to_host(eos)))
+    seq = torch.full((rows, total), pad_id, dtype=input_ids.dtype, device=device)
+    seq[:, :length] = input_ids
+    keep = gc.return_dict_in_generate
+    scores = Scores(gc, model.lm_head.weight.shape[0]) if keep and (gc.output_scores or gc.output_logits) else None
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    return _Loop(model, dec, prompt, host, seq, length, offset, logits_processor, others, gc.do_sample, keep, scores,
+                 streamer, trace, written=[[] for _ in range(rows)])
+
+
+def prefill_prompt(loop: _Loop, chunk=None):
+    """Prefill the prompt, set the calibration targets, capture the graph once, write the first position's
+    latent inputs; returns the last hidden (B, D)."""
+    model, dec, prompt = loop.model, loop.dec, loop.prompt
+    rows = prompt.input_ids.shape[0]
+    hidden, norms, image_mask = prefill(model, dec.cache, prompt.input_ids, prompt.attention_mask,
+                                        prompt.position_ids, past=prompt.past_len, inputs_embeds=prompt.embeds,
+                                        chunk=chunk, **prompt.visual)
+    loop.visual = norms, image_mask
+    if dec.tau is not None:
+        dec.tau.copy_(targets(model.gap, prompt, norms, image_mask, rows))
+    if dec.use_graph and dec.graph is None:
+        dec.capture()
+    if loop.trace is not None:
+        loop.trace.begin(rows, norms, image_mask)
+    dec.advance(hidden)
+    return hidden
+
+
+def next_token(loop: _Loop, hidden) -> bool:
+    """Write every row's token at the next position (the device already wrote the latent rows' inputs);
+    returns whether some live row sampled text there."""
+    dec, rows = loop.dec, loop.rows
+    wrote = rows.advance()
+    if loop.trace is not None:
+        loop.trace.wrote(hidden, wrote, loop.model.gap.head, dec.embeds[:, 0])
+    if loop.keep and any(wrote):
+        for b in (b for b, w in enumerate(wrote) if w):
+            loop.written[b].append(len(loop.snapshots))
+        loop.snapshots.append(dec.embeds[:, 0].clone())
+    text = rows.sampling()
+    logits = scores = None
+    # the LM head runs only when some live row writes text, or when scores are kept and some row is in text mode
+    if text or (loop.scores is not None and any(rows.text)):
+        logits, scores = head_scores(loop.model, hidden, loop.seq[:, :loop.new], loop.logits_processor)
+    if text:
+        dec.commit(choose(scores, loop.do_sample))
+        rows.commit(_to_host(dec.tokens))
+    if loop.scores is not None:
+        loop.scores.add(dec.tokens, dec.text, logits, scores)
+    loop.seq[:, loop.new] = dec.tokens
+    loop.new += 1
+    if loop.streamer is not None:
+        loop.streamer.put(torch.tensor(rows.tokens))  # the host knows them: no device read
+    if loop.criteria is not None:
+        _stop(loop)
+    return text
+
+
+def _stop(loop: _Loop) -> None:
+    """The caller's stopping criteria (stop strings, max time, ...) on the sequences so far, as HF evaluates them
+    after every token: one host read per step, only when such criteria are given."""
+    scores = None if loop.scores is None or loop.scores.scores is None else tuple(loop.scores.scores)
+    stopped = loop.criteria(loop.seq[:, :loop.new], scores)
+    flags = _to_host(stopped)
+    if any(flags):
+        loop.dec.stop(stopped.to(loop.dec.done.device))
+        loop.rows.stop(flags)
+
+
+def decode_n_tokens(loop: _Loop, hidden):
+    """Step until every row is done or the sequences are full; returns the last hidden (B, D)."""
+    while True:
+        text = next_token(loop, hidden)
+        if loop.finished():
+            return hidden
+        hidden = loop.dec.step(loop.new + loop.offset)
+        if loop.trace is not None:
+            loop.trace.stepped(text, hidden.device)
 
 
 def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
            streamer=None, cuda_graph=None, static_cache=None, trace=None, **model_kwargs):
     """HF ``custom_generate`` loop: prefill, then one :meth:`Decoder.step` per new position.
 
-    ``trace`` (a :class:`~gapkern.models.trace.StepTrace`, opt-in) times each step and records latent norms.
+    ``streamer`` gets the prompt, then every new position's tokens (latent
+    placeholders and forced end tokens included), as HF's loop hands them.
+    ``trace`` (a :class:`~gapkern.models.trace.StepTrace`, opt-in) times each
+    step and records latent norms.
     """
-    _check_supported(generation_config, stopping_criteria, model_kwargs)
-    gap, cfg, device = model.gap, model.gap.config, input_ids.device
-    rows, length = input_ids.shape
-    # HF's merged criteria: a MaxLengthCriteria / EosTokenCriteria the caller passed replaces the default one
-    lengths = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
-    total = min(lengths) if lengths else generation_config.max_length
-    if total <= length:
-        raise ValueError(f"generate: max_length {total} leaves no room after the {length}-token prompt")
-    eos = [c.eos_token_id.reshape(-1).to(device) for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
-    eos = torch.cat(eos) if eos else None
-    pad_id = hf.pad_id(generation_config)
-    prompt = take_prompt(model, input_ids, model_kwargs)
-    static, graph = _modes(model, device, cuda_graph, static_cache, generation_config, prompt.past is not None)
-    dec = _decoder(model, rows, total, static, graph)
+    options.check_config(generation_config)
+    loop = _start(model, input_ids, logits_processor, stopping_criteria, generation_config, cuda_graph,
+                  static_cache, trace, streamer, model_kwargs)
+    hidden = decode_n_tokens(loop, prefill_prompt(loop, generation_config.prefill_chunk_size))
+    if streamer is not None:
+        streamer.end()
+    return _output(loop, hidden)
 
-    dec.start(input_ids, prompt.attention_mask, prompt.position_ids, pad_id, eos, prompt.past)
-    hidden, norms, image_mask = prefill(model, dec.cache, input_ids, prompt.attention_mask, prompt.position_ids,
-                                        past=prompt.past_len, **prompt.visual)
-    if dec.tau is not None:
-        dec.tau.copy_(targets(gap, prompt, norms, image_mask, rows))
-    if graph and dec.graph is None:
-        dec.capture()
-    starts = [cfg.latent_budget + 1 if t == cfg.latent_start_id else 0 for t in _to_host(input_ids[:, -1])]
-    host = _Rows(starts, cfg.latent_budget, cfg.latent_start_id, set() if eos is None else set(_to_host(eos)))
 
-    seq = torch.full((rows, total), pad_id, dtype=input_ids.dtype, device=device)
-    seq[:, :length] = input_ids
-    keep = generation_config.return_dict_in_generate
-    snapshots, written = [], [[] for _ in range(rows)]  # latent inputs, and per row where its latents are
-    new = length
-    if trace is not None:
-        trace.begin(rows, norms, image_mask)
-    dec.advance(hidden)
-    while True:
-        wrote = host.advance()
-        if trace is not None:
-            trace.wrote(hidden, wrote, gap.head, dec.embeds[:, 0])
-        if keep and any(wrote):
-            for b in (b for b in range(rows) if wrote[b]):
-                written[b].append(len(snapshots))
-            snapshots.append(dec.embeds[:, 0].clone())
-        text = host.sampling()
-        if text:  # LM head and sampling only when some live row writes text
-            dec.commit(sample(model, hidden, seq[:, :new], logits_processor, generation_config.do_sample))
-            host.commit(_to_host(dec.tokens))
-        seq[:, new] = dec.tokens
-        new += 1
-        if new == total or host.finished():
-            break
-        hidden = dec.step(new)
-        if trace is not None:
-            trace.stepped(text, device)
-
-    if not keep:
-        return seq[:, :new]
-    stacked = torch.stack(snapshots) if snapshots else hidden.new_zeros(0, rows, hidden.shape[-1])
-    latents = tuple(stacked[w, b].float() for b, w in enumerate(written))
-    cache = None if static else dec.cache  # a static cache is the kept decoder's: the next call rewrites it
-    if cache is not None and prompt.past is None:
-        setattr(cache, OWN_NORMS, own_norms(norms, image_mask, rows, device))
-    return GapGenerateOutput(sequences=seq[:, :new], latents=latents, **{hf.OUTPUT_CACHE: cache})
+def _output(loop: _Loop, hidden):
+    """The sequences, or (return_dict_in_generate) HF's output with the scores, the latents and the cache to
+    continue."""
+    seq = loop.seq[:, :loop.new]
+    if not loop.keep:
+        return seq
+    rows, dec = seq.shape[0], loop.dec
+    stacked = torch.stack(loop.snapshots) if loop.snapshots else hidden.new_zeros(0, rows, hidden.shape[-1])
+    latents = tuple(stacked[w, b].float() for b, w in enumerate(loop.written))
+    cache = None if dec.static else dec.cache  # a static cache is the kept decoder's: the next call rewrites it
+    if cache is not None and loop.prompt.past is None:
+        setattr(cache, OWN_NORMS, own_norms(*loop.visual, rows, seq.device))
+    scores = {} if loop.scores is None else loop.scores.output()
+    return GapGenerateOutput(sequences=seq, latents=latents, **scores, **{hf.OUTPUT_CACHE: cache})
 
 
 def gap_generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
@@ -367,19 +357,20 @@ def gap_generate(self, inputs=None, generation_config=None, logits_processor=Non
     step; ``static_cache=True`` runs the same static-cache step eagerly (CPU
     too). ``trace=StepTrace()`` (opt-in: it synchronises every step) records
     per-step times and latent norms. With ``return_dict_in_generate=True`` the
-    output carries ``latents``, and (dynamic cache) the cache to continue the
-    conversation with: ``past_key_values=out.past_key_values`` (``out.cache``
-    on transformers 5.24+) and the whole conversation as ``input_ids``.
+    output carries ``latents``, HF's ``scores`` / ``logits`` when asked for
+    (forced-token rows at latent and end positions), and (dynamic cache) the
+    cache to continue the conversation with: ``past_key_values=out.past_key_values``
+    (``out.cache`` on transformers 5.24+) and the whole conversation as
+    ``input_ids``. HF's options are honoured or refused by name
+    (:mod:`.generate_options`; README has the table).
     """
     if "gap" not in self._modules:
         raise RuntimeError("generate: this model has no GapConfig; patch it (gapkern.patch) or call set_gap")
-    if custom_generate is not None:
-        raise ValueError("custom_generate: the latent-aware generate is itself a custom decoding loop")
-    for name, value in (("assistant_model", assistant_model), ("streamer", streamer), ("synced_gpus", synced_gpus)):
-        if value:
-            raise NotImplementedError(f"generate: {name} is not supported by the latent-aware generate")
+    options.check_call(self, generation_config, assistant_model, synced_gpus, negative_prompt_ids,
+                       negative_prompt_attention_mask, custom_generate, kwargs)
     check_inputs(inputs, kwargs)
-    return GenerationMixin.generate(
-        self, inputs, generation_config, logits_processor, stopping_criteria, prefix_allowed_tokens_fn,
-        negative_prompt_ids=negative_prompt_ids, negative_prompt_attention_mask=negative_prompt_attention_mask,
-        custom_generate=decode, **kwargs)
+    stopping_criteria = options.stop_strings(self, generation_config, stopping_criteria, kwargs)
+    # HF hands a custom loop only the keywords its own loop lacks: the streamer goes in bound
+    loop = decode if streamer is None else functools.partial(decode, streamer=streamer)
+    return GenerationMixin.generate(self, inputs, generation_config, logits_processor, stopping_criteria,
+                                    prefix_allowed_tokens_fn, custom_generate=loop, **kwargs)

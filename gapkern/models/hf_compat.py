@@ -8,7 +8,9 @@ releases pyproject admits (tested: 5.17, the floor, and 5.24):
   ``past_key_values``, 5.24 ``cache``), an ``attention_mask`` that 5.24 drops to
   None when it is all ones, the images as ``pixel_values`` (5.17) or already
   encoded (5.24: ``mm_encoder_outputs``);
-- ``config._attn_implementation``, ``generation_config._pad_token_tensor``, the
+- ``config._attn_implementation``, ``generation_config._pad_token_tensor``,
+  ``GenerationMixin._valid_auto_compile_criteria`` (whether HF would compile), how
+  transformers' exporters record generate (they wrap ``model.forward``), the
   static cache layers' ``cumulative_length`` (written in place: a captured CUDA
   graph reads it), ``get_image_features(...).pooler_output`` and the rope deltas
   HF keeps on ``model.model.rope_deltas`` between calls (a continued
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 
 import transformers
@@ -81,6 +84,21 @@ def pad_id(generation_config) -> int:
     """The pad id generate settled on (the model's, else EOS's, as HF pads finished rows); 0 if none."""
     pad = private(generation_config, "_pad_token_tensor")
     return 0 if pad is None else int(pad)
+
+
+def compiles(model, generation_config, cache) -> bool:
+    """Whether HF's generate would compile the decode step for this cache (device, ``disable_compile``,
+    quantization, offloading); HF logs why not when ``compile_config`` was set. 5.17 looks the cache up as
+    ``past_key_values``, 5.24 as ``cache``."""
+    criteria = private(model, "_valid_auto_compile_criteria")
+    return bool(criteria({"cache": cache, "past_key_values": cache}, generation_config))
+
+
+def exporting(model) -> bool:
+    """Whether transformers' exporters are recording this generate's ``forward()`` calls:
+    ``exporters.utils.decompose_prefill_decode`` sets ``model.forward`` to a wrapper of its own."""
+    code = getattr(model.__dict__.get("forward"), "__code__", None)
+    return code is not None and os.path.join("transformers", "exporters") in code.co_filename
 
 
 def static_lengths(cache) -> list[torch.Tensor]:

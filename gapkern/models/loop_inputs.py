@@ -30,12 +30,18 @@ OWN_NORMS = "_gapkern_own_norms"  # on a returned cache: each row's mean visual-
 class Prompt:
     """What the loop reads from generate's keywords, the same on every transformers release."""
 
-    input_ids: torch.Tensor  # (B, L): the whole conversation
-    attention_mask: torch.Tensor  # (B, L)
-    position_ids: torch.Tensor  # (3, B, L): HF's M-RoPE positions, rope deltas included
+    input_ids: torch.Tensor  # (B, L): the whole conversation; (B, 0) for an inputs_embeds prompt without ids
+    attention_mask: torch.Tensor  # (B, P): P = L, or the length of inputs_embeds
+    position_ids: torch.Tensor  # (3, B, P): HF's M-RoPE positions, rope deltas included
     visual: dict  # what prefill encodes: pixel_values and grids (5.17), or mm_encoder_outputs (5.24)
     past: object = None  # a caller's DynamicCache holding the first past_len positions, or None
     past_len: int = 0
+    embeds: torch.Tensor | None = None  # (B, P, D) inputs_embeds: what prefill feeds instead of input_ids
+
+    @property
+    def length(self) -> int:
+        """The prompt's positions in the KV cache."""
+        return self.attention_mask.shape[1]
 
 
 def mrope(position_ids):
@@ -54,12 +60,17 @@ def _given(value) -> bool:
 
 def take_prompt(model, input_ids, model_kwargs) -> Prompt:
     """Pop what the loop reads from generate's keywords; refuse what it would get wrong."""
+    embeds = model_kwargs.pop("inputs_embeds", None)
+    shape = input_ids.shape if embeds is None else embeds.shape[:2]
+    if embeds is not None and input_ids.shape[1] not in (0, shape[1]):
+        raise ValueError(f"input_ids: with inputs_embeds {tuple(embeds.shape)}, pass the same positions' ids or "
+                         f"none, got {tuple(input_ids.shape)}")
     mask = model_kwargs.pop("attention_mask", None)
     if mask is None:  # 5.24 drops an all-ones mask
-        mask = torch.ones_like(input_ids)
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, "
-                         f"got {tuple(mask.shape)} (with past_key_values, pass the whole conversation as input_ids)")
+        mask = torch.ones(shape, dtype=torch.long, device=input_ids.device)
+    if mask.shape != shape:
+        raise ValueError(f"attention_mask: expected the shape of the prompt {tuple(shape)}, got {tuple(mask.shape)} "
+                         "(with past_key_values, pass the whole conversation as input_ids)")
     position_ids = mrope(model_kwargs.pop("position_ids"))
     past = hf.pop_cache(model_kwargs)
     past_len = 0 if past is None else int(past.get_seq_length())  # HF's own new cache is empty: ours replaces it
@@ -69,15 +80,29 @@ def take_prompt(model, input_ids, model_kwargs) -> Prompt:
         raise NotImplementedError(
             f"generate: {', '.join(unknown)} reached the decoding loop (passed by the caller or by transformers "
             f"{transformers.__version__}); the latent-aware generate does not handle them")
-    prompt = Prompt(input_ids, mask, position_ids, visual, past if past_len else None, past_len)
+    prompt = Prompt(input_ids, mask, position_ids, visual, past if past_len else None, past_len, embeds)
     if prompt.past is not None:
         check_continuation(model, prompt)
     return prompt
 
 
+def last_tokens(model, prompt: Prompt) -> torch.Tensor:
+    """(B,) each prompt's last token id, which decides whether the row starts in a span. An inputs_embeds
+    prompt without ids ends with the start token when its last embedding is that token's (as HF finds
+    image placeholders in inputs_embeds); its other rows get -1."""
+    if prompt.input_ids.shape[1]:
+        return prompt.input_ids[:, -1]
+    start = model.gap.config.latent_start_id
+    is_start = (prompt.embeds[:, -1] == model.get_input_embeddings().weight[start]).all(-1)
+    return torch.where(is_start, start, -1)
+
+
 def check_continuation(model, prompt: Prompt) -> None:
     """A conversation continued on its cache: refuse what the cache cannot carry rather than answer wrongly."""
     past, held, length = prompt.past, prompt.past_len, prompt.input_ids.shape[1]
+    if prompt.embeds is not None:
+        raise ValueError("inputs_embeds: continuing a conversation on past_key_values takes its tokens as input_ids "
+                         "(the whole conversation)")
     if not isinstance(past, DynamicCache):
         raise ValueError("past_key_values: continuing a conversation needs the DynamicCache an earlier generate "
                          f"returned, got {type(past).__name__}")

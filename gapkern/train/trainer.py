@@ -22,6 +22,7 @@ import time
 
 import torch
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data import latent_keys, uses_latents
 from ..head import PCALatentHead
@@ -78,6 +79,28 @@ class GapTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         finally:
             del model.save_pretrained
+
+
+class BarOnlyProgress(ProgressCallback):
+    """The Trainer's progress bar, with the last logged losses as its postfix instead of one printed line a log;
+    shown on a terminal only (tqdm's ``disable=None``), like gapkern's other bars, and never with ``show=False``."""
+
+    def __init__(self, show: bool = True):
+        super().__init__()
+        self.show = show
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True,
+                                     disable=None if self.show else True)
+        self.current_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            keys = [k for k in ("loss", "text_loss", "latent_loss") if k in logs]
+            self.training_bar.set_postfix({k: f"{logs[k]:.3g}" for k in keys}, refresh=False)
 
 
 def apply_curation(samples: list[dict], path: str) -> list[dict]:
@@ -209,12 +232,15 @@ def training_arguments(out: str, extra=(), **fields) -> TrainingArguments:
 
 def train(model, tokenizer, samples: list[dict], out: str, *, targets=None, args: TrainingArguments | None = None,
           image_settings: dict | None = None, resume: str | bool | None = None, latent_loss_weight: float = 1.0,
-          train_vision: bool = False, freeze_lm: bool = False, lora: int | None = None) -> dict:
+          train_vision: bool = False, freeze_lm: bool = False, lora: int | None = None,
+          log_lines: bool = True) -> dict:
     """Train ``model`` (a Gap Qwen2.5-VL after :func:`attach_gap`) on ``samples`` and save it into ``out``.
 
     ``targets`` a TargetReader for the latent steps, ``args`` the
     TrainingArguments (default :func:`training_arguments` ``(out)``),
     ``resume`` a checkpoint folder or True for the last one in ``args.output_dir``.
+    ``log_lines=False``: no line printed per log; the progress bar (unless ``args.disable_tqdm``) shows the
+    losses instead (the logs are kept in ``trainer_state.json`` all the same).
     Returns a summary: steps, lines, hard lines, trainable parameters, the
     first and last logged losses, seconds, world size.
     """
@@ -228,6 +254,9 @@ def train(model, tokenizer, samples: list[dict], out: str, *, targets=None, args
     collator = GapCollator(tokenizer, model.config, model.gap.config, targets=targets, image_settings=image_settings)
     trainer = GapTrainer(model=model, args=args, train_dataset=samples, data_collator=collator,
                          processing_class=tokenizer, latent_loss_weight=latent_loss_weight)
+    if not log_lines:
+        trainer.remove_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
+        trainer.add_callback(BarOnlyProgress(show=not args.disable_tqdm))
     result = trainer.train(resume_from_checkpoint=resume)
     if lora is not None:
         merge_lora(trainer.model)

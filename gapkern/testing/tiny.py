@@ -48,27 +48,41 @@ _CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(ids: TinyIds | None = None):
+def tiny_tokenizer(ids: TinyIds | None = None, words=None, added=()):
     """A word-level tokenizer for the tiny model: Qwen2.5-VL's special tokens and the gap profile's
-    tokens at the :class:`TinyIds`, words ``w16`` ... ``w127`` for the text ids (other words read as ``w16``)."""
+    tokens at the :class:`TinyIds`, then one id per word from ``ids.first_text``.
+
+    ``words``: the text vocabulary, ``vocab_size - first_text`` distinct strings without whitespace
+    (default ``w16`` ... ``w127``); an unknown word reads as the first. ``added``: words matched anywhere
+    in the text before it is split at whitespace (``<answer>`` in ``<answer>B</answer>``), kept on
+    decoding; each must be one of ``words``.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     ids = ids or TinyIds()
+    words = [f"w{i}" for i in range(ids.first_text, ids.vocab_size)] if words is None else list(words)
+    if len(set(words)) != len(words) or len(words) != ids.vocab_size - ids.first_text:
+        raise ValueError(f"words: expected {ids.vocab_size - ids.first_text} distinct words "
+                         f"(vocab_size - first_text), got {len(set(words))} distinct of {len(words)}")
+    if any(not w or w != "".join(w.split()) for w in words):
+        raise ValueError("words: expected non-empty strings without whitespace")
+    if not set(added) <= set(words):
+        raise ValueError(f"added: {sorted(set(added) - set(words))} are not among the words")
     special = {"<|endoftext|>": ids.pad, "<|im_end|>": ids.eos, "<latent>": ids.latent_start,
                "</latent>": ids.latent_end, "<latent_pad>": ids.latent_pad, "<|image_pad|>": ids.image_pad,
                "<|video_pad|>": ids.video_pad, "<|vision_start|>": ids.vision_start,
                "<|vision_end|>": ids.vision_end, "<|im_start|>": ids.im_start, "<parser>": ids.parser_open,
                "</parser>": ids.parser_close}
-    unk = f"w{ids.first_text}"
     reserved = {f"<|reserved_{i}|>": i for i in range(ids.first_text) if i not in special.values()}
     # every id below vocab_size has a token, so tokens added later get new ids
-    vocab = {**special, **reserved, **{f"w{i}": i for i in range(ids.first_text, ids.vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    vocab = {**special, **reserved, **{w: ids.first_text + i for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=words[0]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece()  # joins the words with spaces
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token="<|endoftext|>",
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0], pad_token="<|endoftext|>",
                                    eos_token="<|im_end|>", chat_template=_CHAT_TEMPLATE)
 
 

@@ -40,9 +40,19 @@ def _eos_ids(model) -> set[int]:
     return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
+def _step_scores(scores, tokens, forced):
+    """``scores`` (B, V) with HF's forced-token row (0 at the token, -inf elsewhere) for the ``forced`` rows."""
+    out = scores.clone()
+    for b, (tok, f) in enumerate(zip(tokens, forced)):
+        if f:
+            out[b] = float("-inf")
+            out[b, tok] = 0.0
+    return out
+
+
 @torch.no_grad()
 def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: int = 16, processors=None,
-                   prompt_latents=None):
+                   prompt_latents=None, scores=None):
     """Greedy latent-aware generation of ``steps`` new positions for a prompt ``batch`` (the processor's output).
 
     ``head`` a PCALatentHead or None (output-as-input); ``tau`` per-row
@@ -50,7 +60,10 @@ def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: i
     that holds earlier spans): per row the (n, D) latents fed at the prompt's
     ``latent_pad_id`` positions, in order. Returns ``(sequences (B, L + n),
     latents: per row a float32 (n_latents, D) tensor, text_steps: per step
-    whether some live row sampled a token)``.
+    whether some live row sampled a token)``. ``scores``: a list to which each
+    step's (B, V) float32 scores are appended as HF's ``output_scores`` has them:
+    the processed scores of a row in text mode (finished or not), HF's forced
+    row (0 at the token written, -inf elsewhere) at a latent or end position.
     """
     processors = LogitsProcessorList() if processors is None else processors
     lm, embed = model.model.language_model, model.get_input_embeddings()
@@ -71,9 +84,9 @@ def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: i
     done, latents, seq, text_steps = [False] * rows, [[] for _ in range(rows)], input_ids, []
     for _ in range(steps):
         hidden = lm(inputs_embeds=embeds, attention_mask=att, position_ids=pos).last_hidden_state[:, -1]
-        scores = processors(seq, model.lm_head(hidden).float())
+        step_scores = processors(seq, model.lm_head(hidden).float())
         text_steps.append(any(m == "text" and not d for m, d in zip(mode, done)))
-        tokens, nxt = [], []
+        tokens, nxt, forced = [], [], [m != "text" for m in mode]
         for b in range(rows):
             if mode[b] == "latent":
                 t = None if tau is None else tau[b]
@@ -90,12 +103,14 @@ def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: i
             elif done[b]:
                 tok = pad_id
             else:
-                tok = int(scores[b].argmax())
+                tok = int(step_scores[b].argmax())
                 done[b] = tok in eos
                 if tok == start:
                     mode[b] = "latent"
             tokens.append(tok)
             nxt.append(embed.weight[tok])
+        if scores is not None:
+            scores.append(_step_scores(step_scores, tokens, forced))
         seq = torch.cat([seq, torch.tensor(tokens, device=device)[:, None]], 1)
         embeds = torch.cat([embeds, torch.stack(nxt)[:, None]], 1)
         pos = torch.cat([pos, pos[:, :, -1:] + 1], 2)

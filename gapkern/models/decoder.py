@@ -1,0 +1,254 @@
+"""The decode step's state: SPEC section 3's span rule, the device buffers that run it, and its host mirror.
+
+Per row the state is one counter, ``left``, and a ``done`` flag; :class:`SpanRule`
+is the one definition of how they move. :class:`Decoder` applies it to (B,)
+tensors inside the decode step (graph-safe: it reads and writes only its own
+buffers), :class:`Rows` applies the same rule to Python ints, so the host
+knows each row's mode and every forced token without reading the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from .. import ops
+from . import hf_compat as hf
+from .loop_inputs import mrope
+
+
+@dataclass(frozen=True)
+class SpanRule:
+    """SPEC section 3 for every row, written once for both sides of the loop.
+
+    A row's state is ``left`` (0 in text mode, ``budget + 1`` once it wrote the
+    start token, one less every step) and ``done``. The decoder applies these
+    methods to (B,) device tensors with ``where=torch.where``; the host mirror
+    to each row's Python ints with ``where=pick``. Only ``==``, ``>``, ``&``,
+    ``|`` and ``where`` are used, so both sides run the same code.
+    """
+
+    start: int
+    end: int
+    placeholder: int
+    budget: int
+
+    @classmethod
+    def of(cls, config) -> "SpanRule":
+        return cls(config.latent_start_id, config.latent_end_id, config.latent_pad_id, config.latent_budget)
+
+    def opened(self, left, text, token, where):
+        """After a row in text mode wrote ``token``: the start token opens a span of ``budget`` latents."""
+        return where(text & (token == self.start), self.budget + 1, left)
+
+    def advance(self, left, where):
+        """A new position: (latent, end, text, left after): the row writes a latent, the forced end token,
+        or samples text there."""
+        return left > 1, left == 1, left == 0, where(left > 0, left - 1, 0)
+
+    def forced(self, latent, end, other, where):
+        """The token a row writes without sampling: the placeholder in a span, the end token after it."""
+        return where(latent, self.placeholder, where(end, self.end, other))
+
+    def commit(self, left, done, text, token, is_eos, where):
+        """Rows in text mode wrote ``token``: the start token opens a span, EOS finishes the row."""
+        return self.opened(left, text, token, where), done | (text & is_eos)
+
+    def stop(self, left, done, stopped, where):
+        """Rows a stopping criterion ended are done and write pad from now on: a span they were in is dropped."""
+        return where(stopped, 0, left), done | stopped
+
+
+def pick(cond, a, b):
+    """``torch.where`` for one row's Python values: how the host mirror runs :class:`SpanRule`."""
+    return a if cond else b
+
+
+class Rows:
+    """The host mirror: :class:`SpanRule` on Python ints, so the host knows each row's mode and every
+    forced token without reading the device."""
+
+    def __init__(self, rule: SpanRule, last: list[int], pad: int, eos: set[int]):
+        self.rule, self.pad, self.eos = rule, pad, eos
+        self.left = [rule.opened(0, True, t, pick) for t in last]
+        self.done = [False] * len(last)
+        self.text = [False] * len(last)
+        self.tokens = [pad] * len(last)  # what each row writes at the current position
+
+    def advance(self) -> list[bool]:
+        """Mirror :meth:`Decoder.advance`; returns which rows wrote a latent."""
+        steps = [self.rule.advance(n, pick) for n in self.left]
+        self.text = [text for _, _, text, _ in steps]
+        self.left = [left for _, _, _, left in steps]
+        self.tokens = [self.rule.forced(latent, end, self.pad, pick) for latent, end, _, _ in steps]
+        return [latent for latent, _, _, _ in steps]
+
+    def sampling(self) -> bool:
+        """Whether some live row writes text at this position (the LM head must run)."""
+        return any(t and not d for t, d in zip(self.text, self.done))
+
+    def commit(self, tokens: list[int]) -> None:
+        """Mirror :meth:`Decoder.commit` from the tokens it wrote (read back from the device)."""
+        rule, eos = self.rule, self.eos
+        for b, tok in enumerate(tokens):
+            self.left[b], self.done[b] = rule.commit(self.left[b], self.done[b], self.text[b], tok, tok in eos, pick)
+        self.tokens = tokens
+
+    def stop(self, stopped: list[bool]) -> None:
+        """Mirror :meth:`Decoder.stop`."""
+        for b, s in enumerate(stopped):
+            self.left[b], self.done[b] = self.rule.stop(self.left[b], self.done[b], s, pick)
+
+    def finished(self) -> bool:
+        return all(self.done)
+
+
+class Decoder:
+    """Static buffers of one decode loop; ``step`` reads and writes only these (graph-safe)."""
+
+    def __init__(self, model, rows: int, max_len: int, static: bool, graph: bool = False):
+        gap, lm = model.gap, model.model.language_model
+        dim, device, dtype = lm.config.hidden_size, model.device, model.dtype
+        cfg = gap.config
+        self.config, self.lm, self.head, self.static = model.config, lm, gap.head, static
+        self.rows, self.max_len, self.eps = rows, max_len, cfg.eps
+        self.rule = SpanRule.of(cfg)
+        self.attention = hf.attention_kind(model)
+        self.embed = model.get_input_embeddings()
+        self.end_embed = self.embed.weight[cfg.latent_end_id]
+        self.embeds = torch.zeros(rows, 1, dim, dtype=dtype, device=device)  # next input, written in place
+        self.pos = torch.zeros(3, rows, 1, dtype=torch.long, device=device)  # its M-RoPE position
+        self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)  # attention mask over the cache
+        self.cur = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
+        self.left = torch.zeros(rows, dtype=torch.long, device=device)
+        self.text = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # what this step appends
+        self.pad = torch.zeros((), dtype=torch.long, device=device)  # a tensor: the graph reads it at replay
+        self.eos = torch.zeros(0, dtype=torch.long, device=device)
+        self.tau = None if cfg.calibration == "none" else torch.zeros(rows, dtype=torch.float32, device=device)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len) if static else None
+        self.use_graph, self.graph, self.hidden = graph, None, None  # the graph is captured after the first prefill
+        self.forward, self.compiled_with = self._forward, None
+        self.made_for = self.key(model, rows, max_len, static)
+
+    @staticmethod
+    def key(model, rows, max_len, static):
+        """What a kept decoder must match to be reused: shapes, the attention kernel (it prebuilt the mask for
+        it), the head and the GapConfig."""
+        gap = model.gap
+        return rows, max_len, static, hf.attention_kind(model), id(gap.head), tuple(gap.config.to_dict().values())
+
+    def start(self, last, attention_mask, position_ids, pad_id, eos, past=None):
+        """Reset the state for a new batch whose prompt the next prefill writes.
+
+        ``last`` (B,) each prompt's last token id, ``attention_mask`` (B, P) over its P positions, ``eos``
+        (n,) the EOS ids (empty: none); ``past``: a caller's DynamicCache holding the conversation's start
+        (dynamic decoders only).
+        """
+        length = attention_mask.shape[1]
+        if past is not None:
+            self.cache = past
+        elif self.static:
+            self.cache.reset()
+        else:
+            self.cache = DynamicCache(config=self.config)
+        self.valid.zero_()
+        self.valid[:, :length] = attention_mask.bool()
+        self.cur.fill_(length)
+        self.pos.copy_(mrope(position_ids)[:, :, -1:] + 1)
+        self.left.copy_(self.rule.opened(0, True, last, torch.where))
+        self.done.zero_()
+        self.pad.fill_(pad_id)
+        self.eos = eos
+
+    def compile(self, options: dict | None) -> None:
+        """Run the language model's step through ``torch.compile(**options)`` (None: eagerly), as HF's
+        ``compile_config`` asks; a kept decoder recompiles only for other options."""
+        if options != self.compiled_with:
+            self.forward = self._forward if options is None else torch.compile(self._forward, **options)
+            self.compiled_with = options
+
+    def advance(self, hidden):
+        """Write the latents and forced end tokens that follow ``hidden`` (B, D); graph-safe."""
+        out = self.embeds[:, 0]
+        latent, end, text, left = self.rule.advance(self.left, torch.where)
+        head = self.head
+        args = (None,) * 4 if head is None else (head.weight, head.bias, head.basis, head.mean)
+        ops.latent_step(hidden, *args, self.tau, sigma=None if head is None else head.sigma, eps=self.eps,
+                        latent_mask=latent, out=out)
+        out.copy_(torch.where(end[:, None], self.end_embed, out))
+        self.tokens.copy_(self.rule.forced(latent, end, self.pad, torch.where))
+        self.text.copy_(text)
+        self.left.copy_(left)
+
+    def commit(self, sampled):
+        """Append the sampled tokens of the text rows (eager, text steps only); finished rows write pad."""
+        text, out = self.text, self.embeds[:, 0]
+        tok = torch.where(self.done, self.pad, sampled)
+        self.tokens.copy_(torch.where(text, tok, self.tokens))
+        out.copy_(torch.where(text[:, None], self.embed(tok), out))
+        left, done = self.rule.commit(self.left, self.done, text, tok, torch.isin(tok, self.eos), torch.where)
+        self.left.copy_(left)
+        self.done.copy_(done)
+
+    def stop(self, stopped):
+        """Rows ``stopped`` (B,) bool ended by a stopping criterion (eager)."""
+        left, done = self.rule.stop(self.left, self.done, stopped, torch.where)
+        self.left.copy_(left)
+        self.done.copy_(done)
+
+    def _mask(self, valid):
+        if self.attention == "sdpa":
+            return {"full_attention": valid[:, None, None, :]}
+        if self.attention == "eager":
+            bias = torch.zeros(valid.shape, dtype=self.embeds.dtype, device=valid.device)
+            return {"full_attention": bias.masked_fill(~valid, torch.finfo(bias.dtype).min)[:, None, None, :]}
+        return valid.long()  # other kernels build their own mask from the 2-D one (eager path only)
+
+    def _forward(self, valid):
+        """The language model on the pending inputs; the final-normed hidden (B, D)."""
+        out = self.lm(inputs_embeds=self.embeds, attention_mask=self._mask(valid), position_ids=self.pos,
+                      use_cache=True, **{hf.CACHE_KEYWORD: self.cache})
+        return out.last_hidden_state[:, -1]
+
+    def decode_one(self, kv_len: int):
+        """Forward the pending input, then advance; returns the final-normed hidden (B, D)."""
+        self.valid.index_fill_(1, self.cur, True)
+        hidden = self.forward(self.valid if self.static else self.valid[:, :kv_len])
+        self.pos += 1
+        self.cur += 1
+        self.advance(hidden)
+        return hidden
+
+    def step(self, kv_len: int):
+        if self.graph is None:
+            return self.decode_one(kv_len)
+        self.graph.replay()
+        return self.hidden
+
+    def _state(self):
+        layers = hf.static_lengths(self.cache)
+        return [self.embeds, self.pos, self.valid, self.cur, self.left, self.text, self.tokens, *layers]
+
+    def warm_up(self, runs: int = 2):
+        """Run ``decode_one`` and undo it: the state is restored, and the cache slot it
+        wrote is the one the next real step rewrites."""
+        saved = [t.clone() for t in self._state()]
+        for _ in range(runs):
+            self.decode_one(self.max_len)
+            for t, s in zip(self._state(), saved):
+                t.copy_(s)
+
+    def capture(self):
+        """Capture ``decode_one`` in a CUDA graph; text and latent steps replay the same graph."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.warm_up()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records only: nothing runs, the state is untouched
+            self.hidden = self.decode_one(self.max_len)
+        self.graph = graph
