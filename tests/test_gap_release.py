@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gapkern
-from gapkern.models import tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

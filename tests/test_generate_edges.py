@@ -122,6 +122,29 @@ def test_repeated_calls_on_a_kept_static_decoder_match_dynamic(tiny):
         assert_same(sta, dyn.sequences, dyn.latents)
 
 
+def test_the_latent_step_is_checked_once_per_decoder_not_every_step(tiny, monkeypatch):
+    """The decoder binds the latent step (ops.bind_latent_step): its arguments are validated and the
+    backend resolved when the decoder is made, and each latent goes straight to the kernel."""
+    from gapkern.ops import _validate
+    model, ids = tiny
+    checks = []
+    real = _validate.latent_step_args
+    monkeypatch.setattr(_validate, "latent_step_args", lambda *a, **k: checks.append(1) or real(*a, **k))
+    batch = tiny_prompts(ids, [(4, (56, 56)), (3, None)], seed=2)
+    gapkern.patch(model, tiny_head(model), ids.gap_config(latent_budget=3, calibration="ema"))
+    try:
+        for static, made in ((False, 1), (True, 1), (True, 0)):  # the kept static decoder binds nothing again
+            checks.clear()
+            out = model.generate(**batch, max_new_tokens=9, do_sample=False, return_dict_in_generate=True,
+                                 logits_processor=forcing(batch, ids, {(0, 0): ids.latent_start,
+                                                                       (1, 1): ids.latent_start}),
+                                 static_cache=static)
+            assert [len(z) for z in out.latents] == [3, 3]  # six latents written ...
+            assert len(checks) == made, (static, len(checks))  # ... with one check (or none) in all
+    finally:
+        gapkern.unpatch(model)
+
+
 @pytest.mark.parametrize("static", CACHES)
 @pytest.mark.parametrize("kind", ["max_length", "eos"])
 def test_stopping_criteria_passed_by_the_caller_are_honoured(tiny, kind, static):

@@ -128,6 +128,13 @@ class Decoder:
         self.pad = torch.zeros((), dtype=torch.long, device=device)  # a tensor: the graph reads it at replay
         self.eos = torch.zeros(0, dtype=torch.long, device=device)
         self.tau = None if cfg.calibration == "none" else torch.zeros(rows, dtype=torch.float32, device=device)
+        self.latent = torch.zeros(rows, dtype=torch.bool, device=device)  # which rows write a latent this step
+        head = self.head
+        # Checked and resolved once per decoder (the basis's orthonormality, the backend, its workspaces);
+        # each step then goes straight to the kernel. It reads tau, latent and the head's tensors in place.
+        self.latent_step = ops.bind_latent_step(
+            *((None,) * 4 if head is None else (head.weight, head.bias, head.basis, head.mean)), self.tau,
+            sigma=None if head is None else head.sigma, eps=self.eps, latent_mask=self.latent, out=self.embeds[:, 0])
         self.cache = StaticCache(config=model.config, max_cache_len=max_len) if static else None
         self.use_graph, self.graph, self.hidden = graph, None, None  # the graph is captured after the first prefill
         self.forward, self.compiled_with = self._forward, None
@@ -174,10 +181,8 @@ class Decoder:
         """Write the latents and forced end tokens that follow ``hidden`` (B, D); graph-safe."""
         out = self.embeds[:, 0]
         latent, end, text, left = self.rule.advance(self.left, torch.where)
-        head = self.head
-        args = (None,) * 4 if head is None else (head.weight, head.bias, head.basis, head.mean)
-        ops.latent_step(hidden, *args, self.tau, sigma=None if head is None else head.sigma, eps=self.eps,
-                        latent_mask=latent, out=out)
+        self.latent.copy_(latent)
+        self.latent_step(hidden)
         out.copy_(torch.where(end[:, None], self.end_embed, out))
         self.tokens.copy_(self.rule.forced(latent, end, self.pad, torch.where))
         self.text.copy_(text)
