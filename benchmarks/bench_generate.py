@@ -35,14 +35,7 @@ NEW = 32  # new positions per generate call: two spans (18 latent-only steps), 1
 PROMPT = [(16, (224, 224))]  # 16 text tokens and a 224x224 image (64 visual tokens)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """Tiny matmuls gain nothing from threads, and a busy CPU makes OpenMP threads spin."""
-    before = torch.get_num_threads()
-    if not ON_GPU:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,7 @@ IMPLS = ("gapkern", "torch")
 RESULTS: dict[tuple[str, str], float] = {}  # (part, impl) -> seconds per call
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    before = torch.get_num_threads()
-    if not ON_GPU:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,17 @@ def peak_bandwidth_gbps() -> float | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Model benchmarks on the CPU: tiny matmuls gain nothing from threads, and a busy CPU makes OpenMP
+    threads spin. On a GPU nothing changes."""
+    before = torch.get_num_threads()
+    if not ON_GPU:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("triton", "transformers"):

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import statistics
 import sys
 import time
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 TINY_BUDGET, TINY_SPAN_AT, TINY_IMAGE = 8, 2, 224
 
 
 from .commands import UsageError, add_all
+from .commands._common import DTYPES, check_span_at, check_temperature, device_of, dtype_of
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                      help="new positions, latent ones included (default 32)")
     gen.add_argument("--prompt", default="Describe the image.", metavar="TEXT")
-    gen.add_argument("--image", metavar="FILE", help="an image file (needs Pillow; default: a synthetic "
+    gen.add_argument("--image", metavar="FILE", help="an image file (default: a synthetic "
                                                      f"{TINY_IMAGE}x{TINY_IMAGE} image)")
     gen.add_argument("--span-at", type=int, metavar="I",
                      help="force the latent start token at new position I, -1 for never (default: "
@@ -81,34 +80,16 @@ def _check_args(args):
         raise UsageError("--max-new-tokens: expected at least 1")
     if args.latent_budget is not None and args.latent_budget < 1:
         raise UsageError("--latent-budget: expected at least 1")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature: expected a finite number >= 0 (0 decodes greedily), got {args.temperature}")
-    if args.span_at is not None and not -1 <= args.span_at < args.max_new_tokens:
-        raise UsageError(f"--span-at: expected -1 (never) or a new position in [0, {args.max_new_tokens}) "
-                         f"(--max-new-tokens {args.max_new_tokens}), got {args.span_at}")
+    check_temperature(args.temperature)
+    check_span_at(args.span_at, args.max_new_tokens)
     if not args.model and args.profile not in (None, "gap"):
         raise UsageError(f"--profile: the tiny model has only the gap profile's tokens; {args.profile!r} "
                          "needs --model")
 
 
 def _device_dtype(args):
-    import torch
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {exc}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device: cuda requested but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device: {args.device!r}, but there are {torch.cuda.device_count()} CUDA devices")
-    name = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    return device, getattr(torch, name)
+    device = device_of(args.device)
+    return device, dtype_of(args.dtype, device)
 
 
 def _check_backend(device, dtype):
@@ -262,11 +243,6 @@ def _inputs(args, model, tokenizer, device):
     else:
         if not os.path.isfile(args.image):
             raise UsageError(f"--image: no file at {args.image!r}")
-        try:
-            import PIL  # noqa: F401
-        except ImportError:
-            raise UsageError("--image: reading an image file needs Pillow (pip install pillow); "
-                             "without --image a synthetic image is used") from None
         try:
             image = read_image(args.image, factor, settings["min_pixels"], settings["max_pixels"])
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError

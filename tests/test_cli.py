@@ -248,18 +248,6 @@ def test_bogus_backend_is_a_one_line_error():
     assert_usage_error(done.returncode, done.stdout, done.stderr, "GAPKERN_BACKEND", "'bogus'", "torch")
 
 
-def test_image_file_without_pillow_says_so(capsys, tmp_path):
-    pytest.importorskip("numpy")
-    try:
-        import PIL  # noqa: F401
-        pytest.skip("Pillow is installed")
-    except ImportError:
-        pass
-    image = tmp_path / "cat.png"
-    image.write_bytes(b"\x89PNG")
-    assert_usage_error(*run(capsys, "--image", str(image)), "--image", "Pillow")
-
-
 # ---- the trace -------------------------------------------------------------------------------------------------
 
 K = 2

@@ -105,7 +105,7 @@ def test_bound_triton_step_holds_its_workspaces():
 
 def bad_binds():
     c = Case(40, 7, 3, torch.float32, "cpu")
-    h, w, b, U, m, out = c.hidden, c.weight, c.bias, c.basis, c.mean, c.out_buffer()
+    w, b, U, m, out = c.weight, c.bias, c.basis, c.mean, c.out_buffer()
     return [
         ("no-out", lambda: ops.bind_latent_step(w, b, U, m), TypeError, r"out"),
         ("out-rank", lambda: ops.bind_latent_step(out=out[0]), ValueError, r"out: expected a 2-D tensor"),

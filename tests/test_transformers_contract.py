@@ -194,3 +194,38 @@ def test_compile_criteria_are_read_from_generate(tiny):
     assert hf.compiles(model, config, static) and not hf.compiles(model, config, dynamic)
     config.disable_compile = True
     assert not hf.compiles(model, config, static)
+
+
+# ---- the image processor ---------------------------------------------------------------------------------------
+# gapkern.models.prompt rebuilds Qwen2-VL's image processing with torch (images and crops already in memory go
+# straight to pixel_values; the full Qwen2.5-VL processor would need torchvision for its video part). These pin
+# it to transformers' own Qwen2VLImageProcessorPil: the same pixel_values and grid, from the same
+# preprocessor_config.json.
+
+@pytest.mark.parametrize("size", [(70, 90), (300, 517), (28, 28), (1000, 40), (13, 2000)])
+def test_image_pixels_match_transformers_image_processor(tmp_path, size):
+    import numpy as np
+    from PIL import Image
+    from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
+
+    from gapkern.data import image_inputs
+    from gapkern.models.prompt import image_settings
+
+    vision = Qwen2_5_VLConfig().vision_config
+    processor = Qwen2VLImageProcessorPil(min_pixels=64 * 28 * 28, max_pixels=300 * 28 * 28, image_mean=[0.5, 0.4, 0.3],
+                                         image_std=[0.2, 0.25, 0.3], patch_size=vision.patch_size,
+                                         merge_size=vision.spatial_merge_size,
+                                         temporal_patch_size=vision.temporal_patch_size)
+    processor.save_pretrained(tmp_path)  # a checkpoint's preprocessor_config.json, as transformers writes it
+    settings = image_settings(str(tmp_path))
+    h, w = size
+    path = tmp_path / "image.png"
+    Image.fromarray((np.random.default_rng(h * w).random((h, w, 3)) * 255).astype("uint8")).save(path)
+    box = [w // 7, h // 5, w - w // 9, h - h // 11]
+    with Image.open(path) as img:
+        whole, crop = img.convert("RGB"), img.convert("RGB").crop(tuple(box))
+    for got, image in ((image_inputs(str(path), vision, settings=settings), whole),
+                       (image_inputs(str(path), vision, box=box, settings=settings), crop)):
+        want = processor(images=[image], return_tensors="pt")
+        assert torch.equal(got["image_grid_thw"], want["image_grid_thw"]), VERSION
+        torch.testing.assert_close(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6, msg=VERSION)

@@ -72,13 +72,30 @@ class Place:
     dtype: object
 
 
-def start(args) -> Place:
-    """Resolve --device / --dtype; under torchrun join the process group (a rank on CUDA takes cuda:LOCAL_RANK)."""
+def check_temperature(value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise UsageError(f"--temperature: expected a finite number >= 0 (0 decodes greedily), got {value}")
+
+
+def check_span_at(value, max_new_tokens: int, never: bool = True) -> None:
+    """--span-at: a new position in [0, max_new_tokens), or -1 (never) where ``never`` is allowed."""
+    if value is not None and not (-1 if never else 0) <= value < max_new_tokens:
+        what = "-1 (never) or a new position" if never else "a new position"
+        raise UsageError(f"--span-at: expected {what} in [0, {max_new_tokens}) "
+                         f"(--max-new-tokens {max_new_tokens}), got {value}")
+
+
+def check_out_folder(path: str) -> None:
+    if os.path.isfile(path):
+        raise UsageError(f"--out: {path!r} is a file; expected a folder")
+
+
+def device_of(text: str):
+    """The torch.device a --device value names (auto: cuda if available), refused with a UsageError
+    when it is not a CPU or an existing CUDA device."""
     import torch
 
-    from .. import distributed
-
-    device = args.device
+    device = text
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -86,14 +103,32 @@ def start(args) -> Place:
     except RuntimeError as exc:
         raise UsageError(f"--device: {exc}") from None
     if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
+        raise UsageError(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device: cuda requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device: {text!r}, but there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def dtype_of(text: str, device):
+    """The torch dtype a --dtype value names; auto: bfloat16 on CUDA, float32 elsewhere."""
+    import torch
+
+    return getattr(torch, text if text != "auto" else "bfloat16" if device.type == "cuda" else "float32")
+
+
+def start(args) -> Place:
+    """Resolve --device / --dtype; under torchrun join the process group (a rank on CUDA takes cuda:LOCAL_RANK)."""
+    import torch
+
+    from .. import distributed
+
+    device = device_of(args.device)
     rank, world, local = distributed.init_from_env(device.type)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
-    name = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    return Place(rank, world, device, getattr(torch, name))
+    return Place(rank, world, device, dtype_of(args.dtype, device))
 
 
 def load_model(path: str, place: Place):

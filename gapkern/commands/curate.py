@@ -11,11 +11,11 @@ uninterrupted run. Under torchrun the ranks split the lines.
 """
 from __future__ import annotations
 
-import math
 import os
 
 from . import UsageError
-from ._common import add_model_arguments, load_model, load_tokenizer, positive_int, read_samples, start
+from ._common import (add_model_arguments, check_temperature, load_model, load_tokenizer, positive_int, read_samples,
+                      start)
 
 NAME = "curate"
 HELP = "sample the base model N times per question and mark the lines it always misses as hard"
@@ -39,8 +39,7 @@ def add_arguments(parser) -> None:
 def _check(args) -> None:
     for option in ("attempts", "max_new_tokens", "batch"):
         positive_int(getattr(args, "n" if option == "attempts" else option), "--" + option.replace("_", "-"))
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature: expected a finite number >= 0, got {args.temperature}")
+    check_temperature(args.temperature)
     if os.path.isdir(args.out):
         raise UsageError(f"--out: {args.out!r} is a folder; expected a file name")
 

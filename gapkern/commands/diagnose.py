@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 
 from . import UsageError
-from ._common import add_model_arguments, checkpoint_config, hidden_size, positive_int, read_samples, start
+from ._common import (add_model_arguments, check_out_folder, check_span_at, checkpoint_config, hidden_size,
+                      positive_int, read_samples, start)
 from ._gap import CALIBRATIONS, add_gap_arguments, calibrations, load_head
 
 NAME = "diagnose"
@@ -43,11 +44,8 @@ def _check(args) -> None:
     for option in ("batch", "max_new_tokens", "latent_budget", "limit"):
         if getattr(args, option) is not None:
             positive_int(getattr(args, option), "--" + option.replace("_", "-"))
-    if args.span_at is not None and not -1 <= args.span_at < args.max_new_tokens:
-        raise UsageError(f"--span-at: expected -1 (never) or a new position in [0, {args.max_new_tokens}) "
-                         f"(--max-new-tokens {args.max_new_tokens}), got {args.span_at}")
-    if os.path.isfile(args.out):
-        raise UsageError(f"--out: {args.out!r} is a file; expected a folder")
+    check_span_at(args.span_at, args.max_new_tokens)
+    check_out_folder(args.out)
 
 
 def run(args) -> int:

@@ -19,11 +19,11 @@ experiment on an output-as-input model: --head none --calibration none,ema.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 from . import UsageError
-from ._common import add_device_arguments, checkpoint_config, hidden_size, positive_int, read_samples, start
+from ._common import (add_device_arguments, check_out_folder, check_span_at, check_temperature, checkpoint_config,
+                      hidden_size, positive_int, read_samples, start)
 from ._gap import CALIBRATIONS, add_gap_arguments, calibrations, load_head
 
 NAME = "eval"
@@ -102,13 +102,9 @@ def _check(args) -> None:
     for option in ("batch", "max_new_tokens", "latent_budget"):
         if getattr(args, option) is not None:
             positive_int(getattr(args, option), "--" + option.replace("_", "-"))
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature: expected a finite number >= 0 (0 decodes greedily), got {args.temperature}")
-    if args.span_at is not None and not 0 <= args.span_at < args.max_new_tokens:
-        raise UsageError(f"--span-at: expected a new position in [0, {args.max_new_tokens}) "
-                         f"(--max-new-tokens {args.max_new_tokens}), got {args.span_at}")
-    if os.path.isfile(args.out):
-        raise UsageError(f"--out: {args.out!r} is a file; expected a folder")
+    check_temperature(args.temperature)
+    check_span_at(args.span_at, args.max_new_tokens, never=False)
+    check_out_folder(args.out)
 
 
 def run(args) -> int:

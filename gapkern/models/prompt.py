@@ -1,11 +1,13 @@
 """A chat prompt with one image, as Qwen2.5-VL's processor builds it, from a tokenizer alone.
 
-The Hugging Face image processor needs Pillow or torchvision, neither of
-which gapkern depends on; this module rebuilds its output with torch:
-``smart_resize``'d pixels, rescaled and normalised, cut into the flat patch
-layout (``pixel_values (patches, 3 * T * P * P)``, ``image_grid_thw (1, 3)``),
-and the chat template's one image token expanded to one token per merged
-patch. Pillow is needed only to read an image file.
+The full Qwen2.5-VL processor of transformers also loads a video processor,
+which needs torchvision; this module rebuilds the image part with torch:
+``smart_resize``'d pixels (Pillow, bicubic), rescaled and normalised, cut into
+the flat patch layout (``pixel_values (patches, 3 * T * P * P)``,
+``image_grid_thw (1, 3)``), and the chat template's one image token expanded
+to one token per merged patch. tests/test_transformers_contract.py pins the
+pixels to transformers' ``Qwen2VLImageProcessorPil`` (equal on every release
+CI tests), from the same ``preprocessor_config.json``.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def synthetic_image(size: int = 224, seed: int = 0) -> torch.Tensor:
 
 
 def read_image(path: str, factor: int, min_pixels: int, max_pixels: int) -> torch.Tensor:
-    """An image file as (3, H, W) in [0, 1], resized as the processor would (needs Pillow)."""
+    """An image file as (3, H, W) in [0, 1], resized as the processor would."""
     import numpy as np
     from PIL import Image
 

@@ -25,7 +25,6 @@ from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArg
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data import latent_keys, uses_latents
-from ..head import PCALatentHead
 from ..models.tokens import add_latent_tokens
 from .collate import GapCollator
 
