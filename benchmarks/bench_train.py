@@ -7,8 +7,8 @@ GPU: a 7B-shaped slice in bfloat16: hidden 3584, 2 decoder layers (28 heads, 4 k
 18944), vocab 152064, PCA rank d=629; rows of text with latent spans (no image: the vision tower is
 frozen in GAP training, and the slice's tower is tiny).
 
-Recorded in extra_info: ``tokens_per_s`` (rows x length / step time) on the step, ``head_share`` (the
-head's time / the step's time, same implementation) on the head.
+Recorded in extra_info: ``tokens_per_s`` (rows x length / step time) on the step. The head's share of
+the step (same implementation) is computed from the JSON by ``python -m benchmarks.report``.
 
 Run: pytest benchmarks/bench_train.py --benchmark-only [--benchmark-json=benchmarks/results/NAME.json]
 """
@@ -32,7 +32,6 @@ SLICE_7B = dict(hidden_size=3584, num_layers=2, num_heads=28, num_kv_heads=4, in
 RANK = 629 if ON_GPU else 8
 ROWS, LENGTH, K, SPANS = (4, 1024, 16, 4) if ON_GPU else (2, 64, 4, 2)  # SPANS latent spans of K per row
 IMPLS = ("gapkern", "torch")
-RESULTS: dict[tuple[str, str], float] = {}  # (part, impl) -> seconds per call
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -90,7 +89,6 @@ def test_train_step(measure, benchmark, setup, impl):
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     seconds = measure(step, 3 * _bytes(trainable), inner=1, op="train_step", impl=impl, **info)
-    RESULTS["step", impl] = seconds
     benchmark.extra_info["tokens_per_s"] = round(ROWS * LENGTH / seconds, 1)
 
 
@@ -108,6 +106,4 @@ def test_head(measure, benchmark, setup, impl):
         train_forward.latent_loss(hidden, slots, batch["latent_targets"], head).backward()
 
     moved = 3 * _bytes([head.weight]) + 2 * info["slots"] * info["D"] * hidden.element_size()
-    seconds = measure(part, moved, inner=1, op="train_head", impl=impl, **info)
-    if ("step", impl) in RESULTS:
-        benchmark.extra_info["head_share"] = round(seconds / RESULTS["step", impl], 4)
+    measure(part, moved, inner=1, op="train_head", impl=impl, **info)

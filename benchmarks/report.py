@@ -10,7 +10,9 @@ median time per call and the ratios.
 
 Ratios are computed here, within each benchmark group, not by the benchmarks themselves:
 ``x eager`` / ``x compile`` / ``x HF`` / ``x naive`` are the baseline's time over this row's
-(above 1: this row is faster); ``latent / text`` is a latent decode step's time over a text step's.
+(above 1: this row is faster); ``latent / text`` is a latent decode step's time over a text step's;
+``share of train_step`` is the head's time (bench_train's ``train_head``) over the whole training
+step's, the same implementation.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 import sys
 
 BASELINES = {"eager": "x eager", "compiled": "x compile", "hf": "x HF", "naive": "x naive"}
+PARTS = {"train_head": "train_step"}  # a part's group -> the group of the whole it is timed within
 SHAPE_KEYS = ("D", "d", "B", "K", "layers", "new", "dtype")
 
 
@@ -55,6 +58,10 @@ def _add_ratios(rows: list[dict]) -> None:
                            for base, label in BASELINES.items() if base in members and base != r["impl"]}
         if "latent" in members and "text" in members:
             members["latent"]["ratios"]["latent / text"] = round(members["latent"]["us"] / members["text"]["us"], 3)
+    for part, whole in PARTS.items():  # the part's share of the whole, same implementation
+        for impl, r in groups.get(part, {}).items():
+            if impl in groups.get(whole, {}):
+                r["ratios"][f"share of {whole}"] = round(r["us"] / groups[whole][impl]["us"], 4)
 
 
 def _machine(data: dict) -> dict:

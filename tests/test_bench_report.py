@@ -37,6 +37,9 @@ def raw():
             bench(step, "compiled", 15e-6, op="latent_step"),
             bench("decode step", "text", 2e-3, key="mode", op="decode_step"),
             bench("decode step", "latent", 1.5e-3, key="mode", op="decode_step"),
+            bench("train_step", "gapkern", 8e-3, op="train_step"),
+            bench("train_head", "gapkern", 2e-3, op="train_head"),
+            bench("train_head", "torch", 3e-3, op="train_head"),  # no torch step timed: no share
         ],
     }
 
@@ -49,6 +52,8 @@ def test_summary_has_per_call_times_bandwidth_and_group_ratios(report):
     assert triton["ratios"] == {"x eager": pytest.approx(2.0), "x compile": pytest.approx(3.0)}
     assert rows["latent_step D512 d64 B1", "eager"]["ratios"] == {"x compile": pytest.approx(1.5)}
     assert rows["decode step", "latent"]["ratios"]["latent / text"] == pytest.approx(0.75)
+    assert rows["train_head", "gapkern"]["ratios"] == {"share of train_step": pytest.approx(0.25)}
+    assert rows["train_head", "torch"]["ratios"] == {}
     assert triton["shape"] == {"D": 512, "d": 64, "B": 1, "dtype": "torch.float32"}
 
 
