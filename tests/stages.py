@@ -16,13 +16,16 @@ from gapkern.testing import tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
 SIZES = [(224, 224), (112, 168), (140, 84), (200, 150)]  # (width, height); merged grids 8x8, 6x4, 3x5, 5x7
 
 
-def checkpoint(path, *, gap_budget=None, seed=0):
-    """A tiny Qwen2.5-VL saved with its tokenizer; ``gap_budget``: a gapkern checkpoint with that K."""
+def checkpoint(path, *, gap_budget=None, calibration="none", tau_ema=None, seed=0):
+    """A tiny Qwen2.5-VL saved with its tokenizer; ``gap_budget``: a gapkern checkpoint with that K, the PCA
+    head of ``tiny_head``, ``calibration`` and (ema) the running target ``tau_ema``."""
     if gap_budget is None:
         model, ids = tiny_qwen2_5_vl(seed=seed)
     else:
         model, ids = tiny_qwen2_5_vl(seed=seed, model_class=GapQwen2_5_VLForConditionalGeneration)
-        model.set_gap(tiny_head(model), ids.gap_config(latent_budget=gap_budget))
+        model.set_gap(tiny_head(model), ids.gap_config(latent_budget=gap_budget, calibration=calibration))
+        if tau_ema is not None:
+            model.gap.tau_ema.fill_(tau_ema)
     model.save_pretrained(path)
     tiny_tokenizer(ids).save_pretrained(path)
     return str(path)

@@ -15,9 +15,11 @@ from transformers import LogitsProcessorList
 
 import gapkern
 from gapkern.cli import main
-from gapkern.models import GapQwen2_5_VLForConditionalGeneration, StepTrace
+from gapkern.models import StepTrace
 from gapkern.testing import ForceTokens, tiny_head, tiny_prompts, tiny_qwen2_5_vl, tiny_tokenizer
 from gapkern.testing import naive_generate
+
+from stages import checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,13 +88,7 @@ def test_console_script_runs_the_readme_command():
 @pytest.fixture(scope="module")
 def gap_checkpoint(tmp_path_factory):
     """A gapkern-saved tiny model: PCA head, GapConfig (K=2, ema) and the running target, plus its tokenizer."""
-    path = tmp_path_factory.mktemp("gap")
-    model, ids = tiny_qwen2_5_vl(seed=0, model_class=GapQwen2_5_VLForConditionalGeneration)
-    model.set_gap(tiny_head(model), ids.gap_config(latent_budget=2, calibration="ema"))
-    model.gap.tau_ema.fill_(5.0)
-    model.save_pretrained(path)
-    tiny_tokenizer(ids).save_pretrained(path)
-    return path
+    return checkpoint(tmp_path_factory.mktemp("gap"), gap_budget=2, calibration="ema", tau_ema=5.0)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,9 @@ import gapkern
 from gapkern.models import GapQwen2_5_VLForConditionalGeneration, add_latent_tokens, is_patched
 from gapkern.testing import ForceTokens, tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.models.qwen2_5_vl import CheckpointError
+from gapkern.testing import TinyIds
+
+from stages import checkpoint
 
 ROWS = [(4, None), (2, (56, 56)), (3, (56, 84))]
 
@@ -186,12 +189,7 @@ def test_add_latent_tokens_adds_profile_tokens_and_resizes(profile):
 @pytest.fixture(scope="module")
 def gap_saved(tmp_path_factory):
     """A saved Gap model (PCA head, K=2, ema target 5.0) and its ids."""
-    path = tmp_path_factory.mktemp("gap")
-    model, ids = tiny_qwen2_5_vl(seed=0, model_class=GapQwen2_5_VLForConditionalGeneration)
-    model.set_gap(tiny_head(model), ids.gap_config(latent_budget=2, calibration="ema"))
-    model.gap.tau_ema.fill_(5.0)
-    model.save_pretrained(path)
-    return path, ids
+    return checkpoint(tmp_path_factory.mktemp("gap"), gap_budget=2, calibration="ema", tau_ema=5.0), TinyIds()
 
 
 def edited_copy(src, dst, config=None, tensors=None):
