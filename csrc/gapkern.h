@@ -19,7 +19,8 @@ namespace gapkern {
 
 // The version of this interface; gapkern/ops/_cuda.py refuses an extension built from another
 // (the binding exposes it as gapkern._C.ABI_VERSION). 3: typed views and the DType enum.
-constexpr int kAbiVersion = 3;
+// 4: latent_step_strided takes no dtype (it is float32 only).
+constexpr int kAbiVersion = 4;
 
 // Storage dtypes; the binding exposes them as gapkern._C.DType, named as torch names them.
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, I32 = 3, I64 = 4 };
@@ -101,8 +102,8 @@ struct LatentArgs {
 // Half types: weight_t (d, D) and basis (D, d) prepacked. Two launches, three when calibrated.
 void latent_step_packed(const Launch& L, DType dtype, const LatentArgs& a, Packed weight_t, Packed basis);
 
-// float32: plain strided weight (D, d) and basis (D, d). Two launches, three when calibrated.
-void latent_step_strided(const Launch& L, DType dtype, const LatentArgs& a, Mat weight, Mat basis);
+// float32 only: plain strided weight (D, d) and basis (D, d). Two launches, three when calibrated.
+void latent_step_strided(const Launch& L, const LatentArgs& a, Mat weight, Mat basis);
 
 // Bytes of the workspace of latent_step_* / of pca_project_packed for these sizes on this device.
 size_t latent_workspace_bytes(int device, DType dtype, int B, int D, int d);

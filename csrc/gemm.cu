@@ -127,8 +127,6 @@ void gemm(const Launch& L, DType dtype, Mat a, Mat b, OutMat c, F&& vectors) {
   });
 }
 
-size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
-
 }  // namespace
 
 void add_gemm_kernels(std::vector<const void*>& out) {
@@ -163,9 +161,8 @@ size_t strided_workspace_bytes(int B, int D, int d) {
 // Launch 1: c_raw = (hidden @ weight + bias) * sigma into the float32 workspace.
 // Launch 2: mean + c_raw @ basis.T into the masked rows of out, or, calibrated, of the workspace's
 // latents, which launch 3 scales by tau / max(||z||, eps) into out.
-void latent_step_strided(const Launch& L, DType dtype, const LatentArgs& a, Mat weight, Mat basis) {
+void latent_step_strided(const Launch& L, const LatentArgs& a, Mat weight, Mat basis) {
   const Sizes n = latent_sizes(a, weight.rows, weight.cols, basis.rows, basis.cols);
-  if (dtype != DType::F32) throw Error("gapkern cuda backend: latent_step_strided runs float32 only");
   if (a.workspace.bytes < strided_workspace_bytes(n.B, n.D, n.d))
     throw Error("gapkern cuda backend: latent_step workspace too small");
   DeviceGuard guard(L.device);
@@ -181,7 +178,7 @@ void latent_step_strided(const Launch& L, DType dtype, const LatentArgs& a, Mat 
   set(p2.nbias, p2.snb, a.mean);
   set(p2.mask, p2.smask, a.mask);
   launch(p2, L.stream);
-  if (a.tau.p) calibrate_from_f32(L, dtype, readable(z), a.tau, a.eps, a.mask, a.out);
+  if (a.tau.p) calibrate_from_f32(L, DType::F32, readable(z), a.tau, a.eps, a.mask, a.out);
 }
 
 }  // namespace gapkern

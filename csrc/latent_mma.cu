@@ -41,8 +41,6 @@ struct Plan {
   size_t off_part, off_cf, off_cnt, off_z, bytes;
 };
 
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-
 // GAPKERN_LATENT_PLAN="mb=M,splits=S" overrides the projection's column tiles per block
 // (1, 2, 4 or 8) and its split count, for tuning on a GPU without rebuilding.
 struct PlanOverride {
@@ -88,10 +86,10 @@ Plan make_plan(int B, int D, int d, int sms) {
   p.MT2 = ceil_div(D, 16);
   p.G2 = ceil_div(p.MT2, recon_mb(p.NT));
   size_t off = 0;
-  p.off_part = off; off += align256(sizeof(float) * size_t(p.NG) * p.S * p.MT1 * p.NT * 128);
-  p.off_cf = off;   off += align256(size_t(p.MT1) * p.NTW * 32 * 8 * 2);
-  p.off_cnt = off;  off += align256(sizeof(unsigned) * size_t(p.G1) * p.NG);
-  p.off_z = off;    off += align256(sizeof(float) * size_t(B) * D);  // unscaled latents, calibrated steps
+  p.off_part = off; off += round_up(sizeof(float) * size_t(p.NG) * p.S * p.MT1 * p.NT * 128, 256);
+  p.off_cf = off;   off += round_up(size_t(p.MT1) * p.NTW * 32 * 8 * 2, 256);
+  p.off_cnt = off;  off += round_up(sizeof(unsigned) * size_t(p.G1) * p.NG, 256);
+  p.off_z = off;    off += round_up(sizeof(float) * size_t(B) * D, 256);  // unscaled latents, calibrated steps
   p.bytes = off;
   return p;
 }
@@ -460,8 +458,6 @@ void add_kernels(std::vector<const void*>& out) {
 }
 
 }  // namespace
-
-size_t strided_workspace_bytes(int B, int D, int d);  // gemm.cu
 
 void add_latent_mma_kernels(std::vector<const void*>& out) {
   add_kernels<bf16>(out);

@@ -10,6 +10,11 @@
 namespace gapkern {
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+// n rounded up to a multiple of `to` (workspace regions start 256-byte aligned).
+inline size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+// Bytes of the float32 latent step's workspace (gemm.cu); latent_workspace_bytes reports it.
+size_t strided_workspace_bytes(int B, int D, int d);
 
 // Makes `device` current (loading the kernels on first use of that device) for this scope (in this extension's own CUDA runtime)
 // and restores the previous device on exit.

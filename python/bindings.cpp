@@ -68,8 +68,7 @@ PYBIND11_MODULE(_C, m) {
              return LatentArgs{hidden, bias, sigma, mean, tau, eps, mask, out, workspace};
            }),
            py::arg("hidden"), py::arg("bias"), py::arg("sigma"), py::arg("mean"), py::arg("tau"), py::arg("eps"),
-           py::arg("mask"), py::arg("out"), py::arg("workspace"))
-      .def_readwrite("hidden", &LatentArgs::hidden, "Set per step by a bound latent step; the rest stays.");
+           py::arg("mask"), py::arg("out"), py::arg("workspace"));
 
   m.def("check_device", &check_device, py::arg("device"), nogil,
         "Raise RuntimeError unless `device` can run the kernels (loads them on first use).");
@@ -102,8 +101,8 @@ PYBIND11_MODULE(_C, m) {
         nogil);
   m.def("latent_step_packed", &latent_step_packed, py::arg("launch"), py::arg("dtype"), py::arg("args"),
         py::arg("weight_t"), py::arg("basis"), nogil);
-  m.def("latent_step_strided", &latent_step_strided, py::arg("launch"), py::arg("dtype"), py::arg("args"),
-        py::arg("weight"), py::arg("basis"), nogil);
+  m.def("latent_step_strided", &latent_step_strided, py::arg("launch"), py::arg("args"), py::arg("weight"),
+        py::arg("basis"), nogil, "float32 only.");
   m.def("latent_workspace_bytes", &latent_workspace_bytes, py::arg("device"), py::arg("dtype"), py::arg("B"),
         py::arg("D"), py::arg("d"), nogil,
         "Bytes of the zero-initialised workspace that latent_step_* needs for these sizes on this device.");

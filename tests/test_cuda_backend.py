@@ -151,7 +151,7 @@ def _raw_calls(C):
          r"dst: expected 8 columns"),
         (lambda: C.reembed(launch, f32, f32, C.DType.int64, C.Vec(), hidden, C.Vec(), C.Mat(0, 97, 9, 9, 1),
                            C.OutMat(0, 2, 8, 8, 1)), r"embed: expected 8 columns"),
-        (lambda: C.latent_step_strided(launch, f32, args, C.Mat(0, 8, 4, 4, 1), C.Mat(0, 8, 3, 3, 1)),
+        (lambda: C.latent_step_strided(launch, args, C.Mat(0, 8, 4, 4, 1), C.Mat(0, 8, 3, 3, 1)),
          r"basis: expected 4 columns \(d, the rank of weight\), got 3"),
         (lambda: C.latent_step_packed(launch, C.DType.bfloat16, args, C.Packed(0, 4, 7), C.Packed(0, 8, 4)),
          r"weight: expected 8 rows"),

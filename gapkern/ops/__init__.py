@@ -14,7 +14,7 @@ import torch
 from . import _validate as V
 from ._backends import State, Status, backend_info, backend_status, get_backend, module_for, set_backend, use_backend
 from ._cache import clear_caches
-from ._step import LatentStep, bind_latent_step, latent_kernel
+from ._step import LatentStep, bind_latent_step, run_latent_step
 from ._validate import check_orthonormal
 from . import _custom
 
@@ -48,6 +48,7 @@ def pca_reconstruct(coeffs, basis, mean=None, sigma=None):
     V.tensor("coeffs", coeffs, 2, "(B, d)")
     V.basis_args("coeffs", coeffs, basis, mean, sigma)
     V.size("coeffs", coeffs, 1, basis.shape[1], "d, the columns of basis")
+    V.check_orthonormal(basis)
     if coeffs.shape[0] == 0:
         return coeffs.new_empty(0, basis.shape[0])
     if _eager():
@@ -138,11 +139,11 @@ def latent_step(hidden, weight=None, bias=None, basis=None, mean=None, tau=None,
     if out is None:
         if _eager(hidden, weight, bias):
             out = _custom.new_latents(hidden, latent_mask)
-            latent_kernel(module_for(hidden.device, hidden.dtype), *args[1:], out)(hidden)
+            run_latent_step(*args, out)
             return out
         return torch.ops.gapkern.latent_step(*args)
     if _eager():
-        latent_kernel(module_for(hidden.device, hidden.dtype), *args[1:], out)(hidden)
+        run_latent_step(*args, out)
     else:
         torch.ops.gapkern.latent_step_out(*args, out)
     return out

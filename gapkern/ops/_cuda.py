@@ -27,7 +27,7 @@ from gapkern import _C
 
 from . import _cache
 
-ABI_VERSION = 3  # the interface of csrc/gapkern.h this adapter speaks (kAbiVersion there)
+ABI_VERSION = 4  # the interface of csrc/gapkern.h this adapter speaks (kAbiVersion there)
 if getattr(_C, "ABI_VERSION", None) != ABI_VERSION:
     raise ImportError(f"gapkern._C has interface version {getattr(_C, 'ABI_VERSION', None)}, this gapkern "
                       f"needs {ABI_VERSION}: it was built from another gapkern version; rebuild it (pip install -e .)")
@@ -178,7 +178,7 @@ class _LatentKernel:
         args = _C.LatentArgs(_mat(hidden), _vec(bias), _vec(sigma), _vec(mean), tau, self.eps, mask, out,
                              self.workspace)
         if code == _F32:
-            _C.latent_step_strided(launch, code, args, _mat(weight), _mat(basis))
+            _C.latent_step_strided(launch, args, _mat(weight), _mat(basis))
             return
         self.packed = _packed_head(weight, basis)
         (_, w_t), (_, u) = self.packed

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ._backends import module_for
-from ._step import latent_kernel
+from ._step import run_latent_step
 
 
 def new_latents(hidden, latent_mask):
@@ -105,8 +105,7 @@ def latent_step_out(hidden: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                     basis: Optional[Tensor], mean: Optional[Tensor], sigma: Optional[Tensor],
                     tau: Optional[Tensor], eps: float, latent_mask: Optional[Tensor],
                     out: Tensor) -> None:
-    backend = module_for(hidden.device, hidden.dtype)
-    latent_kernel(backend, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out)(hidden)
+    run_latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out)
 
 
 @latent_step_out.register_fake
@@ -119,8 +118,7 @@ def latent_step(hidden: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                 basis: Optional[Tensor], mean: Optional[Tensor], sigma: Optional[Tensor],
                 tau: Optional[Tensor], eps: float, latent_mask: Optional[Tensor]) -> Tensor:
     out = new_latents(hidden, latent_mask)
-    backend = module_for(hidden.device, hidden.dtype)
-    latent_kernel(backend, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out)(hidden)
+    run_latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out)
     return out
 
 
@@ -151,12 +149,7 @@ def _step_backward(ctx, grad):
         h = next(it)
         w = next(it) if weight is not None else None
         b = next(it) if bias is not None else None
-        if w is None:
-            z = h.float()
-        else:
-            z = _torch._reconstruct(_torch._project(h, w, b), basis, mean, sigma)
-        if tau is not None:
-            z = _torch._calibrate(z, tau, ctx.eps)
+        z = _torch.latents(h, w, b, basis, mean, sigma, tau, ctx.eps)
         if latent_mask is not None:
             z = z * latent_mask[:, None]
         grads = torch.autograd.grad(z, leaves, grad.to(z.dtype), allow_unused=True)

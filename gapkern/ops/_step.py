@@ -22,6 +22,12 @@ def latent_kernel(backend, weight, bias, basis, mean, sigma, tau, eps, latent_ma
     return backend.bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, _cache.workspace)
 
 
+def run_latent_step(hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out):
+    """One unbound step (validated arguments): the backend for ``hidden`` binds it and runs it."""
+    backend = _backends.module_for(hidden.device, hidden.dtype)
+    latent_kernel(backend, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out)(hidden)
+
+
 def _nothing(hidden):
     """The step of an empty batch."""
 

@@ -109,15 +109,16 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out):
     out.copy_(rows)
 
 
+def latents(hidden, weight, bias, basis, mean, sigma, tau, eps):
+    """The latent step's rows (B, D), accumulated in float32 (float64 as it is): project, whiten,
+    reconstruct, calibrate. The step's kernel here and, differentiated, every backend's backward."""
+    z = _acc(hidden) if weight is None else _reconstruct(_project(hidden, weight, bias), basis, mean, sigma)
+    return z if tau is None else _calibrate(z, tau, eps)
+
+
 def bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
     del workspace  # the reference allocates its intermediates
 
     def kernel(hidden):
-        if weight is None:
-            z = _acc(hidden)
-        else:
-            z = _reconstruct(_project(hidden, weight, bias), basis, mean, sigma)
-        if tau is not None:
-            z = _calibrate(z, tau, eps)
-        _write_rows(out, z.to(out.dtype), latent_mask)
+        _write_rows(out, latents(hidden, weight, bias, basis, mean, sigma, tau, eps).to(out.dtype), latent_mask)
     return kernel

@@ -94,7 +94,8 @@ def head(ref_name: str, ref, weight, bias):
 
 
 def basis_args(ref_name: str, ref, basis, mean, sigma):
-    """basis (D, d) orthonormal, mean (D,), sigma (d,) in the dtype and on the device of ``ref``."""
+    """basis (D, d), mean (D,), sigma (d,) in the dtype and on the device of ``ref``; the caller checks
+    the sizes it relates to ``ref``, then :func:`check_orthonormal` (a Gram product: last)."""
     tensor("basis", basis, 2, "(D, d)")
     optional("mean", mean, 1, "(D,)")
     if mean is not None:
@@ -105,7 +106,6 @@ def basis_args(ref_name: str, ref, basis, mean, sigma):
     for name, t in (("basis", basis), ("mean", mean), ("sigma", sigma)):
         same_dtype(name, t, ref_name, ref)
     same_device(ref.device, basis=basis, mean=mean, sigma=sigma)
-    check_orthonormal(basis)
 
 
 def out_like(out, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
@@ -134,6 +134,7 @@ def latent_step_args(ref_name: str, ref, weight, bias, basis, mean, sigma, tau, 
         basis_args(ref_name, ref, basis, mean, sigma)
         size("basis", basis, 0, dim, f"D, the hidden size of {ref_name}")
         size("basis", basis, 1, weight.shape[1], "d, the PCA rank of weight")
+        check_orthonormal(basis)
     else:
         for name, t in (("bias", bias), ("basis", basis), ("mean", mean), ("sigma", sigma)):
             if t is not None:
