@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from . import distributed
-from ._io import atomic_write
+from ._io import atomic_write_json, atomic_write_text, read_json
 from .data import image_embeddings, latent_keys, load_samples, pool_targets, uses_latents
 from .targets import TargetReader, TargetWriter
 
@@ -73,16 +73,11 @@ def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, mo
     if rank == 0:
         writer.finish()
         text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        atomic_write(os.path.join(out, SAMPLES), lambda tmp: _write(tmp, text))
+        atomic_write_text(os.path.join(out, SAMPLES), text)
         build = {k: v for k, v in summary.items() if k not in ("shards", "computed_shards")}
-        atomic_write(os.path.join(out, BUILD), lambda tmp: _write(tmp, json.dumps(build, indent=1) + "\n"))
+        atomic_write_json(os.path.join(out, BUILD), build)
     distributed.barrier()
     return summary
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 @dataclass
@@ -99,8 +94,7 @@ def load_build(folder: str) -> Build:
     path = os.path.join(folder, BUILD)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"folder: no {BUILD} in {folder!r}; run gapkern build-data to the end first")
-    with open(path, encoding="utf-8") as f:
-        settings = json.load(f)
+    settings = read_json(path)
     if settings.get("format") != FORMAT:
         raise ValueError(f"folder: {path!r} is not a {FORMAT} file (format {settings.get('format')!r})")
     return Build(settings, load_samples(os.path.join(folder, SAMPLES)), TargetReader(os.path.join(folder, TARGETS)))

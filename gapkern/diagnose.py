@@ -15,13 +15,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import torch
 
 from . import distributed
-from ._io import atomic_write
+from ._io import atomic_write, atomic_write_json
 
 __all__ = ["hidden_norms", "latent_norms", "diagnose", "write_diagnosis", "diagnosis_table", "FORCED_SPAN_AT"]
 
@@ -201,13 +200,7 @@ def diagnosis_table(diagnosis: dict) -> str:
 def write_diagnosis(diagnosis: dict, folder: str, *, title: str | None = None) -> tuple[str, str]:
     """``folder/diagnosis.json`` (the diagnosis) and ``folder/diagnosis.png`` (ratios per layer), atomically."""
     json_path, png_path = os.path.join(folder, "diagnosis.json"), os.path.join(folder, "diagnosis.png")
-    text = json.dumps(diagnosis, indent=1) + "\n"
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(json_path, write_json)
+    atomic_write_json(json_path, diagnosis)
     atomic_write(png_path, lambda tmp: _plot(diagnosis, tmp, title))
     return json_path, png_path
 

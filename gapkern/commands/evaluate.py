@@ -18,7 +18,6 @@ experiment on an output-as-input model: --head none --calibration none,ema.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from . import UsageError
@@ -164,21 +163,16 @@ def _evaluate_one(args, one, model, tokenizer, head, suppress, samples) -> dict:
 
 
 def _report(args, scores: dict) -> None:
-    from .._io import atomic_write
+    from .._io import atomic_write_json, atomic_write_text
     from ..evaluate import score_table
 
     table = score_table(scores)
     json_path, md_path = os.path.join(args.out, "scores.json"), os.path.join(args.out, "scores.md")
-    atomic_write(json_path, lambda tmp: _write(tmp, json.dumps(scores, indent=1, ensure_ascii=False) + "\n"))
-    atomic_write(md_path, lambda tmp: _write(tmp, table))
+    atomic_write_json(json_path, scores, ensure_ascii=False)
+    atomic_write_text(md_path, table)
     print(table, end="")
     lines = next(iter(scores.values()))["counts"]
     latent = ", ".join(f"{name} {result['latent_lines']}" for name, result in scores.items())
     print(f"lines       {sum(lines.values())} per configuration, {len(scores)} configuration(s); "
           f"lines with latents: {latent}")
     print(f"wrote       {json_path}, {md_path}, {args.out}/NAME/predictions.jsonl")
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)

@@ -1,10 +1,9 @@
 """The demo's measurements: eval of base, text-only and GAP (calibration none and ema), and the norm-gap diagnosis."""
 from __future__ import annotations
 
-import json
 import os
 
-from .._io import atomic_write
+from .._io import atomic_write_json, atomic_write_text
 
 __all__ = ["configurations", "CHANCE", "evaluate_all", "diagnose_all"]
 
@@ -23,18 +22,6 @@ def configurations(plan) -> dict:
         for mode in ("none", "ema"):
             out[f"GAP {mode}, step {step}"] = (os.path.join("gap", where), mode)
     return out
-
-
-def _write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def _write_json(path: str, data) -> None:
-    _write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _slug(name: str) -> str:
@@ -62,8 +49,8 @@ def evaluate_all(run) -> tuple[dict, str]:
         scores[name] = {**score(lines), "model": folder, "calibration": calibration, "predictions": predictions,
                         "latent_lines": sum(line["latents"] > 0 for line in lines)}
         latents[name] = sum(line["latents"] for line in lines) / len(lines) / run.plan.grid ** 2
-    _write_json(run.folder("eval", "scores.json"), scores)
-    _write_text(run.folder("eval", "scores.md"), score_table(scores))
+    atomic_write_json(run.folder("eval", "scores.json"), scores)
+    atomic_write_text(run.folder("eval", "scores.md"), score_table(scores))
     means = ", ".join(f"{name} {100 * _mean(result):.0f}%" for name, result in scores.items())
     return {"scores": scores, "spans_per_line": latents}, (
         f"{len(samples)} lines, mean accuracy over the tasks (chance {100 * CHANCE:.0f}%): {means}")
@@ -93,7 +80,7 @@ def diagnose_all(run) -> tuple[dict, str]:
                           max_new_tokens=run.plan.max_new_tokens, suppress=suppress, settings=settings(run),
                           progress=run.progress)
         write_diagnosis(result, run.folder("diagnose", folder), title=f"Norm gap: {title}")
-        _write_text(run.folder("diagnose", folder, "table.txt"), diagnosis_table(result))
+        atomic_write_text(run.folder("diagnose", folder, "table.txt"), diagnosis_table(result))
         found[folder] = result
     summary = {folder: _gap_summary(result) for folder, result in found.items()}
     line = "; ".join(f"{folder}: latents {s['before_ratio']:.3g}x the visual input norm before calibration, "
