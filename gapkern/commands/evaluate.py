@@ -135,13 +135,14 @@ def _evaluate_all(args, runs, head, samples, place) -> dict:
         tokenizer = load_tokenizer(path)
         model = load_model(path, place)
         suppress = prepare(model, tokenizer, head, latent_budget=args.latent_budget, profile=args.profile, path=path)
+        starts = {}  # the calibrated modes of one checkpoint start from one target, computed once
         for one in group:
-            scores[one["name"]] = _evaluate_one(args, one, model, tokenizer, head, suppress, samples)
+            scores[one["name"]] = _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts)
         del model  # freed before the next checkpoint loads
     return scores
 
 
-def _evaluate_one(args, one, model, tokenizer, head, suppress, samples) -> dict:
+def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) -> dict:
     from ..evaluate import evaluate, score
     from ..models.prompt import image_settings
     from ..resumable import ResumeError
@@ -154,7 +155,7 @@ def _evaluate_one(args, one, model, tokenizer, head, suppress, samples) -> dict:
                            calibration=one["calibration"], batch=args.batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            seed=args.seed, settings=image_settings(one["path"]), suppress=suppress,
                            span_at=args.span_at, identity={"model": os.path.abspath(one["path"]), "head": used},
-                           keep_settings=os.path.join(folder, "settings.json"), desc=one["name"])
+                           keep_settings=os.path.join(folder, "settings.json"), desc=one["name"], starts=starts)
     except ResumeError as exc:
         raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     return {**score(records), "model": os.path.abspath(one["path"]), "calibration": one["calibration"],

@@ -31,24 +31,28 @@ def _slug(name: str) -> str:
 def evaluate_all(run) -> tuple[dict, str]:
     """Every configuration on the eval split, greedy, into ``eval/`` as ``gapkern eval`` lays it out:
     NAME/predictions.jsonl per configuration, scores.json, scores.md."""
+    from itertools import groupby
+
     from ..data import load_samples
     from ..evaluate import evaluate, score, score_table
     from .stages import load, settings
 
     samples = load_samples(run.eval_file())
     scores, latents = {}, {}
-    for name, (folder, calibration) in configurations(run.plan).items():
-        folder = os.path.normpath(folder)
-        model, tokenizer = load(run.folder(folder))
+    runs = [(name, os.path.normpath(folder), calibration)
+            for name, (folder, calibration) in configurations(run.plan).items()]
+    for folder, group in groupby(runs, key=lambda one: one[1]):  # a folder's configurations follow each other
+        model, tokenizer = load(run.folder(folder))  # once for its configurations, as gapkern eval does
         # base and text-only never trained on a latent span: they must not open one (gapkern eval does the same)
         suppress = [model.gap.config.latent_start_id] if model.gap.head is None else []
-        predictions = os.path.join(_slug(name), "predictions.jsonl")  # the layout of gapkern eval's --out
-        lines = evaluate(model, tokenizer, samples, run.folder("eval", predictions), calibration=calibration,
-                         batch=16, max_new_tokens=run.plan.max_new_tokens, settings=settings(run), suppress=suppress,
-                         identity={"model": folder}, desc=name, progress=run.progress)
-        scores[name] = {**score(lines), "model": folder, "calibration": calibration, "predictions": predictions,
-                        "latent_lines": sum(line["latents"] > 0 for line in lines)}
-        latents[name] = sum(line["latents"] for line in lines) / len(lines) / run.plan.grid ** 2
+        for name, _, calibration in group:
+            predictions = os.path.join(_slug(name), "predictions.jsonl")  # the layout of gapkern eval's --out
+            lines = evaluate(model, tokenizer, samples, run.folder("eval", predictions), calibration=calibration,
+                             batch=16, max_new_tokens=run.plan.max_new_tokens, settings=settings(run),
+                             suppress=suppress, identity={"model": folder}, desc=name, progress=run.progress)
+            scores[name] = {**score(lines), "model": folder, "calibration": calibration, "predictions": predictions,
+                            "latent_lines": sum(line["latents"] > 0 for line in lines)}
+            latents[name] = sum(line["latents"] for line in lines) / len(lines) / run.plan.grid ** 2
     atomic_write_json(run.folder("eval", "scores.json"), scores)
     atomic_write_text(run.folder("eval", "scores.md"), score_table(scores))
     means = ", ".join(f"{name} {100 * _mean(result):.0f}%" for name, result in scores.items())
