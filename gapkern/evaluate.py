@@ -15,17 +15,19 @@
 - ``evaluate``: a sample file through a patched model's batched ``generate``,
   one prediction line per sample (:func:`prediction`) in a JSONL file, written
   resumably line by line (:mod:`gapkern.resumable`, as curation is).
-- ``score_table``: scores of several configurations as one Markdown table.
+- ``score_table``: scores of several configurations as one Markdown table;
+  ``write_scores``: ``scores.json`` and that table as ``scores.md``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import string
 
 __all__ = ["extract_answer", "is_correct", "score", "parse_number", "choice_letter", "prediction", "evaluate",
-           "score_table"]
+           "score_table", "write_scores"]
 
 CATEGORIES = ("perception", "reasoning")
 RELATIVE_TOLERANCE = 1e-6
@@ -239,3 +241,13 @@ def score_table(scores: dict[str, dict]) -> str:
         lines.append(row([name, *(cell(result["tasks"].get(t)) for t in tasks), cell(result.get("avg_p")),
                           cell(result.get("avg_r"))]))
     return "\n".join(lines) + "\n"
+
+
+def write_scores(folder: str, scores: dict[str, dict]) -> tuple[str, str]:
+    """``folder/scores.json`` (``scores``) and ``folder/scores.md`` (:func:`score_table`), atomically; their paths."""
+    from ._io import atomic_write_json, atomic_write_text
+
+    json_path, md_path = os.path.join(folder, "scores.json"), os.path.join(folder, "scores.md")
+    atomic_write_json(json_path, scores, ensure_ascii=False)
+    atomic_write_text(md_path, score_table(scores))
+    return json_path, md_path

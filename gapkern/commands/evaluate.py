@@ -164,14 +164,10 @@ def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) 
 
 
 def _report(args, scores: dict) -> None:
-    from .._io import atomic_write_json, atomic_write_text
-    from ..evaluate import score_table
+    from ..evaluate import score_table, write_scores
 
-    table = score_table(scores)
-    json_path, md_path = os.path.join(args.out, "scores.json"), os.path.join(args.out, "scores.md")
-    atomic_write_json(json_path, scores, ensure_ascii=False)
-    atomic_write_text(md_path, table)
-    print(table, end="")
+    json_path, md_path = write_scores(args.out, scores)
+    print(score_table(scores), end="")
     lines = next(iter(scores.values()))["counts"]
     latent = ", ".join(f"{name} {result['latent_lines']}" for name, result in scores.items())
     print(f"lines       {sum(lines.values())} per configuration, {len(scores)} configuration(s); "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .._io import atomic_write_json, atomic_write_text
+from .._io import atomic_write_text
 
 __all__ = ["configurations", "CHANCE", "evaluate_all", "diagnose_all"]
 
@@ -34,7 +34,7 @@ def evaluate_all(run) -> tuple[dict, str]:
     from itertools import groupby
 
     from ..data import load_samples
-    from ..evaluate import evaluate, score, score_table
+    from ..evaluate import evaluate, score, write_scores
     from .stages import load, settings
 
     samples = load_samples(run.eval_file())
@@ -53,8 +53,7 @@ def evaluate_all(run) -> tuple[dict, str]:
             scores[name] = {**score(lines), "model": folder, "calibration": calibration, "predictions": predictions,
                             "latent_lines": sum(line["latents"] > 0 for line in lines)}
             latents[name] = sum(line["latents"] for line in lines) / len(lines) / run.plan.grid ** 2
-    atomic_write_json(run.folder("eval", "scores.json"), scores)
-    atomic_write_text(run.folder("eval", "scores.md"), score_table(scores))
+    write_scores(run.folder("eval"), scores)
     means = ", ".join(f"{name} {100 * _mean(result):.0f}%" for name, result in scores.items())
     return {"scores": scores, "spans_per_line": latents}, (
         f"{len(samples)} lines, mean accuracy over the tasks (chance {100 * CHANCE:.0f}%): {means}")
