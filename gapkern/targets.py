@@ -128,10 +128,6 @@ class TargetReader:
         self.folder, self._open = folder, {}
 
     @property
-    def meta(self) -> dict:
-        return self.index["meta"]
-
-    @property
     def shape(self) -> tuple[int, int] | None:
         return None if self.index["shape"] is None else tuple(self.index["shape"])
 
