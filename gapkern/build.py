@@ -53,8 +53,8 @@ def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, mo
     meta = {"model": model_path, "g": g, "dim": dim, "dtype": str(model.dtype).removeprefix("torch."),
             "image_settings": settings}  # what the target values depend on: a change recomputes every shard
     writer = TargetWriter(os.path.join(out, TARGETS), latent, meta=meta, shard_size=shard_size)
-    computed = len(writer.pending())  # over every rank
-    pending = writer.pending(rank=rank, world=world)
+    unfinished = writer.pending()  # over every rank: each shard's header read once
+    computed, pending = len(unfinished), [(i, chunk) for i, chunk in unfinished if i % world == rank]
     todo = sum(len(latent_keys(s)) for _, chunk in pending for s in chunk)
     with tqdm(total=todo, desc="targets", unit="step", disable=distributed.bar_disable(progress)) as bar:
         for index, chunk in pending:
@@ -62,7 +62,7 @@ def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, mo
             targets = {}
             for key, (embeds, grid) in zip(keys, image_embeddings(model, list(images), settings=settings,
                                                                   batch_images=batch_images)):
-                targets[key] = pool_targets(embeds.float(), grid, g).cpu()
+                targets[key] = pool_targets(embeds.float(), grid, g)  # writer.write copies it to the CPU
                 bar.update()
             writer.write(index, targets)
     distributed.barrier()

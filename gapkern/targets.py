@@ -91,7 +91,8 @@ class TargetWriter:
             raise ValueError(f"tensors: expected every target (K, D) of one shape and dtype, got {shapes}, {dtypes}")
         header = {"keys": expected, "meta": self.meta, "shape": list(next(iter(shapes))),
                   "dtype": str(next(iter(dtypes))).removeprefix("torch.")}
-        data = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+        # one copy each: contiguous, on the CPU, owning its memory (safetensors refuses tensors that share it)
+        data = {k: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, t in tensors.items()}
         atomic_save_file(data, os.path.join(self.folder, self.shard_name(index)),
                          metadata={_HEADER: json.dumps(header)})
 
