@@ -9,7 +9,8 @@ import tempfile
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["atomic_save_file", "atomic_write", "atomic_folder", "read_safetensors"]
+__all__ = ["atomic_save_file", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder",
+           "read_safetensors", "read_json"]
 
 
 def _umask() -> int:
@@ -39,6 +40,20 @@ def atomic_write(path: str, write) -> None:
 
 def atomic_save_file(tensors, path: str, metadata=None) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` in UTF-8, atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def atomic_write_json(path: str, obj, *, indent: int | None = 1, ensure_ascii: bool = True, end: str = "\n") -> None:
+    """Write ``json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii) + end`` to ``path``, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii) + end)
 
 
 def atomic_folder(path: str, write, stale=lambda name: False) -> None:

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from . import distributed
-from ._io import atomic_write
+from ._io import atomic_write_json, atomic_write_text, read_json
 from .data import image_embeddings, latent_keys, load_samples, pool_targets, uses_latents
 from .targets import TargetReader, TargetWriter
 
@@ -53,8 +53,8 @@ def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, mo
     meta = {"model": model_path, "g": g, "dim": dim, "dtype": str(model.dtype).removeprefix("torch."),
             "image_settings": settings}  # what the target values depend on: a change recomputes every shard
     writer = TargetWriter(os.path.join(out, TARGETS), latent, meta=meta, shard_size=shard_size)
-    computed = len(writer.pending())  # over every rank
-    pending = writer.pending(rank=rank, world=world)
+    unfinished = writer.pending()  # over every rank: each shard's header read once
+    computed, pending = len(unfinished), [(i, chunk) for i, chunk in unfinished if i % world == rank]
     todo = sum(len(latent_keys(s)) for _, chunk in pending for s in chunk)
     with tqdm(total=todo, desc="targets", unit="step", disable=distributed.bar_disable(progress)) as bar:
         for index, chunk in pending:
@@ -62,7 +62,7 @@ def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, mo
             targets = {}
             for key, (embeds, grid) in zip(keys, image_embeddings(model, list(images), settings=settings,
                                                                   batch_images=batch_images)):
-                targets[key] = pool_targets(embeds.float(), grid, g).cpu()
+                targets[key] = pool_targets(embeds.float(), grid, g)  # writer.write copies it to the CPU
                 bar.update()
             writer.write(index, targets)
     distributed.barrier()
@@ -73,16 +73,11 @@ def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, mo
     if rank == 0:
         writer.finish()
         text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        atomic_write(os.path.join(out, SAMPLES), lambda tmp: _write(tmp, text))
+        atomic_write_text(os.path.join(out, SAMPLES), text)
         build = {k: v for k, v in summary.items() if k not in ("shards", "computed_shards")}
-        atomic_write(os.path.join(out, BUILD), lambda tmp: _write(tmp, json.dumps(build, indent=1) + "\n"))
+        atomic_write_json(os.path.join(out, BUILD), build)
     distributed.barrier()
     return summary
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 @dataclass
@@ -99,8 +94,7 @@ def load_build(folder: str) -> Build:
     path = os.path.join(folder, BUILD)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"folder: no {BUILD} in {folder!r}; run gapkern build-data to the end first")
-    with open(path, encoding="utf-8") as f:
-        settings = json.load(f)
+    settings = read_json(path)
     if settings.get("format") != FORMAT:
         raise ValueError(f"folder: {path!r} is not a {FORMAT} file (format {settings.get('format')!r})")
     return Build(settings, load_samples(os.path.join(folder, SAMPLES)), TargetReader(os.path.join(folder, TARGETS)))

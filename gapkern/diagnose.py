@@ -15,13 +15,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import torch
 
 from . import distributed
-from ._io import atomic_write
+from ._io import atomic_write, atomic_write_json
 
 __all__ = ["hidden_norms", "latent_norms", "diagnose", "write_diagnosis", "diagnosis_table", "FORCED_SPAN_AT"]
 
@@ -29,18 +28,30 @@ FORCED_SPAN_AT = 0  # where a span is forced for a model that writes none: right
 
 
 class _Means:
-    """Running mean L2 norms per (row of the table, kind of position), summed in float64."""
+    """Running mean L2 norms per (row of the table, kind of position): float64 sums kept on the device and read
+    back once, in :meth:`read` (a sum or a boolean index per layer and batch would wait for the device each time)."""
 
-    def __init__(self):
-        self.sums, self.counts = {}, {}
+    def __init__(self, rows: int, kinds: tuple[str, ...]):
+        self.rows, self.kinds = rows, kinds
+        self.sums = self.counts = None
 
-    def add(self, key, vectors: torch.Tensor) -> None:
-        norms = torch.linalg.vector_norm(vectors.double(), dim=-1)
-        self.sums[key] = self.sums.get(key, 0.0) + float(norms.sum())
-        self.counts[key] = self.counts.get(key, 0) + norms.numel()
+    def add(self, layers: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+        """``layers``: ``rows`` hidden states (B, S, D); ``masks``: one (B, S) bool per kind, on one device."""
+        where = masks[0].device
+        norms = torch.stack([torch.linalg.vector_norm(h, dim=-1, dtype=torch.float64).to(where) for h in layers])
+        sums = torch.stack([torch.where(mask, norms, 0.0).sum(dim=(1, 2)) for mask in masks], dim=1)
+        counts = torch.stack([mask.sum() for mask in masks])
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.counts = counts if self.counts is None else self.counts + counts
 
-    def mean(self, key) -> float | None:
-        return self.sums[key] / self.counts[key] if self.counts.get(key) else None
+    def read(self) -> tuple[dict, dict]:
+        """``({(row, kind): mean or None}, {kind: positions})``: the mean is None where there is no position."""
+        kinds = len(self.kinds)
+        values = torch.cat([self.sums.flatten(), self.counts.to(self.sums)]).tolist()
+        counts = {kind: int(n) for kind, n in zip(self.kinds, values[self.rows * kinds:])}
+        means = {(row, kind): values[row * kinds + j] / counts[kind] if counts[kind] else None
+                 for row in range(self.rows) for j, kind in enumerate(self.kinds)}
+        return means, counts
 
 
 def _chunks(samples, batch):
@@ -57,7 +68,7 @@ def hidden_norms(model, tokenizer, samples: list[dict], *, batch: int = 8, setti
     from .prompts import prompt_batch
 
     lm = model.model.language_model
-    means, captured = _Means(), {}
+    means, captured = _Means(lm.config.num_hidden_layers + 2, ("text", "visual")), {}
     hook = lm.norm.register_forward_pre_hook(lambda module, args: captured.__setitem__("last", args[0]))
     try:
         for chunk in tqdm(_chunks(samples, batch), desc="hidden norms", unit="batch",
@@ -75,17 +86,16 @@ def hidden_norms(model, tokenizer, samples: list[dict], *, batch: int = 8, setti
             layers = [*states[:-1], captured.pop("last"), states[-1]]
             visual = inputs["input_ids"] == model.config.image_token_id
             text = inputs["attention_mask"].bool() & ~visual
-            for i, hidden in enumerate(layers):
-                means.add((i, "text"), hidden[text])
-                means.add((i, "visual"), hidden[visual])
+            means.add(layers, [text, visual])
     finally:
         hook.remove()
     count = len(states) - 1  # L
-    return {"input": {"text": means.mean((0, "text")), "visual": means.mean((0, "visual")),
-                      "text_positions": means.counts[(0, "text")], "visual_positions": means.counts[(0, "visual")]},
-            "layers": [{"layer": i, "text": means.mean((i, "text")), "visual": means.mean((i, "visual"))}
+    mean, positions = means.read()
+    return {"input": {"text": mean[(0, "text")], "visual": mean[(0, "visual")],
+                      "text_positions": positions["text"], "visual_positions": positions["visual"]},
+            "layers": [{"layer": i, "text": mean[(i, "text")], "visual": mean[(i, "visual")]}
                        for i in range(1, count + 1)],
-            "final_norm": {"text": means.mean((count + 1, "text")), "visual": means.mean((count + 1, "visual"))}}
+            "final_norm": {"text": mean[(count + 1, "text")], "visual": mean[(count + 1, "visual")]}}
 
 
 def latent_norms(model, tokenizer, samples: list[dict], *, batch: int = 8, max_new_tokens: int = 128,
@@ -201,13 +211,7 @@ def diagnosis_table(diagnosis: dict) -> str:
 def write_diagnosis(diagnosis: dict, folder: str, *, title: str | None = None) -> tuple[str, str]:
     """``folder/diagnosis.json`` (the diagnosis) and ``folder/diagnosis.png`` (ratios per layer), atomically."""
     json_path, png_path = os.path.join(folder, "diagnosis.json"), os.path.join(folder, "diagnosis.png")
-    text = json.dumps(diagnosis, indent=1) + "\n"
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(json_path, write_json)
+    atomic_write_json(json_path, diagnosis)
     atomic_write(png_path, lambda tmp: _plot(diagnosis, tmp, title))
     return json_path, png_path
 

@@ -15,19 +15,22 @@
 - ``evaluate``: a sample file through a patched model's batched ``generate``,
   one prediction line per sample (:func:`prediction`) in a JSONL file, written
   resumably line by line (:mod:`gapkern.resumable`, as curation is).
-- ``score_table``: scores of several configurations as one Markdown table.
+- ``score_table``: scores of several configurations as one Markdown table;
+  ``write_scores``: ``scores.json`` and that table as ``scores.md``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import string
 
-__all__ = ["extract_answer", "is_correct", "score", "parse_number", "choice_letter", "prediction", "evaluate",
-           "score_table"]
+from .data import CATEGORIES  # the sample file's categories (SPEC 4.1)
 
-CATEGORIES = ("perception", "reasoning")
+__all__ = ["extract_answer", "is_correct", "score", "parse_number", "choice_letter", "prediction", "evaluate",
+           "score_table", "write_scores"]
+
 RELATIVE_TOLERANCE = 1e-6
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
@@ -166,7 +169,8 @@ def prediction(sample: dict, text: str, latents: int = 0) -> dict:
 def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: str | None = None, batch: int = 8,
              max_new_tokens: int = 512, temperature: float = 0.0, seed: int = 0, settings: dict | None = None,
              suppress: list[int] | None = None, span_at: int | None = None, identity: dict | None = None,
-             keep_settings: str | None = None, desc: str = "eval", progress: bool | None = None) -> list[dict]:
+             keep_settings: str | None = None, desc: str = "eval", progress: bool | None = None,
+             starts: dict | None = None) -> list[dict]:
     """Answer ``samples`` (``load_samples``' output) with the patched ``model`` (its head and GapConfig, with
     ``calibration`` if given, for this run only); write one :func:`prediction` line per sample to the JSONL
     file ``out``; return those lines.
@@ -178,18 +182,25 @@ def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: st
     settings (``gapkern.models.prompt.image_settings``). ``suppress`` / ``span_at``: as
     :func:`gapkern.sampling.generate_responses`. ``identity`` (e.g. the model path) joins the GapConfig, the
     head's shape, the samples (a digest) and the options in what a resumed run must match; ``keep_settings``:
-    a file that keeps them after the run (:func:`gapkern.resumable.run_lines`).
+    a file that keeps them after the run (:func:`gapkern.resumable.run_lines`). ``starts``: a dict shared by
+    the runs of one loaded model (several calibration modes): the start target is computed once for it and
+    these samples, batch and settings, and reused (the model's own target is restored after every run).
     """
     from .resumable import read_lines, run_lines, samples_digest
     from .sampling import ema_start, generate_responses
 
     gap = model.gap
     config, saved, start = gap.config, gap.tau_ema.detach().clone(), []
+    starts = {} if starts is None else starts
+    digest = samples_digest(samples)
+    key = (digest, batch, repr(settings), config.ema_decay)
 
     def compute(chunk):
         if not start:  # once, and only when some line is left to answer
             calibrated = gap.config.calibration != "none"
-            start.append(ema_start(model, samples, batch=batch, settings=settings) if calibrated else None)
+            if calibrated and key not in starts:
+                starts[key] = ema_start(model, samples, batch=batch, settings=settings)
+            start.append(starts[key] if calibrated else None)
         responses = generate_responses(model, tokenizer, chunk, temperature=temperature,
                                        max_new_tokens=max_new_tokens, seed=seed, settings=settings,
                                        suppress=suppress, span_at=span_at, tau_ema=start[0])
@@ -198,7 +209,7 @@ def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: st
     try:
         if calibration is not None:
             gap.config = dataclasses.replace(config, calibration=calibration)
-        run = {**(identity or {}), "gap": gap.to_dict(), "samples": samples_digest(samples), "batch": batch,
+        run = {**(identity or {}), "gap": gap.to_dict(), "samples": digest, "batch": batch,
                "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "span_at": span_at,
                "suppress": list(suppress or [])}
         run_lines(samples, out, run, compute, batch=batch, desc=desc, line_name="prediction line",
@@ -231,3 +242,13 @@ def score_table(scores: dict[str, dict]) -> str:
         lines.append(row([name, *(cell(result["tasks"].get(t)) for t in tasks), cell(result.get("avg_p")),
                           cell(result.get("avg_r"))]))
     return "\n".join(lines) + "\n"
+
+
+def write_scores(folder: str, scores: dict[str, dict]) -> tuple[str, str]:
+    """``folder/scores.json`` (``scores``) and ``folder/scores.md`` (:func:`score_table`), atomically; their paths."""
+    from ._io import atomic_write_json, atomic_write_text
+
+    json_path, md_path = os.path.join(folder, "scores.json"), os.path.join(folder, "scores.md")
+    atomic_write_json(json_path, scores, ensure_ascii=False)
+    atomic_write_text(md_path, score_table(scores))
+    return json_path, md_path

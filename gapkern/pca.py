@@ -23,7 +23,7 @@ import os
 import torch
 
 from . import distributed
-from ._io import atomic_save_file, atomic_write, read_safetensors
+from ._io import atomic_save_file, atomic_write, atomic_write_json, read_safetensors
 from .head import PCALatentHead
 
 __all__ = ["PCAStats", "fit_images", "write_fit_summary"]
@@ -248,11 +248,7 @@ def write_fit_summary(stats: PCAStats, rank: int, json_path: str, png_path: str 
                "explained_at_d": float(explained[rank - 1]),
                "eigenvalues": values.tolist(), "explained": explained.tolist()}
 
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(summary, f)
-
-    atomic_write(json_path, write_json)
+    atomic_write_json(json_path, summary, indent=None, end="")
     if png_path is not None:
         atomic_write(png_path, lambda tmp: _plot_curve(explained, rank, tmp))
     return summary

@@ -19,7 +19,7 @@ import os
 import shutil
 
 from . import distributed
-from ._io import atomic_write
+from ._io import atomic_write, atomic_write_json, atomic_write_text, read_json
 
 __all__ = ["ResumeError", "samples_digest", "run_lines", "read_lines"]
 
@@ -33,8 +33,9 @@ def samples_digest(samples: list[dict]) -> str:
     return hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _changes(before: dict, settings: dict) -> str:
-    """'' when ``settings`` are ``before``'s, else ``k old -> new, ...``."""
+def _changes(path: str, settings: dict) -> str:
+    """'' when ``settings`` are those the JSON file ``path`` holds, else ``k old -> new, ...``."""
+    before = read_json(path)
     changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
     return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
 
@@ -50,14 +51,13 @@ class _Parts:
     def settle(self, settings: dict) -> None:
         """Rank 0: record the settings of a new run, or check that they are the interrupted run's."""
         if os.path.isfile(self.settings):
-            with open(self.settings, encoding="utf-8") as f:
-                what = _changes(json.load(f), settings)
+            what = _changes(self.settings, settings)
             if what:
                 raise ResumeError(f"out: {self.folder!r} holds an interrupted run with other settings ({what}); "
                                   "rerun with its settings, or remove it to start over")
             return
         os.makedirs(self.folder, exist_ok=True)
-        atomic_write(self.settings, lambda tmp: _write_text(tmp, json.dumps(settings, indent=1)))
+        atomic_write_json(self.settings, settings, end="")
 
     def done(self) -> dict[str, str]:
         """id -> output line of every complete line of every part file (a torn last line is not complete)."""
@@ -99,13 +99,8 @@ class _Parts:
             raise RuntimeError(f"out: {len(missing)} line(s) missing from {self.folder!r} (first: {missing[0]!r})")
         if keep_settings is not None:
             atomic_write(keep_settings, lambda tmp: shutil.copyfile(self.settings, tmp))
-        atomic_write(self.out, lambda tmp: _write_text(tmp, "".join(lines[s["id"]] for s in samples)))
+        atomic_write_text(self.out, "".join(lines[s["id"]] for s in samples))
         shutil.rmtree(self.folder)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _line(record: dict) -> str:
@@ -131,8 +126,7 @@ def _finished(out: str, samples: list[dict], out_name: str, settings: dict, keep
         raise ResumeError(f"out: {out!r} exists and is not the {out_name} of these samples; remove it or "
                           "choose another --out")
     if keep_settings is not None and os.path.isfile(keep_settings):
-        with open(keep_settings, encoding="utf-8") as f:
-            what = _changes(json.load(f), settings)
+        what = _changes(keep_settings, settings)
         if what:
             raise ResumeError(f"out: {out!r} is a finished run with other settings ({what}); remove it to "
                               "rerun, or choose another --out")

@@ -21,7 +21,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from ._io import atomic_save_file, atomic_write
+from ._io import atomic_save_file, atomic_write_json, read_json
 
 __all__ = ["latent_keys", "TargetWriter", "TargetReader", "INDEX"]
 
@@ -91,7 +91,8 @@ class TargetWriter:
             raise ValueError(f"tensors: expected every target (K, D) of one shape and dtype, got {shapes}, {dtypes}")
         header = {"keys": expected, "meta": self.meta, "shape": list(next(iter(shapes))),
                   "dtype": str(next(iter(dtypes))).removeprefix("torch.")}
-        data = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+        # one copy each: contiguous, on the CPU, owning its memory (safetensors refuses tensors that share it)
+        data = {k: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, t in tensors.items()}
         atomic_save_file(data, os.path.join(self.folder, self.shard_name(index)),
                          metadata={_HEADER: json.dumps(header)})
 
@@ -109,12 +110,7 @@ class TargetWriter:
         index = {"format": "gapkern-targets/1", "meta": self.meta, "shape": list(shape) if shape else None,
                  "dtype": dtype, "shards": [self.shard_name(i) for i in range(len(self.shards))],
                  "keys": {k: self.shard_name(i) for i, keys in enumerate(self.keys) for k in keys}}
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(index, f)
-
-        atomic_write(os.path.join(self.folder, INDEX), write)
+        atomic_write_json(os.path.join(self.folder, INDEX), index, indent=None, end="")
         return index
 
 
@@ -129,13 +125,8 @@ class TargetReader:
         path = os.path.join(folder, INDEX)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"folder: no {INDEX} in {folder!r}; build the targets to the end first")
-        with open(path) as f:
-            self.index = json.load(f)
+        self.index = read_json(path)
         self.folder, self._open = folder, {}
-
-    @property
-    def meta(self) -> dict:
-        return self.index["meta"]
 
     @property
     def shape(self) -> tuple[int, int] | None:

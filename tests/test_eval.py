@@ -249,3 +249,20 @@ def test_evaluate_starts_every_batch_from_one_target_and_restores_it(tiny, tmp_p
     assert len(starts) == 2 and [float(t) for t in starts] == [expected] * 2 and expected > 0
     assert float(model.gap.tau_ema) == 0.0 and model.gap.config is config  # as before, though each prefill moved it
     assert all(r["latents"] == 2 for r in records)
+
+
+def test_evaluate_computes_the_start_target_once_for_the_modes_of_one_model(tiny, tmp_path, monkeypatch):
+    model, tokenizer, samples = tiny
+    real_start, real_generate, computed, used = gapkern.sampling.ema_start, gapkern.sampling.generate_responses, [], []
+    monkeypatch.setattr(gapkern.sampling, "ema_start", lambda *a, **kw: computed.append(1) or real_start(*a, **kw))
+    monkeypatch.setattr(gapkern.sampling, "generate_responses",
+                        lambda *a, **kw: (used.append(kw["tau_ema"]), real_generate(*a, **kw))[1])
+    starts, found = {}, {}
+    for mode in ("none", "rms", "ema"):
+        found[mode] = evaluate(model, tokenizer, samples, str(tmp_path / f"{mode}.jsonl"), calibration=mode, batch=3,
+                               max_new_tokens=5, span_at=0, progress=False, starts=starts)
+    assert len(computed) == 1 and len(starts) == 1 and used[:2] == [None, None]
+    assert [float(t) for t in used[2:]] == [float(real_start(model, samples, batch=3))] * 4
+    alone = evaluate(model, tokenizer, samples, str(tmp_path / "alone.jsonl"), calibration="ema", batch=3,
+                     max_new_tokens=5, span_at=0, progress=False)  # no shared dict: computed for this run
+    assert len(computed) == 2 and alone == found["ema"] and float(model.gap.tau_ema) == 0.0

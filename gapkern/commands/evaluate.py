@@ -18,7 +18,6 @@ experiment on an output-as-input model: --head none --calibration none,ema.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from . import UsageError
@@ -136,13 +135,14 @@ def _evaluate_all(args, runs, head, samples, place) -> dict:
         tokenizer = load_tokenizer(path)
         model = load_model(path, place)
         suppress = prepare(model, tokenizer, head, latent_budget=args.latent_budget, profile=args.profile, path=path)
+        starts = {}  # the calibrated modes of one checkpoint start from one target, computed once
         for one in group:
-            scores[one["name"]] = _evaluate_one(args, one, model, tokenizer, head, suppress, samples)
+            scores[one["name"]] = _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts)
         del model  # freed before the next checkpoint loads
     return scores
 
 
-def _evaluate_one(args, one, model, tokenizer, head, suppress, samples) -> dict:
+def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) -> dict:
     from ..evaluate import evaluate, score
     from ..models.prompt import image_settings
     from ..resumable import ResumeError
@@ -155,7 +155,7 @@ def _evaluate_one(args, one, model, tokenizer, head, suppress, samples) -> dict:
                            calibration=one["calibration"], batch=args.batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            seed=args.seed, settings=image_settings(one["path"]), suppress=suppress,
                            span_at=args.span_at, identity={"model": os.path.abspath(one["path"]), "head": used},
-                           keep_settings=os.path.join(folder, "settings.json"), desc=one["name"])
+                           keep_settings=os.path.join(folder, "settings.json"), desc=one["name"], starts=starts)
     except ResumeError as exc:
         raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     return {**score(records), "model": os.path.abspath(one["path"]), "calibration": one["calibration"],
@@ -164,21 +164,12 @@ def _evaluate_one(args, one, model, tokenizer, head, suppress, samples) -> dict:
 
 
 def _report(args, scores: dict) -> None:
-    from .._io import atomic_write
-    from ..evaluate import score_table
+    from ..evaluate import score_table, write_scores
 
-    table = score_table(scores)
-    json_path, md_path = os.path.join(args.out, "scores.json"), os.path.join(args.out, "scores.md")
-    atomic_write(json_path, lambda tmp: _write(tmp, json.dumps(scores, indent=1, ensure_ascii=False) + "\n"))
-    atomic_write(md_path, lambda tmp: _write(tmp, table))
-    print(table, end="")
+    json_path, md_path = write_scores(args.out, scores)
+    print(score_table(scores), end="")
     lines = next(iter(scores.values()))["counts"]
     latent = ", ".join(f"{name} {result['latent_lines']}" for name, result in scores.items())
     print(f"lines       {sum(lines.values())} per configuration, {len(scores)} configuration(s); "
           f"lines with latents: {latent}")
     print(f"wrote       {json_path}, {md_path}, {args.out}/NAME/predictions.jsonl")
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)

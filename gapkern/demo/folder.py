@@ -6,10 +6,9 @@ other files, or a demo of other settings.
 """
 from __future__ import annotations
 
-import json
 import os
 
-from .._io import atomic_write, read_json
+from .._io import atomic_write_json, read_json
 
 __all__ = ["RECORD", "FORMAT", "FolderError", "Folder"]
 
@@ -67,10 +66,4 @@ class Folder:
         self._write()
 
     def _write(self) -> None:
-        text = json.dumps(self.record, indent=1) + "\n"
-
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-
-        atomic_write(self(RECORD), write)
+        atomic_write_json(self(RECORD), self.record)

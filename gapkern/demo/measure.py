@@ -1,10 +1,9 @@
 """The demo's measurements: eval of base, text-only and GAP (calibration none and ema), and the norm-gap diagnosis."""
 from __future__ import annotations
 
-import json
 import os
 
-from .._io import atomic_write
+from .._io import atomic_write_text
 
 __all__ = ["configurations", "CHANCE", "evaluate_all", "diagnose_all"]
 
@@ -25,18 +24,6 @@ def configurations(plan) -> dict:
     return out
 
 
-def _write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def _write_json(path: str, data) -> None:
-    _write_text(path, json.dumps(data, indent=1) + "\n")
-
-
 def _slug(name: str) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
@@ -44,26 +31,29 @@ def _slug(name: str) -> str:
 def evaluate_all(run) -> tuple[dict, str]:
     """Every configuration on the eval split, greedy, into ``eval/`` as ``gapkern eval`` lays it out:
     NAME/predictions.jsonl per configuration, scores.json, scores.md."""
+    from itertools import groupby
+
     from ..data import load_samples
-    from ..evaluate import evaluate, score, score_table
+    from ..evaluate import evaluate, score, write_scores
     from .stages import load, settings
 
     samples = load_samples(run.eval_file())
     scores, latents = {}, {}
-    for name, (folder, calibration) in configurations(run.plan).items():
-        folder = os.path.normpath(folder)
-        model, tokenizer = load(run.folder(folder))
+    runs = [(name, os.path.normpath(folder), calibration)
+            for name, (folder, calibration) in configurations(run.plan).items()]
+    for folder, group in groupby(runs, key=lambda one: one[1]):  # a folder's configurations follow each other
+        model, tokenizer = load(run.folder(folder))  # once for its configurations, as gapkern eval does
         # base and text-only never trained on a latent span: they must not open one (gapkern eval does the same)
         suppress = [model.gap.config.latent_start_id] if model.gap.head is None else []
-        predictions = os.path.join(_slug(name), "predictions.jsonl")  # the layout of gapkern eval's --out
-        lines = evaluate(model, tokenizer, samples, run.folder("eval", predictions), calibration=calibration,
-                         batch=16, max_new_tokens=run.plan.max_new_tokens, settings=settings(run), suppress=suppress,
-                         identity={"model": folder}, desc=name, progress=run.progress)
-        scores[name] = {**score(lines), "model": folder, "calibration": calibration, "predictions": predictions,
-                        "latent_lines": sum(line["latents"] > 0 for line in lines)}
-        latents[name] = sum(line["latents"] for line in lines) / len(lines) / run.plan.grid ** 2
-    _write_json(run.folder("eval", "scores.json"), scores)
-    _write_text(run.folder("eval", "scores.md"), score_table(scores))
+        for name, _, calibration in group:
+            predictions = os.path.join(_slug(name), "predictions.jsonl")  # the layout of gapkern eval's --out
+            lines = evaluate(model, tokenizer, samples, run.folder("eval", predictions), calibration=calibration,
+                             batch=16, max_new_tokens=run.plan.max_new_tokens, settings=settings(run),
+                             suppress=suppress, identity={"model": folder}, desc=name, progress=run.progress)
+            scores[name] = {**score(lines), "model": folder, "calibration": calibration, "predictions": predictions,
+                            "latent_lines": sum(line["latents"] > 0 for line in lines)}
+            latents[name] = sum(line["latents"] for line in lines) / len(lines) / run.plan.grid ** 2
+    write_scores(run.folder("eval"), scores)
     means = ", ".join(f"{name} {100 * _mean(result):.0f}%" for name, result in scores.items())
     return {"scores": scores, "spans_per_line": latents}, (
         f"{len(samples)} lines, mean accuracy over the tasks (chance {100 * CHANCE:.0f}%): {means}")
@@ -93,7 +83,7 @@ def diagnose_all(run) -> tuple[dict, str]:
                           max_new_tokens=run.plan.max_new_tokens, suppress=suppress, settings=settings(run),
                           progress=run.progress)
         write_diagnosis(result, run.folder("diagnose", folder), title=f"Norm gap: {title}")
-        _write_text(run.folder("diagnose", folder, "table.txt"), diagnosis_table(result))
+        atomic_write_text(run.folder("diagnose", folder, "table.txt"), diagnosis_table(result))
         found[folder] = result
     summary = {folder: _gap_summary(result) for folder, result in found.items()}
     line = "; ".join(f"{folder}: latents {s['before_ratio']:.3g}x the visual input norm before calibration, "

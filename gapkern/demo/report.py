@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 
-from .._io import atomic_write, read_json
+from .._io import atomic_write, atomic_write_text, read_json
 from .measure import CHANCE
 
 __all__ = ["loss_history", "plot_losses", "score_lines", "write_report"]
@@ -80,7 +80,7 @@ def write_report(run) -> str:
     scores = stages["eval"]["scores"]
     table = "\n".join(score_lines(scores))
     text = _report(run, stages, table)
-    atomic_write(run.folder("report.md"), lambda tmp: _write(tmp, text))
+    atomic_write_text(run.folder("report.md"), text)
     return table
 
 
@@ -109,11 +109,6 @@ def _diagnosis(found: dict) -> list[str]:
               "![diagnosis, GAP](diagnose/gap/diagnosis.png)",
               "![diagnosis, output-as-input](diagnose/base/diagnosis.png)"]
     return lines
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _report(run, stages: dict, table: str) -> str:

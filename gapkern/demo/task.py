@@ -23,7 +23,7 @@ import json
 import os
 import random
 
-from .._io import atomic_write
+from .._io import atomic_write_text
 
 __all__ = ["COLOURS", "CELL", "GRID", "TASKS", "make_line", "write_split", "texts"]
 
@@ -113,13 +113,8 @@ def write_split(folder: str, name: str, per_task: int, seed: int) -> str:
             lines.append(line)
     path = os.path.join(folder, f"{name}.jsonl")
     text = "".join(json.dumps(line) + "\n" for line in lines)
-    atomic_write(path, lambda tmp: _write(tmp, text))
+    atomic_write_text(path, text)
     return path
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def texts() -> list[str]:

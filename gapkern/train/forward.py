@@ -55,7 +55,7 @@ def gap_forward(model, input_ids=None, *, attention_mask=None, labels=None, pixe
         raise TypeError(f"latent_loss_weight: expected a number, got {latent_loss_weight!r}")
     slots = input_ids == state.config.latent_pad_id
     embeds = model.get_input_embeddings()(input_ids)
-    targets = _check_targets(latent_targets, slots, embeds)
+    targets, positions = _check_targets(latent_targets, slots, embeds)
     if targets.shape[0]:
         # masked_scatter fills the slots in row-major (batch, position) order: the order of latent_targets
         embeds = embeds.masked_scatter(slots.unsqueeze(-1), targets.to(embeds.dtype))
@@ -77,21 +77,23 @@ def gap_forward(model, input_ids=None, *, attention_mask=None, labels=None, pixe
         text_labels = labels.masked_fill(slots.to(labels.device), IGNORE)  # slots never count as text
         text_loss = model.loss_function(logits=logits, labels=text_labels,
                                         vocab_size=model.config.text_config.vocab_size)
-    lat_loss = latent_loss(hidden, slots, targets, state.head)
+    lat_loss = latent_loss(hidden, slots, targets, state.head, positions=positions)
     loss = lat_loss * latent_loss_weight if text_loss is None else text_loss + latent_loss_weight * lat_loss
     return GapCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                              attentions=outputs.attentions, text_loss=text_loss, latent_loss=lat_loss)
 
 
-def latent_loss(hidden: torch.Tensor, slots: torch.Tensor, targets: torch.Tensor, head=None) -> torch.Tensor:
+def latent_loss(hidden: torch.Tensor, slots: torch.Tensor, targets: torch.Tensor, head=None, *,
+                positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean over slots and coefficients of ``(head(hidden before the slot) - head.target_coeffs(target))**2``.
 
     ``hidden (B, L, D)`` final-normed, ``slots (B, L)`` bool, ``targets (S, D)``.
     Without a head (output-as-input) the hidden state itself is compared with
     the target, a mean over D. Computed in float32. No slot: an exact 0 that
-    still reaches the hidden state and the head (DDP sees every parameter used).
+    still reaches the hidden state and the head (DDP sees every parameter used). ``positions``:
+    ``slots.nonzero(as_tuple=True)`` when the caller has it (found here otherwise: it waits for the device).
     """
-    rows, cols = slots.nonzero(as_tuple=True)  # row-major: the order of targets
+    rows, cols = slots.nonzero(as_tuple=True) if positions is None else positions  # row-major: targets' order
     if rows.numel() == 0:
         zero = hidden[:, :0].float().sum()
         if head is not None:
@@ -111,9 +113,12 @@ def _check_ids(name: str, ids, like=None) -> None:
         raise ValueError(f"{name}: expected shape {tuple(like.shape)} like input_ids, got {tuple(ids.shape)}")
 
 
-def _check_targets(targets, slots: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    """``targets (S, D)`` for the S slots; None reads as no rows. A slot at position 0 has no state before it."""
-    count, dim = int(slots.sum()), embeds.shape[-1]
+def _check_targets(targets, slots: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """``(targets (S, D), slots.nonzero(as_tuple=True))`` for the S slots; None reads as no rows. A slot at
+    position 0 has no state before it. The slots are found once, before the forward: :func:`latent_loss`
+    reuses them rather than wait for the device after it."""
+    positions = slots.nonzero(as_tuple=True)
+    count, dim = positions[0].numel(), embeds.shape[-1]
     if targets is None:
         targets = embeds.new_zeros(0, dim)
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2 or not targets.is_floating_point():
@@ -125,6 +130,6 @@ def _check_targets(targets, slots: torch.Tensor, embeds: torch.Tensor) -> torch.
     if targets.shape[0] != count:
         raise ValueError(f"latent_targets: expected one row per latent slot of input_ids ({count} slots, "
                          f"batch-major then position order), got {targets.shape[0]} rows")
-    if count and bool(slots[:, 0].any()):
+    if count and bool((positions[1] == 0).any()):
         raise ValueError("input_ids: a latent slot at position 0 has no hidden state before it to predict it from")
-    return targets.to(embeds.device)
+    return targets.to(embeds.device), positions
