@@ -130,95 +130,28 @@ def _tiny(args, dtype):
     return model, tiny_tokenizer(ids), head, cfg, name, banned
 
 
-def _checkpoint(path):
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise UsageError(f"--model: no checkpoint folder at {path!r} (expected a folder with config.json)")
-    data = _json_object(config)
-    if data.get("model_type") != "qwen2_5_vl":
-        raise UsageError(f"--model: {path!r} holds a {data.get('model_type')!r} checkpoint; "
-                         "gapkern generate runs Qwen2.5-VL (model_type 'qwen2_5_vl')")
-    _json_object(os.path.join(path, "preprocessor_config.json"), required=False)  # image_settings reads it later
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    if not any(os.path.isfile(os.path.join(path, f)) for f in tokenizer_files):
-        raise UsageError(f"--model: no tokenizer in {path!r}; save it beside the weights "
-                         "(tokenizer.save_pretrained(PATH)): the prompt is built with its chat template")
-    return data
-
-
-def _json_object(path, required=True):
-    """A JSON object file of the checkpoint (None when absent and not ``required``)."""
-    from ._io import read_json
-
-    if not required and not os.path.isfile(path):
-        return None
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--model: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--model: {path!r} holds a JSON {type(data).__name__}, expected an object")
-    return data
-
-
-def _chat_template(tokenizer, path):
-    """Tokenizers saved without the chat template: take the processor's (chat_template.json / .jinja)."""
-    if tokenizer.chat_template:
-        return
-    jinja, js = os.path.join(path, "chat_template.jinja"), os.path.join(path, "chat_template.json")
-    if os.path.isfile(jinja):
-        with open(jinja) as f:
-            tokenizer.chat_template = f.read()
-    elif os.path.isfile(js):
-        template = _json_object(js).get("chat_template")
-        if not isinstance(template, str):
-            raise UsageError(f"--model: {js!r} has no 'chat_template' string")
-        tokenizer.chat_template = template
-    else:
-        raise UsageError(f"--model: the tokenizer in {path!r} has no chat template")
-
-
 def _load(args, dtype):
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-    from .models import GapQwen2_5_VLForConditionalGeneration, add_latent_tokens
+    from .commands._common import checkpoint_config, from_pretrained, load_tokenizer
+    from .models import add_latent_tokens
 
     path = args.model
-    data = _checkpoint(path)
+    data = checkpoint_config(path)
     head = _load_head(args.head)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # transformers and tokenizers raise many kinds for a damaged tokenizer file
-        raise UsageError(f"--model: the tokenizer in {path!r} does not load: {' '.join(str(exc).split())}") from None
-    _chat_template(tokenizer, path)
+    tokenizer = load_tokenizer(path)
     print(f"loading {path} ...", file=sys.stderr)
     overrides = {k: v for k, v in (("latent_budget", args.latent_budget), ("calibration", args.calibration))
                  if v is not None}
+    model = from_pretrained(path, dtype)
     if data.get("gap"):
-        model = _from_pretrained(GapQwen2_5_VLForConditionalGeneration, path, dtype)
         cfg = dataclasses.replace(model.gap.config, **overrides)
         head = model.gap.head if head is None else None if head == "none" else head
         if args.profile is not None and args.profile != cfg.profile:
             raise UsageError(f"--profile: {path!r} was saved with profile {cfg.profile!r}")
     else:
-        model = _from_pretrained(Qwen2_5_VLForConditionalGeneration, path, dtype)
         overrides.setdefault("calibration", "rms")
         cfg = add_latent_tokens(tokenizer, model, profile=args.profile or "gap", **overrides)
         head = None if head in (None, "none") else head
     return model, tokenizer, head, cfg, f"{path} ({type(model).__name__})", []
-
-
-def _from_pretrained(cls, path, dtype):
-    from safetensors import SafetensorError
-
-    from .models.qwen2_5_vl import CheckpointError
-
-    try:
-        return cls.from_pretrained(path, dtype=dtype)
-    except (CheckpointError, OSError) as exc:  # OSError: transformers' "no weights file in ..."
-        raise UsageError(f"--model: {' '.join(str(exc).split())}") from None
-    except SafetensorError as exc:
-        raise UsageError(f"--model: a weights file in {path!r} is damaged ({exc})") from None
 
 
 def _patch(model, head, cfg, args):

@@ -14,7 +14,7 @@ import os
 import shutil
 
 from . import UsageError
-from ._common import checkpoint_config, load_tokenizer, positive_int
+from ._common import checkpoint_config, from_pretrained, load_tokenizer, positive_int
 
 NAME = "train"
 HELP = "teacher-forced GAP training (transformers.Trainer): text CE + latent coefficient MSE"
@@ -99,7 +99,6 @@ def _model(args, build):
     import torch
 
     from ..head import PCALatentHead
-    from ..models import GapQwen2_5_VLForConditionalGeneration
     from ..train import KEEP_HEAD, attach_gap
 
     saved = checkpoint_config(args.model).get("gap")
@@ -113,7 +112,7 @@ def _model(args, build):
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(f"--head: {exc}") from None
     tokenizer = load_tokenizer(args.model)
-    model = GapQwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    model = from_pretrained(args.model, getattr(torch, args.dtype), gap_class=True)
     try:
         attach_gap(model, tokenizer, head, profile=args.profile or build.settings.get("profile"),
                    latent_budget=build.settings.get("K"))
