@@ -10,7 +10,6 @@ hold the tokenizer too: the prompt is built with its chat template).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -105,65 +104,51 @@ def _check_backend(device, dtype):
         raise UsageError(f"GAPKERN_BACKEND: {exc}") from None
 
 
-def _load_head(spec):
-    """None: the default; "none": output-as-input; else a PCALatentHead file."""
-    from .head import PCALatentHead
+def _check_head(head, model, args):
+    """A --head file must fit the model's width (the checkpoint's own head always does)."""
+    from .commands._gap import KEEP_HEAD
 
-    if spec is None or spec == "none":
-        return spec
-    try:
-        return PCALatentHead.load(spec)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
-        raise UsageError(f"--head: {exc}") from None
+    dim = model.config.text_config.hidden_size
+    if head not in (None, KEEP_HEAD) and head.hidden_size != dim:
+        raise UsageError(f"--head: {args.head!r} has hidden size {head.hidden_size}, the model {dim}")
 
 
 def _tiny(args, dtype):
+    """The tiny model, patched: its name, tokenizer and the ids it must not sample."""
+    import gapkern
+
+    from .commands._gap import KEEP_HEAD, load_head
     from .testing import tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
 
     model, ids = tiny_qwen2_5_vl(seed=args.seed, dtype=dtype)
-    head = _load_head(args.head)
-    head = tiny_head(model, seed=args.seed) if head is None else None if head == "none" else head
-    cfg = ids.gap_config(latent_budget=args.latent_budget or TINY_BUDGET, calibration=args.calibration or "rms")
+    head = load_head(args.head, {})
+    _check_head(head, model, args)
+    head = tiny_head(model, seed=args.seed) if head is KEEP_HEAD else head
+    gapkern.patch(model, head, ids.gap_config(latent_budget=args.latent_budget or TINY_BUDGET,
+                                              calibration=args.calibration or "rms"))
     dims = model.config.text_config
     name = f"tiny Qwen2.5-VL, random weights (D={dims.hidden_size}, {dims.num_hidden_layers} layers)"
     banned = list(range(ids.first_text))  # random weights: no special token unless scripted, no early EOS
-    return model, tiny_tokenizer(ids), head, cfg, name, banned
+    return model, tiny_tokenizer(ids), name, banned
 
 
 def _load(args, dtype):
+    """The --model checkpoint, patched (its head, GapConfig and running target unless the options replace
+    them; a plain one output-as-input, calibration rms by default): its name, tokenizer, no banned ids."""
     from .commands._common import checkpoint_config, from_pretrained, load_tokenizer
-    from .models import add_latent_tokens
+    from .commands._gap import load_head, prepare
 
     path = args.model
     data = checkpoint_config(path)
-    head = _load_head(args.head)
+    head = load_head(args.head, {})
     tokenizer = load_tokenizer(path)
     print(f"loading {path} ...", file=sys.stderr)
-    overrides = {k: v for k, v in (("latent_budget", args.latent_budget), ("calibration", args.calibration))
-                 if v is not None}
     model = from_pretrained(path, dtype)
-    if data.get("gap"):
-        cfg = dataclasses.replace(model.gap.config, **overrides)
-        head = model.gap.head if head is None else None if head == "none" else head
-        if args.profile is not None and args.profile != cfg.profile:
-            raise UsageError(f"--profile: {path!r} was saved with profile {cfg.profile!r}")
-    else:
-        overrides.setdefault("calibration", "rms")
-        cfg = add_latent_tokens(tokenizer, model, profile=args.profile or "gap", **overrides)
-        head = None if head in (None, "none") else head
-    return model, tokenizer, head, cfg, f"{path} ({type(model).__name__})", []
-
-
-def _patch(model, head, cfg, args):
-    import gapkern
-
-    dim = model.config.text_config.hidden_size
-    if head is not None and head.hidden_size != dim:
-        raise UsageError(f"--head: {args.head!r} has hidden size {head.hidden_size}, the model {dim}")
-    ema = model.gap.tau_ema.clone() if "gap" in model._modules else None
-    gapkern.patch(model, head, cfg)
-    if ema is not None:  # a saved running target survives a new head / config
-        model.gap.tau_ema.copy_(ema.to(model.gap.tau_ema.device))
+    _check_head(head, model, args)
+    # generate forces a span with --span-at and suppresses nothing, unlike prepare's list for eval and diagnose
+    prepare(model, tokenizer, head, latent_budget=args.latent_budget, profile=args.profile, path=path,
+            calibration=args.calibration or (None if data.get("gap") else "rms"))
+    return model, tokenizer, f"{path} ({type(model).__name__})", []
 
 
 def _inputs(args, model, tokenizer, device):
@@ -239,9 +224,9 @@ def generate(args) -> int:
     if not args.model and device.type == "cpu":
         torch.set_num_threads(1)  # the tiny model's matmuls gain nothing from threads, and lose on a busy CPU
     torch.manual_seed(args.seed)
-    model, tokenizer, head, cfg, name, banned = _load(args, dtype) if args.model else _tiny(args, dtype)
+    model, tokenizer, name, banned = _load(args, dtype) if args.model else _tiny(args, dtype)
     model = model.to(device).eval()
-    _patch(model, head, cfg, args)
+    cfg = model.gap.config
     batch, image_what = _inputs(args, model, tokenizer, device)
     prompt_len = batch["input_ids"].shape[1]
     span_at = args.span_at if args.span_at is not None else -1 if args.model else TINY_SPAN_AT

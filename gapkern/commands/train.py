@@ -98,19 +98,14 @@ def _model(args, build):
     """The checkpoint as a Gap Qwen2.5-VL with the head and GapConfig it trains with, and its tokenizer."""
     import torch
 
-    from ..head import PCALatentHead
     from ..train import KEEP_HEAD, attach_gap
+    from ._gap import read_head
 
     saved = checkpoint_config(args.model).get("gap")
     if not saved and not args.head and not args.no_head:
         raise UsageError(f"--head: {args.model!r} is a plain Qwen2.5-VL checkpoint; pass a PCALatentHead file "
                          "(gapkern fit-pca) or --no-head")
-    head = None if args.no_head else KEEP_HEAD
-    if args.head:
-        try:
-            head = PCALatentHead.load(args.head)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(f"--head: {exc}") from None
+    head = read_head(args.head) if args.head else None if args.no_head else KEEP_HEAD
     tokenizer = load_tokenizer(args.model)
     model = from_pretrained(args.model, getattr(torch, args.dtype), gap_class=True)
     try:
