@@ -151,8 +151,9 @@ def _load(args, dtype):
     return model, tokenizer, f"{path} ({type(model).__name__})", []
 
 
-def _inputs(args, model, tokenizer, device):
+def _inputs(args, model, tokenizer):
     from .models.prompt import chat_inputs, image_settings, read_image, synthetic_image
+    from .prompts import to_model
 
     settings = image_settings(args.model)
     factor = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
@@ -170,8 +171,7 @@ def _inputs(args, model, tokenizer, device):
         batch = chat_inputs(model, tokenizer, args.prompt, image, settings["mean"], settings["std"])
     except ValueError as exc:
         raise UsageError(f"--model: {exc}") from None
-    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-    return {k: v.to(device) for k, v in batch.items()}, what
+    return to_model(batch, model), what
 
 
 def _describe_head(head):
@@ -227,7 +227,7 @@ def generate(args) -> int:
     model, tokenizer, name, banned = _load(args, dtype) if args.model else _tiny(args, dtype)
     model = model.to(device).eval()
     cfg = model.gap.config
-    batch, image_what = _inputs(args, model, tokenizer, device)
+    batch, image_what = _inputs(args, model, tokenizer)
     prompt_len = batch["input_ids"].shape[1]
     span_at = args.span_at if args.span_at is not None else -1 if args.model else TINY_SPAN_AT
     sched = {(0, span_at): cfg.latent_start_id} if span_at >= 0 else {}
