@@ -10,6 +10,7 @@ the chat template's end of turn) with their ids. Rows are padded on the right.
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..data import image_inputs, teacher_response, uses_latents
 from ..models.prompt import image_settings as default_image_settings
@@ -50,16 +51,15 @@ class GapCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         rows = [self.encode(s) for s in samples]
-        width = max(len(r["input_ids"]) for r in rows)
 
         def padded(key, fill):
-            return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
+            return pad_sequence([torch.tensor(r[key]) for r in rows], batch_first=True, padding_value=fill,
+                                padding_side="right")
 
-        input_ids = padded("input_ids", self.pad_id)
         batch = {
-            "input_ids": input_ids,
-            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
-                                            for r in rows]),
+            "input_ids": padded("input_ids", self.pad_id),
+            "attention_mask": pad_sequence([torch.ones(len(r["input_ids"]), dtype=torch.long) for r in rows],
+                                           batch_first=True, padding_value=0, padding_side="right"),
             "labels": padded("labels", IGNORE),
             "mm_token_type_ids": padded("mm_token_type_ids", 0),
             "latent_targets": torch.cat([r["latent_targets"] for r in rows]),
