@@ -10,7 +10,6 @@ hold the tokenizer too: the prompt is built with its chat template).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -105,136 +104,56 @@ def _check_backend(device, dtype):
         raise UsageError(f"GAPKERN_BACKEND: {exc}") from None
 
 
-def _load_head(spec):
-    """None: the default; "none": output-as-input; else a PCALatentHead file."""
-    from .head import PCALatentHead
+def _check_head(head, model, args):
+    """A --head file must fit the model's width (the checkpoint's own head always does)."""
+    from .commands._gap import KEEP_HEAD
 
-    if spec is None or spec == "none":
-        return spec
-    try:
-        return PCALatentHead.load(spec)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
-        raise UsageError(f"--head: {exc}") from None
+    dim = model.config.text_config.hidden_size
+    if head not in (None, KEEP_HEAD) and head.hidden_size != dim:
+        raise UsageError(f"--head: {args.head!r} has hidden size {head.hidden_size}, the model {dim}")
 
 
 def _tiny(args, dtype):
+    """The tiny model, patched: its name, tokenizer and the ids it must not sample."""
+    import gapkern
+
+    from .commands._gap import KEEP_HEAD, load_head
     from .testing import tiny_head, tiny_qwen2_5_vl, tiny_tokenizer
 
     model, ids = tiny_qwen2_5_vl(seed=args.seed, dtype=dtype)
-    head = _load_head(args.head)
-    head = tiny_head(model, seed=args.seed) if head is None else None if head == "none" else head
-    cfg = ids.gap_config(latent_budget=args.latent_budget or TINY_BUDGET, calibration=args.calibration or "rms")
+    head = load_head(args.head, {})
+    _check_head(head, model, args)
+    head = tiny_head(model, seed=args.seed) if head is KEEP_HEAD else head
+    gapkern.patch(model, head, ids.gap_config(latent_budget=args.latent_budget or TINY_BUDGET,
+                                              calibration=args.calibration or "rms"))
     dims = model.config.text_config
     name = f"tiny Qwen2.5-VL, random weights (D={dims.hidden_size}, {dims.num_hidden_layers} layers)"
     banned = list(range(ids.first_text))  # random weights: no special token unless scripted, no early EOS
-    return model, tiny_tokenizer(ids), head, cfg, name, banned
-
-
-def _checkpoint(path):
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise UsageError(f"--model: no checkpoint folder at {path!r} (expected a folder with config.json)")
-    data = _json_object(config)
-    if data.get("model_type") != "qwen2_5_vl":
-        raise UsageError(f"--model: {path!r} holds a {data.get('model_type')!r} checkpoint; "
-                         "gapkern generate runs Qwen2.5-VL (model_type 'qwen2_5_vl')")
-    _json_object(os.path.join(path, "preprocessor_config.json"), required=False)  # image_settings reads it later
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    if not any(os.path.isfile(os.path.join(path, f)) for f in tokenizer_files):
-        raise UsageError(f"--model: no tokenizer in {path!r}; save it beside the weights "
-                         "(tokenizer.save_pretrained(PATH)): the prompt is built with its chat template")
-    return data
-
-
-def _json_object(path, required=True):
-    """A JSON object file of the checkpoint (None when absent and not ``required``)."""
-    from ._io import read_json
-
-    if not required and not os.path.isfile(path):
-        return None
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--model: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--model: {path!r} holds a JSON {type(data).__name__}, expected an object")
-    return data
-
-
-def _chat_template(tokenizer, path):
-    """Tokenizers saved without the chat template: take the processor's (chat_template.json / .jinja)."""
-    if tokenizer.chat_template:
-        return
-    jinja, js = os.path.join(path, "chat_template.jinja"), os.path.join(path, "chat_template.json")
-    if os.path.isfile(jinja):
-        with open(jinja) as f:
-            tokenizer.chat_template = f.read()
-    elif os.path.isfile(js):
-        template = _json_object(js).get("chat_template")
-        if not isinstance(template, str):
-            raise UsageError(f"--model: {js!r} has no 'chat_template' string")
-        tokenizer.chat_template = template
-    else:
-        raise UsageError(f"--model: the tokenizer in {path!r} has no chat template")
+    return model, tiny_tokenizer(ids), name, banned
 
 
 def _load(args, dtype):
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-    from .models import GapQwen2_5_VLForConditionalGeneration, add_latent_tokens
+    """The --model checkpoint, patched (its head, GapConfig and running target unless the options replace
+    them; a plain one output-as-input, calibration rms by default): its name, tokenizer, no banned ids."""
+    from .commands._common import checkpoint_config, from_pretrained, load_tokenizer
+    from .commands._gap import load_head, prepare
 
     path = args.model
-    data = _checkpoint(path)
-    head = _load_head(args.head)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # transformers and tokenizers raise many kinds for a damaged tokenizer file
-        raise UsageError(f"--model: the tokenizer in {path!r} does not load: {' '.join(str(exc).split())}") from None
-    _chat_template(tokenizer, path)
+    data = checkpoint_config(path)
+    head = load_head(args.head, {})
+    tokenizer = load_tokenizer(path)
     print(f"loading {path} ...", file=sys.stderr)
-    overrides = {k: v for k, v in (("latent_budget", args.latent_budget), ("calibration", args.calibration))
-                 if v is not None}
-    if data.get("gap"):
-        model = _from_pretrained(GapQwen2_5_VLForConditionalGeneration, path, dtype)
-        cfg = dataclasses.replace(model.gap.config, **overrides)
-        head = model.gap.head if head is None else None if head == "none" else head
-        if args.profile is not None and args.profile != cfg.profile:
-            raise UsageError(f"--profile: {path!r} was saved with profile {cfg.profile!r}")
-    else:
-        model = _from_pretrained(Qwen2_5_VLForConditionalGeneration, path, dtype)
-        overrides.setdefault("calibration", "rms")
-        cfg = add_latent_tokens(tokenizer, model, profile=args.profile or "gap", **overrides)
-        head = None if head in (None, "none") else head
-    return model, tokenizer, head, cfg, f"{path} ({type(model).__name__})", []
+    model = from_pretrained(path, dtype)
+    _check_head(head, model, args)
+    # generate forces a span with --span-at and suppresses nothing, unlike prepare's list for eval and diagnose
+    prepare(model, tokenizer, head, latent_budget=args.latent_budget, profile=args.profile, path=path,
+            calibration=args.calibration or (None if data.get("gap") else "rms"))
+    return model, tokenizer, f"{path} ({type(model).__name__})", []
 
 
-def _from_pretrained(cls, path, dtype):
-    from safetensors import SafetensorError
-
-    from .models.qwen2_5_vl import CheckpointError
-
-    try:
-        return cls.from_pretrained(path, dtype=dtype)
-    except (CheckpointError, OSError) as exc:  # OSError: transformers' "no weights file in ..."
-        raise UsageError(f"--model: {' '.join(str(exc).split())}") from None
-    except SafetensorError as exc:
-        raise UsageError(f"--model: a weights file in {path!r} is damaged ({exc})") from None
-
-
-def _patch(model, head, cfg, args):
-    import gapkern
-
-    dim = model.config.text_config.hidden_size
-    if head is not None and head.hidden_size != dim:
-        raise UsageError(f"--head: {args.head!r} has hidden size {head.hidden_size}, the model {dim}")
-    ema = model.gap.tau_ema.clone() if "gap" in model._modules else None
-    gapkern.patch(model, head, cfg)
-    if ema is not None:  # a saved running target survives a new head / config
-        model.gap.tau_ema.copy_(ema.to(model.gap.tau_ema.device))
-
-
-def _inputs(args, model, tokenizer, device):
+def _inputs(args, model, tokenizer):
     from .models.prompt import chat_inputs, image_settings, read_image, synthetic_image
+    from .prompts import to_model
 
     settings = image_settings(args.model)
     factor = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
@@ -252,8 +171,7 @@ def _inputs(args, model, tokenizer, device):
         batch = chat_inputs(model, tokenizer, args.prompt, image, settings["mean"], settings["std"])
     except ValueError as exc:
         raise UsageError(f"--model: {exc}") from None
-    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-    return {k: v.to(device) for k, v in batch.items()}, what
+    return to_model(batch, model), what
 
 
 def _describe_head(head):
@@ -306,10 +224,10 @@ def generate(args) -> int:
     if not args.model and device.type == "cpu":
         torch.set_num_threads(1)  # the tiny model's matmuls gain nothing from threads, and lose on a busy CPU
     torch.manual_seed(args.seed)
-    model, tokenizer, head, cfg, name, banned = _load(args, dtype) if args.model else _tiny(args, dtype)
+    model, tokenizer, name, banned = _load(args, dtype) if args.model else _tiny(args, dtype)
     model = model.to(device).eval()
-    _patch(model, head, cfg, args)
-    batch, image_what = _inputs(args, model, tokenizer, device)
+    cfg = model.gap.config
+    batch, image_what = _inputs(args, model, tokenizer)
     prompt_len = batch["input_ids"].shape[1]
     span_at = args.span_at if args.span_at is not None else -1 if args.model else TINY_SPAN_AT
     sched = {(0, span_at): cfg.latent_start_id} if span_at >= 0 else {}

@@ -25,6 +25,9 @@ def _check_type(name, value, kind):
         raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
 
 
+KEEP_HEAD = "checkpoint"  # a head argument meaning: keep the one a gapkern checkpoint brought
+
+
 # Frozen: the decode loop reads these once per generate call and keeps a decoder keyed by them, so a
 # field changed in place would reach it unchecked; dataclasses.replace makes a new, checked config.
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def hidden_norms(model, tokenizer, samples: list[dict], *, batch: int = 8, setti
     every prompt position of that kind (padding excluded); ``visual`` None when no prompt has an image."""
     from tqdm import tqdm
 
-    from .prompts import prompt_batch
+    from .prompts import prompt_batch, to_model
 
     lm = model.model.language_model
     means, captured = _Means(lm.config.num_hidden_layers + 2, ("text", "visual")), {}
@@ -73,10 +73,7 @@ def hidden_norms(model, tokenizer, samples: list[dict], *, batch: int = 8, setti
     try:
         for chunk in tqdm(_chunks(samples, batch), desc="hidden norms", unit="batch",
                           disable=distributed.bar_disable(progress)):
-            inputs = prompt_batch(model, tokenizer, chunk, settings=settings)
-            inputs = {k: v.to(model.device) for k, v in inputs.items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            inputs = to_model(prompt_batch(model, tokenizer, chunk, settings=settings), model)
             with torch.no_grad():
                 states = model.model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
             if len(states) != lm.config.num_hidden_layers + 1 or "last" not in captured:

@@ -12,7 +12,7 @@ import torch
 
 from .data import image_inputs, question_text
 
-__all__ = ["prompt_messages", "prompt_text", "prompt_batch"]
+__all__ = ["prompt_messages", "prompt_text", "prompt_batch", "visual_tokens", "expand_images", "image_mask", "to_model"]
 
 
 def prompt_messages(sample: dict) -> list[dict]:
@@ -27,6 +27,11 @@ def prompt_text(tokenizer, sample: dict) -> str:
     return tokenizer.apply_chat_template(prompt_messages(sample), tokenize=False, add_generation_prompt=True)
 
 
+def visual_tokens(image_grid_thw: torch.Tensor, vision_config) -> list[int]:
+    """The visual tokens of each image (a row of ``image_grid_thw``): its patches, spatial_merge_size ** 2 a token."""
+    return [int(grid.prod()) // vision_config.spatial_merge_size ** 2 for grid in image_grid_thw]
+
+
 def expand_images(text: str, image_token: str, counts: list[int]) -> str:
     """Each image's placeholder ``image_token`` repeated to that image's number of visual tokens."""
     parts = text.split(image_token)
@@ -39,6 +44,23 @@ def expand_images(text: str, image_token: str, counts: list[int]) -> str:
     return "".join(out)
 
 
+def image_mask(input_ids: torch.Tensor, image_id: int, image_token: str, expected: int) -> torch.Tensor:
+    """Where ``input_ids`` hold the image token, checked to be the ``expected`` visual tokens (a tokenizer that
+    split the expanded placeholders would hand the visual features to the wrong positions)."""
+    mask = input_ids == image_id
+    if int(mask.sum()) != expected:
+        raise ValueError(f"tokenizer: {image_token!r} did not tokenize to the model's image token id {image_id}")
+    return mask
+
+
+def to_model(batch: dict, model) -> dict:
+    """The batch on the model's device, its floating tensors (the pixels) in the model's dtype; transformers'
+    ``BatchFeature.to`` leaves the integer tensors' dtype alone."""
+    from transformers import BatchFeature
+
+    return dict(BatchFeature(batch).to(model.device, dtype=model.dtype))
+
+
 def prompt_batch(model, tokenizer, samples: list[dict], *, settings: dict | None = None) -> dict:
     """``input_ids``, ``attention_mask`` (left-padded), ``mm_token_type_ids``, and the images' ``pixel_values`` /
     ``image_grid_thw`` (absent when no sample has an image), on the CPU."""
@@ -47,15 +69,12 @@ def prompt_batch(model, tokenizer, samples: list[dict], *, settings: dict | None
     texts, pixels, expected = [], [], 0
     for sample in samples:
         inputs = [image_inputs(path, vision, settings=settings) for path in sample.get("images", [])]
-        counts = [int(i["image_grid_thw"].prod()) // vision.spatial_merge_size ** 2 for i in inputs]
+        counts = [n for i in inputs for n in visual_tokens(i["image_grid_thw"], vision)]
         texts.append(expand_images(prompt_text(tokenizer, sample), image_token, counts))
         pixels += inputs
         expected += sum(counts)
     batch = dict(tokenizer(texts, return_tensors="pt", padding=True, padding_side="left"))
-    image_mask = batch["input_ids"] == image_id
-    if int(image_mask.sum()) != expected:
-        raise ValueError(f"tokenizer: {image_token!r} did not tokenize to the model's image token id {image_id}")
-    batch["mm_token_type_ids"] = image_mask.long()
+    batch["mm_token_type_ids"] = image_mask(batch["input_ids"], image_id, image_token, expected).long()
     if pixels:
         batch["pixel_values"] = torch.cat([i["pixel_values"] for i in pixels])
         batch["image_grid_thw"] = torch.cat([i["image_grid_thw"] for i in pixels])

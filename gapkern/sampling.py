@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .prompts import prompt_batch
+from .prompts import prompt_batch, to_model
 
 __all__ = ["derive_seed", "SeededSampler", "Response", "generate_responses", "ema_start"]
 
@@ -90,10 +90,7 @@ def generate_responses(model, tokenizer, samples: list[dict], *, n: int = 1, tem
     """
     from .testing import ForceTokens
 
-    batch = prompt_batch(model, tokenizer, samples, settings=settings)
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    batch = to_model(prompt_batch(model, tokenizer, samples, settings=settings), model)
     prompt_len = batch["input_ids"].shape[1]
     seeds = [derive_seed(seed, sample["id"], j) for sample in samples for j in range(n)]
     processors = [SeededSampler(seeds, prompt_len, temperature)]

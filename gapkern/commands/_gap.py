@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from ..config import KEEP_HEAD  # --head not given: the checkpoint's own head (none for a plain checkpoint)
 from . import UsageError
 
 CALIBRATIONS = ("none", "rms", "ema")
-KEEP = "checkpoint"  # --head not given: the checkpoint's own head (none for a plain checkpoint)
 
 
 def add_gap_arguments(parser, *, calibration_help: str) -> None:
@@ -43,50 +43,56 @@ def calibrations(value: str | None) -> list[str] | None:
 
 
 def load_head(value: str | None, dims: dict[str, int]):
-    """``--head``: KEEP, None (``none``) or a PCALatentHead whose width fits every checkpoint (path -> D)."""
-    from ..head import PCALatentHead
-
+    """``--head``: KEEP_HEAD, None (``none``) or a PCALatentHead whose width fits every checkpoint (path -> D)."""
     if value is None:
-        return KEEP
+        return KEEP_HEAD
     if value == "none":
         return None
-    try:
-        head = PCALatentHead.load(value)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"--head: {exc}") from None
+    head = read_head(value)
     for path, dim in dims.items():
         if head.hidden_size != dim:
             raise UsageError(f"--head: {value!r} has hidden size {head.hidden_size}, the checkpoint {path!r} {dim}")
     return head
 
 
+def read_head(path: str):
+    """The PCALatentHead file ``path``; a missing or damaged one is a one-line --head error."""
+    from ..head import PCALatentHead
+
+    try:
+        return PCALatentHead.load(path)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise UsageError(f"--head: {exc}") from None
+
+
 def head_name(head, value: str | None, model) -> str:
     """What settings and reports call the head a run uses."""
-    if head is KEEP:
+    if head is KEEP_HEAD:
         return "checkpoint" if model.gap.head is not None else "none"
     return "none" if head is None else os.path.abspath(value)
 
 
-def prepare(model, tokenizer, head, *, latent_budget: int | None = None, profile: str | None = None,
-            path: str = "") -> list[int]:
+def prepare(model, tokenizer, head, *, latent_budget: int | None = None, calibration: str | None = None,
+            profile: str | None = None, path: str = "") -> list[int]:
     """Patch a loaded checkpoint for the latent-aware generate, in place; returns the token ids it must not
-    sample (the start token of latents it was never trained to write)."""
+    sample (the start token of latents it was never trained to write). ``latent_budget`` and ``calibration``,
+    when given, replace the checkpoint's (a plain checkpoint's defaults: 16 and none)."""
     import gapkern
     from ..config import PROFILES
     from ..models import add_latent_tokens
 
-    budget = {} if latent_budget is None else {"latent_budget": latent_budget}
+    overrides = {k: v for k, v in (("latent_budget", latent_budget), ("calibration", calibration)) if v is not None}
     if "gap" in model._modules:
-        config = dataclasses.replace(model.gap.config, **budget)
+        config = dataclasses.replace(model.gap.config, **overrides)
         if profile is not None and profile != config.profile:
             raise UsageError(f"--profile: {path!r} was saved with profile {config.profile!r}")
         tau = model.gap.tau_ema.detach().clone()
-        gapkern.patch(model, model.gap.head if head is KEEP else head, config)
+        gapkern.patch(model, model.gap.head if head is KEEP_HEAD else head, config)
         model.gap.tau_ema.copy_(tau)  # a saved running target survives the new state
         return []
     profile = profile or "gap"
     had = all(token in tokenizer.get_vocab() for token in PROFILES[profile])
-    config = add_latent_tokens(tokenizer, model, profile=profile, **budget)
-    gapkern.patch(model, None if head is KEEP else head, config)
+    config = add_latent_tokens(tokenizer, model, profile=profile, **overrides)
+    gapkern.patch(model, None if head is KEEP_HEAD else head, config)
     return [] if had else [config.latent_start_id]
 

@@ -47,14 +47,12 @@ def _check(args) -> None:
 def _prepare(model, tokenizer):
     """Patch a plain model for the latent-aware generate; returns the ids it must not sample (it was never
     trained to write latents). A gapkern checkpoint is ready as loaded: its head, GapConfig and running target."""
-    import gapkern
-    from ..models import add_latent_tokens
+    from ._gap import KEEP_HEAD, prepare
 
     if "gap" in model._modules:
         return []
-    config = add_latent_tokens(tokenizer, model, profile="gap")
-    gapkern.patch(model, None, config)
-    return [config.latent_start_id]
+    prepare(model, tokenizer, KEEP_HEAD)  # the gap profile's tokens, output-as-input
+    return [model.gap.config.latent_start_id]  # always: prepare suppresses it only when its tokens are new
 
 
 def run(args) -> int:

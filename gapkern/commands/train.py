@@ -14,7 +14,7 @@ import os
 import shutil
 
 from . import UsageError
-from ._common import checkpoint_config, load_tokenizer, positive_int
+from ._common import checkpoint_config, from_pretrained, load_tokenizer, positive_int
 
 NAME = "train"
 HELP = "teacher-forced GAP training (transformers.Trainer): text CE + latent coefficient MSE"
@@ -98,22 +98,16 @@ def _model(args, build):
     """The checkpoint as a Gap Qwen2.5-VL with the head and GapConfig it trains with, and its tokenizer."""
     import torch
 
-    from ..head import PCALatentHead
-    from ..models import GapQwen2_5_VLForConditionalGeneration
     from ..train import KEEP_HEAD, attach_gap
+    from ._gap import read_head
 
     saved = checkpoint_config(args.model).get("gap")
     if not saved and not args.head and not args.no_head:
         raise UsageError(f"--head: {args.model!r} is a plain Qwen2.5-VL checkpoint; pass a PCALatentHead file "
                          "(gapkern fit-pca) or --no-head")
-    head = None if args.no_head else KEEP_HEAD
-    if args.head:
-        try:
-            head = PCALatentHead.load(args.head)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(f"--head: {exc}") from None
+    head = read_head(args.head) if args.head else None if args.no_head else KEEP_HEAD
     tokenizer = load_tokenizer(args.model)
-    model = GapQwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    model = from_pretrained(args.model, getattr(torch, args.dtype), gap_class=True)
     try:
         attach_gap(model, tokenizer, head, profile=args.profile or build.settings.get("profile"),
                    latent_budget=build.settings.get("K"))

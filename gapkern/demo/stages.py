@@ -32,12 +32,9 @@ class Run:
 
 def load(path: str):
     """A gapkern checkpoint (or a plain one, as the Gap class without its parts) and its tokenizer, eval mode."""
-    from transformers import AutoTokenizer
+    from ..commands._common import from_pretrained, load_tokenizer
 
-    from ..models import GapQwen2_5_VLForConditionalGeneration
-
-    model = GapQwen2_5_VLForConditionalGeneration.from_pretrained(path)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return from_pretrained(path, gap_class=True).eval(), load_tokenizer(path)
 
 
 def settings(run: Run) -> dict:

@@ -87,18 +87,15 @@ def pixel_inputs(image: torch.Tensor, vision_config, mean=CLIP_MEAN, std=CLIP_ST
 
 def chat_inputs(model, tokenizer, prompt: str, image: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> dict:
     """One row: the chat template around ``prompt`` and one image, ready for ``model.generate``."""
-    vision = model.config.vision_config
-    pixels = pixel_inputs(image, vision, mean, std)
-    n_tokens = int(pixels["image_grid_thw"].prod()) // vision.spatial_merge_size ** 2
-    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+    from ..prompts import expand_images, image_mask, visual_tokens
+
+    image_id = model.config.image_token_id
+    pixels = pixel_inputs(image, model.config.vision_config, mean, std)
+    counts = visual_tokens(pixels["image_grid_thw"], model.config.vision_config)
+    image_token = tokenizer.convert_ids_to_tokens(image_id)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if text.count(image_token) != 1:
-        raise ValueError(f"tokenizer: its chat template should place one {image_token!r} for the image, "
-                         f"placed {text.count(image_token)}")
-    input_ids = tokenizer(text.replace(image_token, image_token * n_tokens), return_tensors="pt")["input_ids"]
-    image_mask = input_ids == model.config.image_token_id
-    if int(image_mask.sum()) != n_tokens:
-        raise ValueError(f"tokenizer: {image_token!r} did not tokenize to the model's image token id")
+    input_ids = tokenizer(expand_images(text, image_token, counts), return_tensors="pt")["input_ids"]
+    mask = image_mask(input_ids, image_id, image_token, sum(counts))
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-            "mm_token_type_ids": image_mask.long(), **pixels}
+            "mm_token_type_ids": mask.long(), **pixels}

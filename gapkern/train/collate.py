@@ -10,10 +10,11 @@ the chat template's end of turn) with their ids. Rows are padded on the right.
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..data import image_inputs, teacher_response, uses_latents
 from ..models.prompt import image_settings as default_image_settings
-from ..prompts import expand_images, prompt_messages
+from ..prompts import expand_images, prompt_messages, prompt_text, visual_tokens
 
 __all__ = ["GapCollator"]
 
@@ -50,16 +51,15 @@ class GapCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         rows = [self.encode(s) for s in samples]
-        width = max(len(r["input_ids"]) for r in rows)
 
         def padded(key, fill):
-            return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
+            return pad_sequence([torch.tensor(r[key]) for r in rows], batch_first=True, padding_value=fill,
+                                padding_side="right")
 
-        input_ids = padded("input_ids", self.pad_id)
         batch = {
-            "input_ids": input_ids,
-            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
-                                            for r in rows]),
+            "input_ids": padded("input_ids", self.pad_id),
+            "attention_mask": pad_sequence([torch.ones(len(r["input_ids"]), dtype=torch.long) for r in rows],
+                                           batch_first=True, padding_value=0, padding_side="right"),
             "labels": padded("labels", IGNORE),
             "mm_token_type_ids": padded("mm_token_type_ids", 0),
             "latent_targets": torch.cat([r["latent_targets"] for r in rows]),
@@ -74,8 +74,7 @@ class GapCollator:
         """One row, unpadded: token and label lists, its images' pixels, its latent targets (slots, D)."""
         latent = uses_latents(sample)
         pixels = [image_inputs(p, self.vision_config, settings=self.settings) for p in sample.get("images", [])]
-        merge = self.vision_config.spatial_merge_size ** 2
-        counts = [int(p["image_grid_thw"].prod()) // merge for p in pixels]
+        counts = [n for p in pixels for n in visual_tokens(p["image_grid_thw"], self.vision_config)]
         prompt, full = self._texts(sample, teacher_response(sample, self.gap_config, latent=latent))
         prompt, full = expand_images(prompt, self.image_token, counts), expand_images(full, self.image_token, counts)
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -92,10 +91,9 @@ class GapCollator:
 
     def _texts(self, sample: dict, response: str) -> tuple[str, str]:
         """The chat template's prompt (up to the assistant's turn) and the whole conversation."""
-        messages = prompt_messages(sample)
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
-                                                  tokenize=False)
+        prompt = prompt_text(self.tokenizer, sample)
+        answer = {"role": "assistant", "content": response}
+        full = self.tokenizer.apply_chat_template(prompt_messages(sample) + [answer], tokenize=False)
         if not full.startswith(prompt):
             raise ValueError(f"tokenizer: its chat template does not write the conversation of sample "
                              f"{sample['id']!r} as the generation prompt followed by the answer")

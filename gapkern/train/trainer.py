@@ -24,6 +24,7 @@ import torch
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..config import KEEP_HEAD
 from ..data import latent_keys, uses_latents
 from ..models.tokens import add_latent_tokens
 from .collate import GapCollator
@@ -31,7 +32,6 @@ from .collate import GapCollator
 __all__ = ["GapTrainer", "train", "attach_gap", "apply_curation", "check_targets", "choose_trainable",
            "merge_lora", "training_arguments", "KEEP_HEAD"]
 
-KEEP_HEAD = "checkpoint"  # attach_gap's head: keep the one a gapkern checkpoint brought
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
