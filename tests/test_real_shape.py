@@ -97,13 +97,16 @@ def test_every_command_runs_on_the_7b_shaped_checkpoint(real, tmp_path):
 
     gapkern_cli("train", "--model", ckpt, "--data", tmp_path / "data", "--head", tmp_path / "pca" / "head.safetensors",
                 "--out", tmp_path / "gap", "--max-steps", 2, "--save-steps", 1, "--logging-steps", 1, "--lr", 1e-3,
-                "--freeze-lm", "--dtype", "bfloat16")
+                "--freeze-lm", "--keep-checkpoints", 0)
     gap = tmp_path / "gap"
+    # saved in the checkpoint's bfloat16 (not float32: twice the size), no checkpoint-N copy left, the head alone
+    assert os.path.getsize(gap / "model.safetensors") < 1.01 * os.path.getsize(ckpt / "model.safetensors")
+    assert not list(gap.glob("checkpoint-*")) and (gap / "head.safetensors").is_file()
 
     gapkern_cli("eval", "--model", gap, "--samples", samples, "--out", tmp_path / "eval", "--span-at", 1,
                 "--max-new-tokens", 10, *BF16)
     predictions = [json.loads(x) for x in (tmp_path / "eval").rglob("predictions*.jsonl") for x in x.read_text().splitlines()]
-    assert predictions
+    assert predictions and all("<latent>" in p["prediction"] for p in predictions)  # the forced span, readable
 
     gapkern_cli("diagnose", "--model", gap, "--samples", samples, "--out", tmp_path / "diag", "--span-at", 1,
                 "--max-new-tokens", 8, "--limit", 2, *BF16)

@@ -147,6 +147,22 @@ def load_model(path: str, place: Place):
     return from_pretrained(path, place.dtype).to(place.device).eval()
 
 
+def load_vision(path: str, place: Place):
+    """Only the checkpoint's vision tower and merger (:mod:`gapkern.models.vision_only`), at the place's dtype
+    on its device: what fit-pca and build-data run. A missing or damaged file is a UsageError."""
+    from safetensors import SafetensorError
+
+    from ..models.vision_only import load_vision_tower
+
+    checkpoint_config(path)
+    try:
+        return load_vision_tower(path, place.dtype, place.device)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model: {' '.join(str(exc).split())}") from None
+    except SafetensorError as exc:
+        raise UsageError(f"--model: a weights file in {path!r} is damaged ({exc})") from None
+
+
 def from_pretrained(path: str, dtype=None, *, gap_class: bool = False):
     """``from_pretrained`` on a local checkpoint folder: the Gap class when config.json has a ``"gap"`` entry
     (its head and GapConfig come with it) or ``gap_class`` (a plain checkpoint to attach a head to), else the
