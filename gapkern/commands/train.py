@@ -90,7 +90,7 @@ def _check(args) -> list[str]:
 
 def _data(args):
     """The build-data folder, and its samples with ``hard`` from --curated when given."""
-    from ..build import load_build
+    from ..stages.build import load_build
     from ..train import apply_curation
 
     try:
@@ -138,7 +138,7 @@ def _dtype(args) -> str:
 
 
 def run(args) -> int:
-    from ..models.prompt import image_settings
+    from ..data.images import image_settings
     from ..train import train, training_arguments
 
     extra = _check(args)
