@@ -98,4 +98,5 @@ def reflect(basis, mean):
 
 # Known and documented (gapkern/ops/_cache.py): the cuda backend's packed copies of weight.T and
 # basis cannot see writes through .data; gapkern.ops.clear_caches() after such writes.
-PACKED_DATA_EDITS = "cuda backend: packed weight/basis copies cannot see .data writes (clear_caches())"
+PACKED_DATA_EDITS = ("cuda and triton backends: packed (cuda) or rank-padded (triton) weight/basis copies cannot see "
+                     ".data writes, which bump no version counter (clear_caches())")

@@ -239,7 +239,8 @@ def _edits(c):
 @pytest.mark.parametrize("edit", ["mean.data", "basis.data", "mean-inference", "basis-inference"])
 def test_latent_step_sees_in_place_edits_of_mean_and_basis(request, backend, dtype, edit):
     """The result after an edit is the step of the edited tensors, never of a cached copy."""
-    if backend == "cuda" and dtype != torch.float32 and edit == "basis.data":
+    # triton pads the rank to a multiple of 16 (d = 3 here), cuda packs non-float32 heads: both keep copies
+    if edit == "basis.data" and (backend == "triton" or backend == "cuda" and dtype != torch.float32):
         request.applymarker(pytest.mark.xfail(strict=True, reason=PACKED_DATA_EDITS))
     with torch.inference_mode(edit.endswith("inference")):  # inference tensors: no version counter at all
         c = case_for(backend, (200, 37), 3, dtype)
