@@ -248,7 +248,7 @@ IDS = dict(latent_start_id=1, latent_end_id=2, latent_pad_id=3)
 
 @pytest.mark.parametrize("field,value,expected", [
     ("latent_start_id", True, "an int"), ("latent_end_id", 2.0, "an int"), ("latent_pad_id", "3", "an int"),
-    ("latent_budget", 4.0, "an int"), ("latent_budget", None, "an int"), ("latent_budget", False, "an int"),
+    ("latent_budget", 4.0, "an int"), ("latent_budget", False, "an int"),
     ("calibration", 1, "a string"), ("calibration", None, "a string"), ("profile", ["gap"], "a string"),
     ("ema_decay", "0.9", "a number"), ("ema_decay", True, "a number"), ("eps", None, "a number"),
 ])

@@ -48,6 +48,12 @@ class StepTrace:
 
     def wrote(self, hidden: torch.Tensor, wrote: list[bool], head, fed: torch.Tensor) -> None:
         """Rows ``wrote`` fed back latents ``fed`` (B, D) computed from ``hidden`` (B, D); restarts the clock."""
+        self.record(hidden, wrote, head, fed)
+        _sync(hidden.device)
+        self._clock = time.perf_counter()
+
+    def record(self, hidden: torch.Tensor, wrote: list[bool], head, fed: torch.Tensor) -> None:
+        """The norms of the latents rows ``wrote`` fed back (``fed`` (B, D), from ``hidden`` (B, D))."""
         if any(wrote):
             args = (None,) * 4 if head is None else (head.weight, head.bias, head.basis, head.mean)
             sigma = None if head is None else head.sigma
@@ -57,8 +63,6 @@ class StepTrace:
                 if wrote[b]:
                     self.raw_norms[b].append(r)
                     self.fed_norms[b].append(f)
-        _sync(hidden.device)
-        self._clock = time.perf_counter()
 
     def stepped(self, text: bool, device: torch.device) -> None:
         """One step ran since :meth:`wrote`; waits for it, then records its time."""
