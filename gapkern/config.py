@@ -49,6 +49,7 @@ class GapConfig:
     span_layout: str | None = None  # None: the profile's layout (configs saved before the field load so)
 
     def __post_init__(self):
+        _check_type("profile", self.profile, str)
         if self.profile not in PROFILES:
             raise ValueError(f"profile: expected one of {', '.join(PROFILES)}, got {self.profile!r}")
         layout, budget = PROFILE_DEFAULTS[self.profile]
