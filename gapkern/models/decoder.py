@@ -162,6 +162,7 @@ class Decoder:
         self.text = torch.zeros(rows, dtype=torch.bool, device=device)
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # what this step appends
+        self.scored = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that wrote the token they sampled
         self.pad = torch.zeros((), dtype=torch.long, device=device)  # a tensor: the graph reads it at replay
         self.eos = torch.zeros(0, dtype=torch.long, device=device)
         self.tau = None if cfg.calibration == "none" else torch.zeros(rows, dtype=torch.float32, device=device)
@@ -227,11 +228,14 @@ class Decoder:
 
     def commit(self, sampled, hidden):
         """Append the tokens of the rows that sampled (eager, sampling steps only); finished rows write pad.
-        Rows the rule puts into a latent now (monet layout) get the latent from ``hidden`` (B, D)."""
+        Rows the rule puts into a latent now (monet layout) get the latent from ``hidden`` (B, D); ``scored``:
+        the rows that wrote the token they sampled (not one the rule replaced)."""
         text, out = self.text, self.embeds[:, 0]
         tok = torch.where(self.done, self.pad, sampled)
-        tok, latent, left, done = self.rule.commit(self.left, self.done, text, tok, torch.isin(tok, self.eos),
-                                                   torch.where)
+        written, latent, left, done = self.rule.commit(self.left, self.done, text, tok, torch.isin(tok, self.eos),
+                                                       torch.where)
+        self.scored.copy_(text & (written == tok))
+        tok = written
         self.tokens.copy_(torch.where(text, tok, self.tokens))
         out.copy_(torch.where(text[:, None], self.embed(tok), out))
         if latent is not None:

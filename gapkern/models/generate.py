@@ -155,10 +155,12 @@ def sample(model, hidden, seq, logits_processor, do_sample):
 class Scores:
     """``output_scores`` / ``output_logits``: one (B, V) float32 tensor per new position, as HF shapes them.
 
-    A row that sampled (or, finished, would have: HF keeps scoring finished rows)
-    has the processed scores / the LM head's logits; a latent or forced end
-    position has HF's forced-token row: 0 at the token written, -inf elsewhere,
-    so ``compute_transition_scores`` gives it log-probability 0.
+    A row that wrote the token it sampled (or, finished, would have: HF keeps
+    scoring finished rows) has the processed scores / the LM head's logits; a
+    latent or forced end position, and (monet layout) a position whose sampled
+    token the span rule replaced by the placeholder or the end token, has HF's
+    forced-token row: 0 at the token written, -inf elsewhere, so
+    ``compute_transition_scores`` gives it log-probability 0.
     """
 
     def __init__(self, generation_config, vocab: int):
@@ -301,8 +303,8 @@ def next_token(loop: _Loop, hidden) -> bool:
                 loop.trace.record(hidden, late, loop.model.gap.head, dec.embeds[:, 0])
             wrote = [a or b for a, b in zip(wrote, late)]
     _keep_latents(loop, wrote)
-    if loop.scores is not None:
-        loop.scores.add(dec.tokens, dec.text, logits, scores)
+    if loop.scores is not None:  # after a commit, the rows that kept their sample; else the text rows
+        loop.scores.add(dec.tokens, dec.scored if text else dec.text, logits, scores)
     loop.seq[:, loop.new] = dec.tokens
     loop.new += 1
     if loop.streamer is not None:
