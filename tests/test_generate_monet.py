@@ -28,7 +28,7 @@ import torch
 from transformers import LogitsProcessorList
 
 import gapkern
-from gapkern.testing import ForceTokens, latent_step64, tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import ForceTokens, latent_step64, naive_generate, tiny_head, tiny_prompts, tiny_qwen2_5_vl
 
 from generate_cases import CACHES, ROWS
 from test_generate import reference_tau
@@ -217,3 +217,22 @@ def test_monet_eos_sampled_inside_a_span_is_a_placeholder(tiny):
     new = out.sequences[1, -18:].tolist()
     assert new[3:3 + K + 1] == [ids.latent_start] + [ids.latent_pad] * (K - 1) + [ids.latent_end]
     assert new[14] == ids.eos and set(new[15:]) == {ids.pad}
+
+
+@pytest.mark.parametrize("calibration", CALIBRATIONS)
+def test_naive_generate_takes_the_monet_layout(tiny, calibration):
+    """gapkern.testing.naive_generate (the benchmarks' and other tests' reference) decodes the monet layout as
+    the reference above does, scores included."""
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    cfg = ids.gap_config(profile="monet", calibration=calibration)
+    procs = forcing(batch, ids, schedule(ids))
+    tau, _ = reference_tau(model, batch, ids, calibration)
+    head = tiny_head(model, rank=8)
+    scores = []
+    seq, latents, text_steps = naive_generate(model, batch, cfg, head, tau, STEPS, procs, scores=scores)
+    want_seq, want_latents, want_scores, _ = monet_reference(model, batch, cfg, head, tau, STEPS, procs)
+    assert torch.equal(seq, want_seq)
+    for got, want in zip(latents + scores, want_latents + want_scores):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all(text_steps)  # the monet layout samples at every step of a span

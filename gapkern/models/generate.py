@@ -285,7 +285,8 @@ def _keep_latents(loop: _Loop, wrote: list[bool]) -> None:
 
 def next_token(loop: _Loop, hidden) -> bool:
     """Write every row's token at the next position (the device already wrote the inputs decided without a
-    sample); returns whether some live row sampled there."""
+    sample); returns whether it was a text step: some live row sampled there, and not every live row feeds
+    a latent next (the monet layout samples inside a span too)."""
     dec, rows = loop.dec, loop.rows
     wrote = rows.advance()
     if loop.trace is not None:
@@ -311,7 +312,7 @@ def next_token(loop: _Loop, hidden) -> bool:
         loop.streamer.put(torch.tensor(rows.tokens))  # the host knows them: no device read
     if loop.criteria is not None:
         _stop(loop)
-    return text
+    return text and not all(w or d for w, d in zip(wrote, rows.done))
 
 
 def _stop(loop: _Loop) -> None:

@@ -3,7 +3,8 @@
 Without a trace the loop does no extra work and no extra host sync. With one,
 every decode step is synchronised and timed, and classed as a text step (some
 live row sampled a token: LM head, sampling, one host read) or a latent step
-(no row sampled: the step only wrote latents or forced end tokens). Per row it
+(no row sampled: the step only wrote latents or forced end tokens; in the
+monet layout, which samples inside a span too: every live row feeds a latent). Per row it
 also records the norms of the visual input embeddings of its prompt and of
 each latent it wrote, before calibration and as fed back.
 """
