@@ -129,13 +129,13 @@ def monet_reference(model, batch, cfg, head, tau, steps, procs):
             kept_logits.append(step_logits[b] if same else forced_row(step_logits[b], written))
         scores.append(torch.stack(kept_scores))
         logits.append(torch.stack(kept_logits))
-        seq = torch.cat([seq, torch.tensor(tokens)[:, None]], 1)
+        seq = torch.cat([seq, torch.tensor(tokens, device=seq.device)[:, None]], 1)
         embeds = torch.cat([embeds, torch.stack(nxt)[:, None]], 1)
         pos = torch.cat([pos, pos[:, :, -1:] + 1], 2)
-        att = torch.cat([att, torch.ones(rows, 1, dtype=att.dtype)], 1)
+        att = torch.cat([att, torch.ones(rows, 1, dtype=att.dtype, device=att.device)], 1)
         if all(done):
             break
-    stacked = [torch.stack(z).float() if z else torch.zeros(0, embeds.shape[-1]) for z in latents]
+    stacked = [torch.stack(z).float() if z else embeds.new_zeros(0, embeds.shape[-1]).float() for z in latents]
     return seq, stacked, scores, logits
 
 
@@ -236,3 +236,48 @@ def test_naive_generate_takes_the_monet_layout(tiny, calibration):
     for got, want in zip(latents + scores, want_latents + want_scores):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert all(text_steps)  # the monet layout samples at every step of a span
+
+
+def test_monet_graph_warm_up_leaves_no_trace(tiny, monkeypatch):
+    """The graph path's code on the CPU (capture stands in as the warm-up that runs the step twice and undoes
+    it; the monet layout's latents chosen after sampling are written outside the graph)."""
+    from gapkern.models import generate as G
+
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    kw = dict(max_new_tokens=STEPS, do_sample=False, logits_processor=forcing(batch, ids, schedule(ids)), **KEEP)
+    gapkern.patch(model, tiny_head(model), ids.gap_config(profile="monet", calibration="rms"))
+    try:
+        dynamic = model.generate(**batch, **kw)
+        monkeypatch.setattr(G, "_modes", lambda *a: (True, True))
+        monkeypatch.setattr(G.Decoder, "capture", lambda self: self.warm_up(2))
+        warmed = model.generate(**batch, **kw)
+    finally:
+        gapkern.unpatch(model)
+    assert torch.equal(warmed.sequences, dynamic.sequences)
+    for a, b in zip(warmed.latents + warmed.scores, dynamic.latents + dynamic.scores):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_monet_cuda_graph_matches_the_reference_on_gpu(dtype):
+    """The captured step (and the eager static one) in the monet layout; float32 against the reference."""
+    model, ids = tiny_qwen2_5_vl(seed=0, dtype=dtype)
+    model = model.cuda()
+    batch = tiny_prompts(ids, ROWS, seed=1, device="cuda")
+    procs = forcing(batch, ids, schedule(ids))
+    kw = dict(max_new_tokens=STEPS, do_sample=False, logits_processor=procs, **KEEP)
+    gapkern.patch(model, None, ids.gap_config(profile="monet"))
+    try:
+        eager = model.generate(**batch, cuda_graph=False, static_cache=True, **kw)
+        graphed = model.generate(**batch, cuda_graph=True, **kw)
+        assert model.gap.decoder.graph is not None
+        if dtype == torch.float32:
+            seq, latents, _, _ = monet_reference(model, batch, model.gap.config, None, None, STEPS, procs)
+            assert torch.equal(graphed.sequences.cpu(), seq.cpu())
+    finally:
+        gapkern.unpatch(model)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    for a, b in zip(graphed.latents, eager.latents):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
