@@ -95,7 +95,8 @@ class SeededSampler(LogitsProcessor):
 
 
 class Response(NamedTuple):
-    """One response: its text (special tokens dropped) and how many latents it wrote."""
+    """One response: its text (special tokens dropped, the latent span's markers kept: :func:`response_texts`)
+    and how many latents it wrote."""
 
     text: str
     latents: int
@@ -128,9 +129,22 @@ def generate_responses(model, tokenizer, samples: list[dict], *, n: int = 1, tem
     out = model.generate(**batch, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
                          logits_processor=LogitsProcessorList(processors), suppress_tokens=suppress or None,
                          return_dict_in_generate=True, **extra)
-    texts = tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
+    texts = response_texts(tokenizer, out.sequences[:, prompt_len:], model.gap.config.profile)
     rows = [Response(text, int(latents.shape[0])) for text, latents in zip(texts, out.latents)]
     return [rows[i * n:(i + 1) * n] for i in range(len(samples))]
+
+
+def response_texts(tokenizer, sequences: torch.Tensor, profile: str = "gap") -> list[str]:
+    """Each row of new tokens as text: the tokenizer's special tokens (EOS, padding, ...) dropped, but the
+    profile's five latent tokens kept, so a response reads ``<latent><latent_pad>...</latent><parser>a red
+    square</parser>``, as the teacher text it was trained on does (skipping every special token would also
+    drop these, since they are added as special tokens, and glue the parser text to its neighbours)."""
+    from .config import PROFILES
+
+    keep = set(tokenizer.convert_tokens_to_ids(list(PROFILES[profile])))
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    drop = (special | set(tokenizer.all_special_ids)) - keep
+    return [tokenizer.decode([t for t in row if t not in drop]) for row in sequences.tolist()]
 
 
 def ema_start(model, samples: list[dict], *, batch: int = 8, settings: dict | None = None) -> torch.Tensor:

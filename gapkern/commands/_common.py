@@ -119,3 +119,19 @@ def start(args) -> Place:
 def load_model(path: str, place: Place):
     """:func:`from_pretrained` at the place's dtype, in eval mode on its device."""
     return from_pretrained(path, place.dtype).to(place.device).eval()
+
+
+def load_vision(path: str, place: Place):
+    """Only the checkpoint's vision tower and merger (:mod:`gapkern.models.vision_only`), at the place's dtype
+    on its device: what fit-pca and build-data run. A missing or damaged file is a UsageError."""
+    from safetensors import SafetensorError
+
+    from ..models.vision_only import load_vision_tower
+
+    checkpoint_config(path)
+    try:
+        return load_vision_tower(path, place.dtype, place.device)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model: {' '.join(str(exc).split())}") from None
+    except SafetensorError as exc:
+        raise UsageError(f"--model: a weights file in {path!r} is damaged ({exc})") from None

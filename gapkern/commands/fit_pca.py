@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from . import UsageError
-from ._common import (add_model_arguments, checkpoint_config, fraction, hidden_size, load_model, positive_int,
+from ._common import (add_model_arguments, checkpoint_config, fraction, hidden_size, load_vision, positive_int,
                       read_samples, start)
 
 NAME = "fit-pca"
@@ -53,7 +53,7 @@ def run(args) -> int:
         raise UsageError(f"--samples: {args.samples!r} names no image to fit on")
     place = start(args)
     try:
-        model = load_model(args.model, place)
+        model = load_vision(args.model, place)
         stats = fit_images(model, images, settings=image_settings(args.model), batch_images=args.batch_images)
         if place.rank == 0:
             try:
