@@ -12,6 +12,12 @@ PROFILES = {
     "gap": ("<latent>", "</latent>", "<latent_pad>", "<parser>", "</parser>"),
     "monet": ("<abs_vis_token>", "</abs_vis_token>", "<abs_vis_token_pad>", "<observation>", "</observation>"),
 }
+# profile -> its own code's order of adding the tokens (so the ids match its checkpoints: SPEC section 3;
+# Monet's src/main.py adds the pad first)
+ADD_ORDER = {"gap": (0, 1, 2, 3, 4), "monet": (2, 0, 1, 3, 4)}
+# profile -> (span layout, K): the defaults of GapConfig.span_layout and latent_budget (SPEC section 3)
+PROFILE_DEFAULTS = {"gap": ("gap", 16), "monet": ("monet", 10)}
+SPAN_LAYOUTS = ("gap", "monet")
 CALIBRATIONS = ("none", "rms", "ema")
 _IDS = ("latent_start_id", "latent_end_id", "latent_pad_id")
 
@@ -35,15 +41,24 @@ class GapConfig:
     latent_start_id: int
     latent_end_id: int
     latent_pad_id: int
-    latent_budget: int = 16
+    latent_budget: int | None = None  # None: the profile's K
     calibration: str = "none"
     ema_decay: float = 0.99
     eps: float = 1e-6
     profile: str = "gap"
+    span_layout: str | None = None  # None: the profile's layout (configs saved before the field load so)
 
     def __post_init__(self):
+        _check_type("profile", self.profile, str)
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile: expected one of {', '.join(PROFILES)}, got {self.profile!r}")
+        layout, budget = PROFILE_DEFAULTS[self.profile]
+        for name, default in (("span_layout", layout), ("latent_budget", budget)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         for field in dataclasses.fields(self):
-            _check_type(field.name, getattr(self, field.name), {"int": int, "float": float, "str": str}[field.type])
+            kind = {"int": int, "float": float, "str": str}[field.type.split(" ")[0]]
+            _check_type(field.name, getattr(self, field.name), kind)
         for name in _IDS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a non-negative int, got {getattr(self, name)!r}")
@@ -59,8 +74,8 @@ class GapConfig:
             raise ValueError(f"ema_decay: expected a number in [0, 1), got {self.ema_decay!r}")
         if not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"eps: expected a positive finite number, got {self.eps!r}")
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile: expected one of {', '.join(PROFILES)}, got {self.profile!r}")
+        if self.span_layout not in SPAN_LAYOUTS:
+            raise ValueError(f"span_layout: expected one of {', '.join(SPAN_LAYOUTS)}, got {self.span_layout!r}")
         for name in ("ema_decay", "eps"):  # 0 and 0.0 are one setting: store floats, so to_dict is stable
             object.__setattr__(self, name, float(getattr(self, name)))
 

@@ -73,6 +73,18 @@ def test_tiny_generate_prints_tokens_norms_and_step_times(capsys, calibration):
     assert "latent/text" in out
 
 
+def test_tiny_generate_monet_layout(capsys):
+    """--span-layout monet: the span forced at 2 is start, K-1 placeholders, end (K latents over K+1 positions);
+    the steps that feed a latent count as latent steps though the monet layout samples there too."""
+    code, out, _ = run(capsys, "--max-new-tokens", "12", "--latent-budget", "3", "--span-layout", "monet")
+    assert code == 0, out
+    assert field(out, "gap") == "profile gap, monet layout, K=3 latents per span, calibration rms"
+    assert "<latent> <latent_pad>x2 </latent>" in field(out, "new tokens")
+    assert field(out, "latents").startswith("3 written")
+    # 11 decode steps: the ones after positions 2-4 feed latents 1-3, the others follow a token
+    assert steps(out) == (8, 3)
+
+
 def test_console_script_runs_the_readme_command():
     script = shutil.which("gapkern", path=os.path.dirname(sys.executable)) or shutil.which("gapkern")
     if script is None:
@@ -107,7 +119,7 @@ def test_model_loads_a_gap_checkpoint_with_its_head_and_config(capsys, gap_check
     assert code == 0, out
     assert "GapQwen2_5_VLForConditionalGeneration" in field(out, "model")
     assert field(out, "head") == "PCA rank 8, whitened"
-    assert field(out, "gap") == "profile gap, K=2 latents per span, calibration ema"
+    assert field(out, "gap") == "profile gap, gap layout, K=2 latents per span, calibration ema"
     assert "<latent> <latent_pad>x2 </latent>" in field(out, "new tokens")
     # ema: the saved target 5.0 moves 1% of the way to this prompt's visual mean, and the latents carry it
     visual, after = norms(out, "visual input embeddings")[0], norms(out, "after calibration")
@@ -121,19 +133,22 @@ def test_model_overrides_the_checkpoint_config(capsys, gap_checkpoint):
                        "--latent-budget", "3", "--span-at", "0", "--max-new-tokens", "6")
     assert code == 0, out
     assert field(out, "head") == "output-as-input (no head)"
-    assert field(out, "gap") == "profile gap, K=3 latents per span, calibration none"
+    assert field(out, "gap") == "profile gap, gap layout, K=3 latents per span, calibration none"
     assert "<latent> <latent_pad>x3 </latent>" in field(out, "new tokens")
 
 
 def test_model_plain_checkpoint_gets_the_profile_tokens(capsys, plain_checkpoint):
-    """The monet profile's tokens are not in the tokenizer: they are added and the embeddings resized."""
+    """The monet profile's tokens are not in the tokenizer: they are added (Monet's order: pad, start, end, open,
+    close) and the embeddings resized; the profile decodes in its own (monet) layout: K=2 latents over start,
+    one placeholder, end."""
     code, out, _ = run(capsys, "--model", str(plain_checkpoint / "with_tokenizer"), "--profile", "monet",
                        "--latent-budget", "2", "--span-at", "0", "--max-new-tokens", "5")
     assert code == 0, out
     assert "Qwen2_5_VLForConditionalGeneration" in field(out, "model")
     assert field(out, "head") == "output-as-input (no head)"
-    assert field(out, "gap") == "profile monet, K=2 latents per span, calibration rms"
-    assert "<abs_vis_token> <abs_vis_token_pad>x2 </abs_vis_token>" in field(out, "new tokens")
+    assert field(out, "gap") == "profile monet, monet layout, K=2 latents per span, calibration rms"
+    assert "<abs_vis_token> <abs_vis_token_pad>x1 </abs_vis_token>" in field(out, "new tokens")
+    assert field(out, "latents").startswith("2 written")
     visual, after = norms(out, "visual input embeddings")[0], norms(out, "after calibration")
     assert after == pytest.approx([visual] * 3, rel=1e-3)
 

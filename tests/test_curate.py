@@ -193,6 +193,22 @@ def test_a_gap_checkpoint_curates_with_its_own_config(capsys, folder, tmp_path):
     assert [len(one["attempts"]) for one in read_jsonl(tmp_path / "cur.jsonl")] == [2] * 7
 
 
+def test_span_layout_and_profile_options_are_part_of_the_run(capsys, folder, tmp_path, monkeypatch):
+    """--profile / --span-layout patch the plain model (its start token still never sampled); the GapConfig
+    joins the settings a resumed run must match."""
+    def killed(*args, **kw):
+        raise Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(gapkern.curate, "sample_attempts", killed)
+        with pytest.raises(Killed):
+            curate(capsys, folder, tmp_path / "cur.jsonl", "--profile", "monet", "--span-layout", "gap")
+    gap = json.loads((tmp_path / "cur.jsonl.parts" / "settings.json").read_text())["gap"]
+    assert (gap["profile"], gap["span_layout"], gap["latent_budget"]) == ("monet", "gap", 10)
+    err = curate(capsys, folder, tmp_path / "cur.jsonl", "--profile", "monet", code=2)
+    assert "--out: " in err and "other settings (gap " in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("argv, option", [(["--n", "0"], "--attempts"), (["--temperature", "-1"], "--temperature"),
                                           (["--batch", "0"], "--batch"), (["--max-new-tokens", "0"],
                                                                           "--max-new-tokens")])

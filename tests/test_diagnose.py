@@ -177,6 +177,16 @@ def test_limit_and_explicit_span(capsys, folder, tmp_path):
     assert found["latents"]["modes"]["ema"]["count"] == 2 * K and found["head"] == "none"
 
 
+def test_span_layout_option(capsys, folder, tmp_path):
+    """--span-layout monet on a plain checkpoint: recorded; the spans forced at 2 still hold K latents each."""
+    run_cli(capsys, folder, tmp_path, "--limit", "2", "--calibration", "none", "--span-at", "2",
+            "--span-layout", "monet")
+    found = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert found["span_layout"] == "monet" and found["latents"]["modes"]["none"]["count"] == 2 * K
+    run_cli(capsys, folder, tmp_path / "gap", "--limit", "1", "--calibration", "none", "--span-at", "2")
+    assert json.loads((tmp_path / "gap" / "diagnosis.json").read_text())["span_layout"] == "gap"
+
+
 @pytest.mark.parametrize("argv, option", [
     (["--calibration", "rms,nope"], "--calibration"), (["--limit", "0"], "--limit"),
     (["--span-at", str(NEW)], "--span-at"), (["--batch", "0"], "--batch"), (["--head", "missing"], "--head"),

@@ -115,6 +115,18 @@ def test_without_calibration_each_checkpoint_runs_its_own(capsys, folder, tmp_pa
     assert list(json.loads((tmp_path / "scores.json").read_text())) == ["plain/none", "gap/none"]
 
 
+def test_span_layout_option_decodes_and_is_recorded(capsys, folder, tmp_path):
+    """--span-layout monet replaces the checkpoint's layout: recorded in settings.json and scores.json's run;
+    the forced span still holds K = 2 latents (start, one placeholder, end)."""
+    evaluate_cli(capsys, folder, tmp_path, "--span-layout", "monet", models=("gap",))
+    settings = json.loads((tmp_path / "gap" / "none" / "settings.json").read_text())
+    assert settings["gap"]["span_layout"] == "monet" and settings["gap"]["latent_budget"] == 2
+    assert [r["latents"] for r in read_jsonl(tmp_path / "gap" / "none" / "predictions.jsonl")] == [2] * 6
+    evaluate_cli(capsys, folder, tmp_path / "gap-layout", models=("gap",))
+    settings = json.loads((tmp_path / "gap-layout" / "gap" / "none" / "settings.json").read_text())
+    assert settings["gap"]["span_layout"] == "gap"
+
+
 class Killed(BaseException):
     """Stands for the kill: nothing in eval may catch it."""
 

@@ -224,6 +224,7 @@ def test_head_rejects_non_finite_basis_or_mean(name):
     ("eps", 0.0, "eps: expected a positive finite number"),
     ("eps", float("inf"), "eps: expected a positive finite number"),
     ("profile", "x", "profile: expected one of gap, monet"),
+    ("span_layout", "vllm", "span_layout: expected one of gap, monet"),
 ])
 def test_gap_config_checks_its_fields(field, value, match):
     kw = dict(latent_start_id=1, latent_end_id=2, latent_pad_id=3)
@@ -246,10 +247,24 @@ def test_gap_config_from_tokenizer_and_dict_round_trip():
 IDS = dict(latent_start_id=1, latent_end_id=2, latent_pad_id=3)
 
 
+@pytest.mark.parametrize("profile,layout,budget", [("gap", "gap", 16), ("monet", "monet", 10)])
+def test_gap_config_takes_the_profiles_span_layout_and_k(profile, layout, budget):
+    """SPEC section 3's table; a config saved before span_layout existed (no key) loads with the default."""
+    cfg = GapConfig(**IDS, profile=profile)
+    assert (cfg.span_layout, cfg.latent_budget) == (layout, budget)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "span_layout"}
+    assert GapConfig.from_dict(old) == cfg
+    other = {"gap": "monet", "monet": "gap"}[layout]
+    mixed = GapConfig(**IDS, profile=profile, span_layout=other, latent_budget=3)
+    assert (mixed.span_layout, mixed.latent_budget) == (other, 3)
+    assert GapConfig.from_dict(mixed.to_dict()) == mixed
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("latent_start_id", True, "an int"), ("latent_end_id", 2.0, "an int"), ("latent_pad_id", "3", "an int"),
-    ("latent_budget", 4.0, "an int"), ("latent_budget", None, "an int"), ("latent_budget", False, "an int"),
+    ("latent_budget", 4.0, "an int"), ("latent_budget", False, "an int"),
     ("calibration", 1, "a string"), ("calibration", None, "a string"), ("profile", ["gap"], "a string"),
+    ("span_layout", 1, "a string"),
     ("ema_decay", "0.9", "a number"), ("ema_decay", True, "a number"), ("eps", None, "a number"),
 ])
 def test_gap_config_checks_every_field_type_by_name(field, value, expected):

@@ -169,18 +169,31 @@ def test_add_latent_tokens_adds_profile_tokens_and_resizes(profile):
     model, ids = tiny_qwen2_5_vl(seed=0)
     tokenizer = word_tokenizer(ids.vocab_size)
     cfg = add_latent_tokens(tokenizer, model, profile=profile, latent_budget=2)
-    assert (cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id) == (128, 129, 130)
+    # in the order the profile's own code adds them (SPEC section 3; Monet's src/main.py lines 64-68: pad first)
+    want = {"gap": (128, 129, 130), "monet": (129, 130, 128)}[profile]
+    assert (cfg.latent_start_id, cfg.latent_end_id, cfg.latent_pad_id) == want
     assert cfg.profile == profile and cfg.latent_budget == 2
     assert len(tokenizer) == 133
     assert model.get_input_embeddings().num_embeddings == 133 and model.lm_head.out_features == 133
     start = gapkern.config.PROFILES[profile][0]
     assert tokenizer.convert_ids_to_tokens(tokenizer(f"w5 {start} w7")["input_ids"]) == ["w5", start, "w7"]
-    assert add_latent_tokens(tokenizer, model, profile=profile) .latent_start_id == 128  # idempotent
+    assert add_latent_tokens(tokenizer, model, profile=profile) .latent_start_id == want[0]  # idempotent
     assert len(tokenizer) == 133
     gapkern.patch(model, None, cfg)
     batch = tiny_prompts(ids, ROWS[:1])
     out = model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, batch["input_ids"].shape[1] + 4)
+
+
+@pytest.mark.parametrize("profile,layout,budget", [(None, "gap", 16), ("monet", "monet", 10)])
+def test_attach_gap_gives_a_plain_model_the_profiles_layout_and_k(profile, layout, budget):
+    """train's attach_gap without latent_budget: the profile's K (it was 16 for every profile)."""
+    from gapkern.train import attach_gap
+
+    model, ids = tiny_qwen2_5_vl(seed=0, model_class=GapQwen2_5_VLForConditionalGeneration)
+    cfg = attach_gap(model, word_tokenizer(ids.vocab_size), None, profile=profile)
+    assert (cfg.profile, cfg.span_layout, cfg.latent_budget) == (profile or "gap", layout, budget)
+    assert model.gap.config == cfg
 
 
 # ---- a checkpoint's GAP parts are checked when loaded -------------------------------------------------------
@@ -225,6 +238,25 @@ def test_load_with_a_gap_tensor_of_another_shape_is_an_error_even_when_mismatche
     path = edited_copy(gap_saved[0], tmp_path / "ckpt", tensors=lambda w: w.update({"gap.head.bias": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match="gap.head.bias"):
         GapQwen2_5_VLForConditionalGeneration.from_pretrained(path, ignore_mismatched_sizes=True)
+
+
+def test_span_layout_is_saved_and_an_old_config_loads_the_profiles(tmp_path):
+    """GapConfig.span_layout goes into config.json's gap entry; one written before the field existed loads
+    with the profile's layout (and K, when it has none either)."""
+    model, ids = tiny_qwen2_5_vl(seed=0, model_class=GapQwen2_5_VLForConditionalGeneration)
+    model.set_gap(None, ids.gap_config(profile="monet", span_layout="gap"))
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["gap"]
+    assert (saved["span_layout"], saved["latent_budget"]) == ("gap", 10)
+    loaded = GapQwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert loaded.gap.config == model.gap.config
+
+    def old(data):
+        del data["gap"]["span_layout"], data["gap"]["latent_budget"]
+
+    path = edited_copy(tmp_path / "saved", tmp_path / "old", config=old)
+    loaded = GapQwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    assert (loaded.gap.config.span_layout, loaded.gap.config.latent_budget) == ("monet", 10)
 
 
 def test_load_without_tau_ema_starts_with_no_target(tmp_path, gap_saved):

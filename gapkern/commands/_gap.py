@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 from ..config import KEEP_HEAD  # --head not given: the checkpoint's own head (none for a plain checkpoint)
+from ..config import PROFILES, SPAN_LAYOUTS
 from . import UsageError
 
 CALIBRATIONS = ("none", "rms", "ema")
@@ -20,16 +21,28 @@ CALIBRATIONS = ("none", "rms", "ema")
 def add_gap_arguments(parser, *, calibration_help: str, several: bool = True, head_help: str | None = None,
                       budget_help: str | None = None) -> None:
     """--calibration (``several``: a comma-separated list of modes, checked by :func:`calibrations`; else one
-    mode), --head, --latent-budget, --profile: declared once for every command that patches a checkpoint."""
+    mode), --head, --latent-budget, --profile, --span-layout: declared once for every command that patches a
+    checkpoint."""
     parser.add_argument("--calibration", metavar="MODE[,MODE...]" if several else None,
                         choices=None if several else CALIBRATIONS, help=calibration_help)
     parser.add_argument("--head", metavar="FILE|none",
                         help=head_help or "a PCALatentHead file (gapkern fit-pca), or none for output-as-input "
                                           "(default: the checkpoint's head; none for a plain checkpoint)")
     parser.add_argument("--latent-budget", type=int, metavar="K",
-                        help=budget_help or "latents per span (default: the checkpoint's, else 16)")
-    parser.add_argument("--profile", choices=("gap", "monet"),
+                        help=budget_help or "latents per span (default: the checkpoint's, else the profile's: "
+                                            "gap 16, monet 10)")
+    add_layout_arguments(parser)
+
+
+def add_layout_arguments(parser) -> None:
+    """--profile and --span-layout (SPEC section 3), for every command that decodes."""
+    parser.add_argument("--profile", choices=tuple(PROFILES),
                         help="latent tokens of a plain checkpoint (default gap); added if its tokenizer lacks them")
+    parser.add_argument("--span-layout", choices=SPAN_LAYOUTS,
+                        help="how a latent span is decoded (SPEC section 3): gap (start, K latents, forced end) or "
+                             "monet (Monet's released inference: latent 1 at the start token's position, the end "
+                             "token sampled or forced after K); default: the checkpoint's, else the profile's "
+                             "(gap: gap, monet: monet)")
 
 
 def calibrations(value: str | None) -> list[str] | None:
@@ -77,15 +90,16 @@ def head_name(head, value: str | None, model) -> str:
 
 
 def prepare(model, tokenizer, head, *, latent_budget: int | None = None, calibration: str | None = None,
-            profile: str | None = None, path: str = "") -> list[int]:
+            profile: str | None = None, span_layout: str | None = None, path: str = "") -> list[int]:
     """Patch a loaded checkpoint for the latent-aware generate, in place; returns the token ids it must not
-    sample (the start token of latents it was never trained to write). ``latent_budget`` and ``calibration``,
-    when given, replace the checkpoint's (a plain checkpoint's defaults: 16 and none)."""
+    sample (the start token of latents it was never trained to write). ``latent_budget``, ``calibration`` and
+    ``span_layout``, when given, replace the checkpoint's (a plain checkpoint's defaults: the profile's K and
+    layout, calibration none)."""
     import gapkern
-    from ..config import PROFILES
     from ..models import add_latent_tokens
 
-    overrides = {k: v for k, v in (("latent_budget", latent_budget), ("calibration", calibration)) if v is not None}
+    given = (("latent_budget", latent_budget), ("calibration", calibration), ("span_layout", span_layout))
+    overrides = {k: v for k, v in given if v is not None}
     if "gap" in model._modules:
         config = dataclasses.replace(model.gap.config, **overrides)
         if profile is not None and profile != config.profile:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from . import UsageError
+from ._gap import add_layout_arguments
 from ._common import (add_model_arguments, check_temperature, load_model, load_tokenizer, positive_int, read_samples,
                       start)
 
@@ -34,6 +35,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=8, metavar="LINES",
                         help="questions per generate call, N rows each (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; each line's attempts derive from it and the id")
+    add_layout_arguments(parser)
 
 
 def _check(args) -> None:
@@ -44,15 +46,15 @@ def _check(args) -> None:
         raise UsageError(f"--out: {args.out!r} is a folder; expected a file name")
 
 
-def _prepare(model, tokenizer):
-    """Patch a plain model for the latent-aware generate; returns the ids it must not sample (it was never
-    trained to write latents). A gapkern checkpoint is ready as loaded: its head, GapConfig and running target."""
+def _prepare(model, tokenizer, args):
+    """Patch the model for the latent-aware generate; returns the ids it must not sample. A plain model
+    (output-as-input, --profile's tokens) was never trained to write latents; a gapkern checkpoint keeps its
+    head, GapConfig and running target (--profile must agree, --span-layout replaces its layout)."""
     from ._gap import KEEP_HEAD, prepare
 
-    if "gap" in model._modules:
-        return []
-    prepare(model, tokenizer, KEEP_HEAD)  # the gap profile's tokens, output-as-input
-    return [model.gap.config.latent_start_id]  # always: prepare suppresses it only when its tokens are new
+    plain = "gap" not in model._modules
+    prepare(model, tokenizer, KEEP_HEAD, profile=args.profile, span_layout=args.span_layout, path=args.model)
+    return [model.gap.config.latent_start_id] if plain else []  # always: prepare suppresses it only when new
 
 
 def run(args) -> int:
@@ -66,12 +68,12 @@ def run(args) -> int:
     try:
         tokenizer = load_tokenizer(args.model)
         model = load_model(args.model, place)
-        suppress = _prepare(model, tokenizer)
+        suppress = _prepare(model, tokenizer, args)
         try:
             summary = curate(model, tokenizer, samples, args.out, n=args.n, temperature=args.temperature,
                              max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
                              settings=image_settings(args.model), suppress=suppress,
-                             identity={"model": os.path.abspath(args.model)})
+                             identity={"model": os.path.abspath(args.model), "gap": model.gap.config.to_dict()})
         except ResumeError as exc:
             raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     finally:

@@ -67,14 +67,14 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, place)
     suppress = prepare(model, tokenizer, head, latent_budget=args.latent_budget, profile=args.profile,
-                       path=args.model)
+                       span_layout=args.span_layout, path=args.model)
     span_at = "auto" if args.span_at is None else None if args.span_at == -1 else args.span_at
     found = diagnose(model, tokenizer, samples, calibrations=modes, batch=args.batch,
                      max_new_tokens=args.max_new_tokens, span_at=span_at, suppress=suppress,
                      settings=image_settings(args.model))
     found = {"model": os.path.abspath(args.model), "samples": os.path.abspath(args.samples),
              "head": "none" if model.gap.head is None else f"PCA rank {model.gap.head.rank}",
-             "latent_budget": model.gap.config.latent_budget, **found}
+             "latent_budget": model.gap.config.latent_budget, "span_layout": model.gap.config.span_layout, **found}
     paths = write_diagnosis(found, args.out, title=f"Norm gap: {os.path.basename(os.path.abspath(args.model))}")
     print(diagnosis_table(found), end="")
     print(f"wrote       {', '.join(paths)}")

@@ -134,7 +134,8 @@ def _evaluate_all(args, runs, head, samples, place) -> dict:
     for path, group in groupby(runs, key=lambda one: one["path"]):  # plan() keeps a checkpoint's runs together
         tokenizer = load_tokenizer(path)
         model = load_model(path, place)
-        suppress = prepare(model, tokenizer, head, latent_budget=args.latent_budget, profile=args.profile, path=path)
+        suppress = prepare(model, tokenizer, head, latent_budget=args.latent_budget, profile=args.profile,
+                           span_layout=args.span_layout, path=path)
         starts = {}  # the calibrated modes of one checkpoint start from one target, computed once
         for one in group:
             scores[one["name"]] = _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts)

@@ -34,7 +34,8 @@ def add_arguments(gen) -> None:
                       calibration_help="latent norm calibration (default: the checkpoint's, else rms)",
                       head_help="a PCALatentHead file, or 'none' for output-as-input (default: the checkpoint's "
                                 "head; a random one for the tiny model)",
-                      budget_help=f"latents per span (default: the checkpoint's, else 16; tiny: {TINY_BUDGET})")
+                      budget_help=f"latents per span (default: the checkpoint's, else the profile's: gap 16, "
+                                  f"monet 10; tiny: {TINY_BUDGET})")
     gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                      help="new positions, latent ones included (default 32)")
     gen.add_argument("--prompt", default="Describe the image.", metavar="TEXT")
@@ -100,7 +101,7 @@ def _tiny(args, dtype):
     _check_head(head, model, args)
     head = tiny_head(model, seed=args.seed) if head is KEEP_HEAD else head
     gapkern.patch(model, head, ids.gap_config(latent_budget=args.latent_budget or TINY_BUDGET,
-                                              calibration=args.calibration or "rms"))
+                                              calibration=args.calibration or "rms", span_layout=args.span_layout))
     dims = model.config.text_config
     name = f"tiny Qwen2.5-VL, random weights (D={dims.hidden_size}, {dims.num_hidden_layers} layers)"
     banned = list(range(ids.first_text))  # random weights: no special token unless scripted, no early EOS
@@ -122,6 +123,7 @@ def _load(args, dtype):
     _check_head(head, model, args)
     # generate forces a span with --span-at and suppresses nothing, unlike prepare's list for eval and diagnose
     prepare(model, tokenizer, head, latent_budget=args.latent_budget, profile=args.profile, path=path,
+            span_layout=args.span_layout,
             calibration=args.calibration or (None if data.get("gap") else "rms"))
     return model, tokenizer, f"{path} ({type(model).__name__})", []
 
@@ -225,7 +227,8 @@ def run(args) -> int:
              if trace.text_s and trace.latent_s else "")
     print(f"model        {name} on {device} {str(dtype).removeprefix('torch.')}")
     print(f"head         {_describe_head(model.gap.head)}")
-    print(f"gap          profile {cfg.profile}, K={cfg.latent_budget} latents per span, calibration {cfg.calibration}")
+    print(f"gap          profile {cfg.profile}, {cfg.span_layout} layout, K={cfg.latent_budget} latents per span, "
+          f"calibration {cfg.calibration}")
     print(f"prompt       {prompt_len} tokens: {args.prompt!r} + {image_what} "
           f"({int(batch['mm_token_type_ids'].sum())} visual tokens)")
     print(f"new tokens   {len(new)}: {_tokens(tokenizer, new, cfg.latent_pad_id)}")

@@ -1,7 +1,7 @@
-"""The decode step's state: SPEC section 3's span rule, the device buffers that run it, and its host mirror.
+"""The decode step's state: SPEC section 3's span rules, the device buffers that run them, and their host mirror.
 
 Per row the state is one counter, ``left``, and a ``done`` flag; :class:`SpanRule`
-is the one definition of how they move. :class:`Decoder` applies it to (B,)
+(one subclass per span layout, ``gap`` and ``monet``) is the one definition of how they move. :class:`Decoder` applies it to (B,)
 tensors inside the decode step (graph-safe: it reads and writes only its own
 buffers), :class:`Rows` applies the same rule to Python ints, so the host
 knows each row's mode and every forced token without reading the device.
@@ -20,13 +20,17 @@ from .loop_inputs import mrope
 
 @dataclass(frozen=True)
 class SpanRule:
-    """SPEC section 3 for every row, written once for both sides of the loop.
+    """SPEC section 3 for every row, written once per layout for both sides of the loop.
 
-    A row's state is ``left`` (0 in text mode, ``budget + 1`` once it wrote the
-    start token, one less every step) and ``done``. The decoder applies these
-    methods to (B,) device tensors with ``where=torch.where``; the host mirror
-    to each row's Python ints with ``where=pick``. Only ``==``, ``>``, ``&``,
-    ``|`` and ``where`` are used, so both sides run the same code.
+    A row's state is ``left`` (0 in text mode; its meaning inside a span is the
+    layout's) and ``done``. The decoder applies these methods to (B,) device
+    tensors with ``where=torch.where``; the host mirror to each row's Python
+    ints with ``where=pick``. Only ``==``, ``<``, ``>``, ``&``, ``|``, ``-`` and
+    ``where`` are used, so both sides run the same code. A step is two phases:
+    :meth:`advance` before the LM head (the positions decided without a
+    sample), :meth:`commit` after it (the rows that sampled). :meth:`commit` is
+    idempotent on its own output tokens: the host mirror runs it on the tokens
+    it reads back and reaches the device's state.
     """
 
     start: int
@@ -36,28 +40,58 @@ class SpanRule:
 
     @classmethod
     def of(cls, config) -> "SpanRule":
-        return cls(config.latent_start_id, config.latent_end_id, config.latent_pad_id, config.latent_budget)
+        rule = {"gap": GapSpans, "monet": MonetSpans}[config.span_layout]
+        return rule(config.latent_start_id, config.latent_end_id, config.latent_pad_id, config.latent_budget)
 
-    def opened(self, left, text, token, where):
-        """After a row in text mode wrote ``token``: the start token opens a span of ``budget`` latents."""
-        return where(text & (token == self.start), self.budget + 1, left)
-
-    def advance(self, left, where):
-        """A new position: (latent, end, text, left after): the row writes a latent, the forced end token,
-        or samples text there."""
-        return left > 1, left == 1, left == 0, where(left > 0, left - 1, 0)
+    def opened(self, last, where):
+        """After prefill: a prompt whose ``last`` token is the start token starts in latent mode (its latent 1
+        comes from the prompt's last hidden state in both layouts)."""
+        return where(last == self.start, self.budget + 1, 0)
 
     def forced(self, latent, end, other, where):
         """The token a row writes without sampling: the placeholder in a span, the end token after it."""
         return where(latent, self.placeholder, where(end, self.end, other))
 
-    def commit(self, left, done, text, token, is_eos, where):
-        """Rows in text mode wrote ``token``: the start token opens a span, EOS finishes the row."""
-        return self.opened(left, text, token, where), done | (text & is_eos)
-
     def stop(self, left, done, stopped, where):
         """Rows a stopping criterion ended are done and write pad from now on: a span they were in is dropped."""
         return where(stopped, 0, left), done | stopped
+
+
+class GapSpans(SpanRule):
+    """The ``gap`` layout: ``left`` is ``budget + 1`` once a row wrote the start token, one less every
+    position; a span is start, K latents (no sampling), forced end."""
+
+    def advance(self, left, where):
+        """A new position: (latent, end, sampled, left after): the row writes a latent, the forced end token,
+        or samples text there."""
+        return left > 1, left == 1, left == 0, where(left > 0, left - 1, 0)
+
+    def commit(self, left, done, sampled, token, is_eos, where):
+        """Rows that ``sampled`` wrote ``token``: the start token opens a span, EOS finishes the row. Returns
+        (tokens, rows that write a latent now: None, left, done)."""
+        return token, None, where(sampled & (token == self.start), self.budget + 1, left), done | (sampled & is_eos)
+
+
+class MonetSpans(SpanRule):
+    """The ``monet`` layout (Monet's released vLLM runner): every position samples; inside a span ``left`` is
+    ``budget - n + 1`` after ``n`` latents were fed (``budget + 1``: a prompt's start token, latent 1 to feed
+    without sampling). A span is start (latent 1 fed at its position), placeholders, end: the end token is
+    sampled, or forced after ``budget`` latents."""
+
+    def advance(self, left, where):
+        forced = left == self.budget + 1
+        return forced, left < 0, left < self.budget + 1, where(forced, self.budget, left)
+
+    def commit(self, left, done, sampled, token, is_eos, where):
+        """Rows that ``sampled`` ``token``: (tokens written, rows whose next input is a latent from this step's
+        hidden state, left, done)."""
+        span, text = sampled & (left > 0), sampled & (left == 0)
+        close = span & ((token == self.end) | (left == 1))
+        more = where(close, False, span)
+        opens = text & (token == self.start)
+        written = where(close, self.end, where(more, self.placeholder, token))
+        left = where(close, 0, where(more, left - 1, where(opens, self.budget, left)))
+        return written, more | opens, left, done | (text & is_eos)
 
 
 def pick(cond, a, b):
@@ -71,9 +105,9 @@ class Rows:
 
     def __init__(self, rule: SpanRule, last: list[int], pad: int, eos: set[int]):
         self.rule, self.pad, self.eos = rule, pad, eos
-        self.left = [rule.opened(0, True, t, pick) for t in last]
+        self.left = [rule.opened(t, pick) for t in last]
         self.done = [False] * len(last)
-        self.text = [False] * len(last)
+        self.text = [False] * len(last)  # which rows sample at the current position
         self.tokens = [pad] * len(last)  # what each row writes at the current position
 
     def advance(self) -> list[bool]:
@@ -85,15 +119,19 @@ class Rows:
         return [latent for latent, _, _, _ in steps]
 
     def sampling(self) -> bool:
-        """Whether some live row writes text at this position (the LM head must run)."""
+        """Whether some live row samples at this position (the LM head must run)."""
         return any(t and not d for t, d in zip(self.text, self.done))
 
-    def commit(self, tokens: list[int]) -> None:
-        """Mirror :meth:`Decoder.commit` from the tokens it wrote (read back from the device)."""
-        rule, eos = self.rule, self.eos
+    def commit(self, tokens: list[int]) -> list[bool]:
+        """Mirror :meth:`Decoder.commit` from the tokens it wrote (read back from the device); returns which
+        rows write a latent chosen after sampling (the monet layout's)."""
+        rule, eos, late = self.rule, self.eos, [False] * len(tokens)
         for b, tok in enumerate(tokens):
-            self.left[b], self.done[b] = rule.commit(self.left[b], self.done[b], self.text[b], tok, tok in eos, pick)
+            _, latent, self.left[b], self.done[b] = rule.commit(self.left[b], self.done[b], self.text[b], tok,
+                                                                tok in eos, pick)
+            late[b] = bool(latent)
         self.tokens = tokens
+        return late
 
     def stop(self, stopped: list[bool]) -> None:
         """Mirror :meth:`Decoder.stop`."""
@@ -102,7 +140,6 @@ class Rows:
 
     def finished(self) -> bool:
         return all(self.done)
-
 
 class Decoder:
     """Static buffers of one decode loop; ``step`` reads and writes only these (graph-safe)."""
@@ -125,6 +162,7 @@ class Decoder:
         self.text = torch.zeros(rows, dtype=torch.bool, device=device)
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # what this step appends
+        self.scored = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that wrote the token they sampled
         self.pad = torch.zeros((), dtype=torch.long, device=device)  # a tensor: the graph reads it at replay
         self.eos = torch.zeros(0, dtype=torch.long, device=device)
         self.tau = None if cfg.calibration == "none" else torch.zeros(rows, dtype=torch.float32, device=device)
@@ -165,7 +203,7 @@ class Decoder:
         self.valid[:, :length] = attention_mask.bool()
         self.cur.fill_(length)
         self.pos.copy_(mrope(position_ids)[:, :, -1:] + 1)
-        self.left.copy_(self.rule.opened(0, True, last, torch.where))
+        self.left.copy_(self.rule.opened(last, torch.where))
         self.done.zero_()
         self.pad.fill_(pad_id)
         self.eos = eos
@@ -188,13 +226,21 @@ class Decoder:
         self.text.copy_(text)
         self.left.copy_(left)
 
-    def commit(self, sampled):
-        """Append the sampled tokens of the text rows (eager, text steps only); finished rows write pad."""
+    def commit(self, sampled, hidden):
+        """Append the tokens of the rows that sampled (eager, sampling steps only); finished rows write pad.
+        Rows the rule puts into a latent now (monet layout) get the latent from ``hidden`` (B, D); ``scored``:
+        the rows that wrote the token they sampled (not one the rule replaced)."""
         text, out = self.text, self.embeds[:, 0]
         tok = torch.where(self.done, self.pad, sampled)
+        written, latent, left, done = self.rule.commit(self.left, self.done, text, tok, torch.isin(tok, self.eos),
+                                                       torch.where)
+        self.scored.copy_(text & (written == tok))
+        tok = written
         self.tokens.copy_(torch.where(text, tok, self.tokens))
         out.copy_(torch.where(text[:, None], self.embed(tok), out))
-        left, done = self.rule.commit(self.left, self.done, text, tok, torch.isin(tok, self.eos), torch.where)
+        if latent is not None:
+            self.latent.copy_(latent)
+            self.latent_step(hidden)
         self.left.copy_(left)
         self.done.copy_(done)
 

@@ -155,10 +155,12 @@ def sample(model, hidden, seq, logits_processor, do_sample):
 class Scores:
     """``output_scores`` / ``output_logits``: one (B, V) float32 tensor per new position, as HF shapes them.
 
-    A row that sampled (or, finished, would have: HF keeps scoring finished rows)
-    has the processed scores / the LM head's logits; a latent or forced end
-    position has HF's forced-token row: 0 at the token written, -inf elsewhere,
-    so ``compute_transition_scores`` gives it log-probability 0.
+    A row that wrote the token it sampled (or, finished, would have: HF keeps
+    scoring finished rows) has the processed scores / the LM head's logits; a
+    latent or forced end position, and (monet layout) a position whose sampled
+    token the span rule replaced by the placeholder or the end token, has HF's
+    forced-token row: 0 at the token written, -inf elsewhere, so
+    ``compute_transition_scores`` gives it log-probability 0.
     """
 
     def __init__(self, generation_config, vocab: int):
@@ -243,52 +245,74 @@ def _start(model, input_ids, logits_processor, stopping_criteria, generation_con
 
 
 def prefill_prompt(loop: _Loop, chunk=None):
-    """Prefill the prompt, set the calibration targets, capture the graph once, write the first position's
-    latent inputs; returns the last hidden (B, D)."""
+    """Prefill the prompt into the decoder's cache; returns the last hidden (B, D) and keeps the prompt's
+    visual-embedding norms on the loop."""
     model, dec, prompt = loop.model, loop.dec, loop.prompt
-    rows = prompt.input_ids.shape[0]
     hidden, norms, image_mask = prefill(model, dec.cache, prompt.input_ids, prompt.attention_mask,
                                         prompt.position_ids, past=prompt.past_len, inputs_embeds=prompt.embeds,
                                         chunk=chunk, **prompt.visual)
     loop.visual = norms, image_mask
-    if dec.tau is not None:
-        dec.tau.copy_(targets(model.gap, prompt, norms, image_mask, rows))
-    if dec.use_graph and dec.graph is None:
-        dec.capture()
-    if loop.trace is not None:
-        loop.trace.begin(rows, norms, image_mask)
-    dec.advance(hidden)
     return hidden
 
 
+def calibrate(loop: _Loop) -> None:
+    """Set the decoder's calibration targets (SPEC section 2) from the prompt just prefilled."""
+    dec, prompt = loop.dec, loop.prompt
+    if dec.tau is not None:
+        dec.tau.copy_(targets(loop.model.gap, prompt, *loop.visual, prompt.input_ids.shape[0]))
+
+
+def capture_once(loop: _Loop) -> None:
+    """Capture the decode step's CUDA graph, once per kept decoder (after the first prefill: the cache exists)."""
+    if loop.dec.use_graph and loop.dec.graph is None:
+        loop.dec.capture()
+
+
+def begin(loop: _Loop, hidden) -> None:
+    """Start the loop after prefill: the trace, and the first position's inputs decided without a sample."""
+    if loop.trace is not None:
+        loop.trace.begin(loop.prompt.input_ids.shape[0], *loop.visual)
+    loop.dec.advance(hidden)
+
+
+def _keep_latents(loop: _Loop, wrote: list[bool]) -> None:
+    """Remember which rows fed back a latent at this position (return_dict_in_generate)."""
+    if loop.keep and any(wrote):
+        for b in (b for b, w in enumerate(wrote) if w):
+            loop.written[b].append(len(loop.snapshots))
+        loop.snapshots.append(loop.dec.embeds[:, 0].clone())
+
+
 def next_token(loop: _Loop, hidden) -> bool:
-    """Write every row's token at the next position (the device already wrote the latent rows' inputs);
-    returns whether some live row sampled text there."""
+    """Write every row's token at the next position (the device already wrote the inputs decided without a
+    sample); returns whether it was a text step: some live row sampled there, and not every live row feeds
+    a latent next (the monet layout samples inside a span too)."""
     dec, rows = loop.dec, loop.rows
     wrote = rows.advance()
     if loop.trace is not None:
         loop.trace.wrote(hidden, wrote, loop.model.gap.head, dec.embeds[:, 0])
-    if loop.keep and any(wrote):
-        for b in (b for b, w in enumerate(wrote) if w):
-            loop.written[b].append(len(loop.snapshots))
-        loop.snapshots.append(dec.embeds[:, 0].clone())
     text = rows.sampling()
     logits = scores = None
-    # the LM head runs only when some live row writes text, or when scores are kept and some row is in text mode
+    # the LM head runs only when some live row samples, or when scores are kept and some row is in text mode
     if text or (loop.scores is not None and any(rows.text)):
         logits, scores = head_scores(loop.model, hidden, loop.seq[:, :loop.new], loop.logits_processor)
     if text:
-        dec.commit(choose(scores, loop.do_sample))
-        rows.commit(_to_host(dec.tokens))
-    if loop.scores is not None:
-        loop.scores.add(dec.tokens, dec.text, logits, scores)
+        dec.commit(choose(scores, loop.do_sample), hidden)
+        late = rows.commit(_to_host(dec.tokens))  # the monet layout's latents, chosen by the sampled token
+        if any(late):
+            if loop.trace is not None:
+                loop.trace.record(hidden, late, loop.model.gap.head, dec.embeds[:, 0])
+            wrote = [a or b for a, b in zip(wrote, late)]
+    _keep_latents(loop, wrote)
+    if loop.scores is not None:  # after a commit, the rows that kept their sample; else the text rows
+        loop.scores.add(dec.tokens, dec.scored if text else dec.text, logits, scores)
     loop.seq[:, loop.new] = dec.tokens
     loop.new += 1
     if loop.streamer is not None:
         loop.streamer.put(torch.tensor(rows.tokens))  # the host knows them: no device read
     if loop.criteria is not None:
         _stop(loop)
-    return text
+    return text and not all(w or d for w, d in zip(wrote, rows.done))
 
 
 def _stop(loop: _Loop) -> None:
@@ -325,7 +349,11 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     options.check_config(generation_config)
     loop = _start(model, input_ids, logits_processor, stopping_criteria, generation_config, cuda_graph,
                   static_cache, trace, streamer, model_kwargs)
-    hidden = decode_n_tokens(loop, prefill_prompt(loop, generation_config.prefill_chunk_size))
+    hidden = prefill_prompt(loop, generation_config.prefill_chunk_size)
+    calibrate(loop)
+    capture_once(loop)
+    begin(loop, hidden)
+    hidden = decode_n_tokens(loop, hidden)
     if streamer is not None:
         streamer.end()
     return _output(loop, hidden)

@@ -3,7 +3,8 @@
 Without a trace the loop does no extra work and no extra host sync. With one,
 every decode step is synchronised and timed, and classed as a text step (some
 live row sampled a token: LM head, sampling, one host read) or a latent step
-(no row sampled: the step only wrote latents or forced end tokens). Per row it
+(no row sampled: the step only wrote latents or forced end tokens; in the
+monet layout, which samples inside a span too: every live row feeds a latent). Per row it
 also records the norms of the visual input embeddings of its prompt and of
 each latent it wrote, before calibration and as fed back.
 """
@@ -48,6 +49,12 @@ class StepTrace:
 
     def wrote(self, hidden: torch.Tensor, wrote: list[bool], head, fed: torch.Tensor) -> None:
         """Rows ``wrote`` fed back latents ``fed`` (B, D) computed from ``hidden`` (B, D); restarts the clock."""
+        self.record(hidden, wrote, head, fed)
+        _sync(hidden.device)
+        self._clock = time.perf_counter()
+
+    def record(self, hidden: torch.Tensor, wrote: list[bool], head, fed: torch.Tensor) -> None:
+        """The norms of the latents rows ``wrote`` fed back (``fed`` (B, D), from ``hidden`` (B, D))."""
         if any(wrote):
             args = (None,) * 4 if head is None else (head.weight, head.bias, head.basis, head.mean)
             sigma = None if head is None else head.sigma
@@ -57,8 +64,6 @@ class StepTrace:
                 if wrote[b]:
                     self.raw_norms[b].append(r)
                     self.fed_norms[b].append(f)
-        _sync(hidden.device)
-        self._clock = time.perf_counter()
 
     def stepped(self, text: bool, device: torch.device) -> None:
         """One step ran since :meth:`wrote`; waits for it, then records its time."""

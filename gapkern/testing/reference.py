@@ -66,6 +66,12 @@ def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: i
     step's (B, V) float32 scores are appended as HF's ``output_scores`` has them:
     the processed scores of a row in text mode (finished or not), HF's forced
     row (0 at the token written, -inf elsewhere) at a latent or end position.
+
+    Both span layouts of SPEC section 3 (``gap_config.span_layout``): in the
+    ``monet`` layout a row samples inside a span too; the start token it samples
+    is written and latent 1 is fed at its position; later samples are written
+    as the placeholder, or as the end token when it is the end token or ``K``
+    latents were fed (the scores there are the forced row of the token written).
     """
     processors = LogitsProcessorList() if processors is None else processors
     lm, embed = model.model.language_model, model.get_input_embeddings()
@@ -81,36 +87,47 @@ def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: i
     pos, _ = model.model.get_rope_index(input_ids, batch["mm_token_type_ids"],
                                         image_grid_thw=batch.get("image_grid_thw"), attention_mask=att)
     start, end, lpad = gap_config.latent_start_id, gap_config.latent_end_id, gap_config.latent_pad_id
+    monet, budget = gap_config.span_layout == "monet", gap_config.latent_budget
     mode = ["latent" if t == start else "text" for t in input_ids[:, -1].tolist()]
-    count = [gap_config.latent_budget] * rows
+    count = [budget] * rows  # gap: latents left to write; monet: latents fed in the open span
     done, latents, seq, text_steps = [False] * rows, [[] for _ in range(rows)], input_ids, []
     for _ in range(steps):
         hidden = lm(inputs_embeds=embeds, attention_mask=att, position_ids=pos).last_hidden_state[:, -1]
         step_scores = processors(seq, model.lm_head(hidden).float())
         text_steps.append(any(m == "text" and not d for m, d in zip(mode, done)))
-        tokens, nxt, forced = [], [], [m != "text" for m in mode]
+        text_steps[-1] |= monet and any(m == "span" for m in mode)
+        tokens, nxt, forced = [], [], [m not in ("text", "span") for m in mode]
         for b in range(rows):
-            if mode[b] == "latent":
-                t = None if tau is None else tau[b]
-                z = latent_step64(hidden[b], head, t, gap_config.eps).to(embeds.dtype)
-                latents[b].append(z)
-                count[b] -= 1
-                if count[b] == 0:
-                    mode[b] = "end"
-                tokens.append(lpad)
-                nxt.append(z)
-                continue
-            if mode[b] == "end":
-                tok, mode[b], count[b] = end, "text", gap_config.latent_budget
+            latent = mode[b] == "latent"
+            if latent:
+                count[b] = 1 if monet else count[b] - 1
+                if monet or count[b] == 0:
+                    mode[b] = "span" if monet else "end"
+                tok = lpad
+            elif mode[b] == "span":  # monet: the row samples inside its span
+                sampled = int(step_scores[b].argmax())
+                if sampled == end or count[b] == budget:
+                    tok, mode[b] = end, "text"
+                else:
+                    tok, latent, count[b] = lpad, True, count[b] + 1
+                forced[b] = tok != sampled
+            elif mode[b] == "end":
+                tok, mode[b], count[b] = end, "text", budget
             elif done[b]:
                 tok = pad_id
             else:
                 tok = int(step_scores[b].argmax())
                 done[b] = tok in eos
                 if tok == start:
-                    mode[b] = "latent"
+                    mode[b], latent, count[b] = ("span", True, 1) if monet else ("latent", False, count[b])
+            if latent:
+                t = None if tau is None else tau[b]
+                z = latent_step64(hidden[b], head, t, gap_config.eps).to(embeds.dtype)
+                latents[b].append(z)
+                nxt.append(z)
+            else:
+                nxt.append(embed.weight[tok])
             tokens.append(tok)
-            nxt.append(embed.weight[tok])
         if scores is not None:
             scores.append(_step_scores(step_scores, tokens, forced))
         seq = torch.cat([seq, torch.tensor(tokens, device=device)[:, None]], 1)

@@ -148,7 +148,7 @@ def attach_gap(model, tokenizer, head=KEEP_HEAD, *, profile: str | None = None, 
     ``head``: a PCALatentHead, None (output-as-input) or :data:`KEEP_HEAD`
     (the checkpoint's own). A gapkern checkpoint keeps its GapConfig (``profile``
     and ``latent_budget``, when given, must agree with it); a plain one gets
-    the profile's tokens (default gap) and ``latent_budget`` (default 16).
+    the profile's tokens (default gap) and ``latent_budget`` (default: the profile's K, gap 16, monet 10).
     """
     state = model._modules.get("gap")
     if state is not None:
@@ -163,7 +163,7 @@ def attach_gap(model, tokenizer, head=KEEP_HEAD, *, profile: str | None = None, 
         if head is KEEP_HEAD:
             raise ValueError("head: a plain Qwen2.5-VL checkpoint has no head; pass a PCALatentHead file "
                              "(gapkern fit-pca) or train output-as-input without a head")
-        cfg = add_latent_tokens(tokenizer, model, profile=profile or "gap", latent_budget=latent_budget or 16)
+        cfg = add_latent_tokens(tokenizer, model, profile=profile or "gap", latent_budget=latent_budget)
     model.set_gap(head, cfg)
     return cfg
 
