@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 # gapkern.commands.<module>, in the order ``gapkern --help`` lists them
-STAGES: tuple[str, ...] = ("fit_pca", "build_data", "curate", "train", "evaluate", "diagnose", "demo")
+STAGES: tuple[str, ...] = ("fit_pca", "build_data", "curate", "train", "evaluate", "diagnose", "demo", "convert_tsv")
 
 
 class UsageError(Exception):

@@ -63,12 +63,13 @@ def _json_object(path: str, required: bool = True):
     return data
 
 
-def read_samples(path: str) -> list[dict]:
-    """The validated sample file; a bad line is a one-line error naming file:line:field."""
+def read_samples(path: str, *, images: str | None = None, category: str | None = None) -> list[dict]:
+    """The validated sample file (JSONL, or a VLMEvalKit TSV whose images are decoded once into ``images``);
+    a bad line is a one-line error naming file:line:field."""
     from ..data import load_samples
 
     try:
-        return load_samples(path)
+        return load_samples(path, images=images, category=category)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--samples: {exc}") from None
 

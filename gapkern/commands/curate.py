@@ -55,13 +55,23 @@ def _prepare(model, tokenizer):
     return [model.gap.config.latent_start_id]  # always: prepare suppresses it only when its tokens are new
 
 
+def _generation(args, model) -> dict:
+    """The effective generation settings, and what the checkpoint's generation_config.json would have set
+    (never used: gapkern.protocol.own_generation_config), for the run's settings."""
+    from ..protocol import set_aside
+
+    return {"generation": {"temperature": args.temperature, "top_k": None, "top_p": None, "repetition_penalty": 1.0,
+                           "max_new_tokens": args.max_new_tokens},
+            "checkpoint_generation_config_ignored": set_aside(model.generation_config)}
+
+
 def run(args) -> int:
     from .. import distributed
     from ..curate import ResumeError, curate
     from ..models.prompt import image_settings
 
     _check(args)
-    samples = read_samples(args.samples)
+    samples = read_samples(args.samples, images=args.out + ".images")
     place = start(args)
     try:
         tokenizer = load_tokenizer(args.model)
@@ -71,7 +81,7 @@ def run(args) -> int:
             summary = curate(model, tokenizer, samples, args.out, n=args.n, temperature=args.temperature,
                              max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
                              settings=image_settings(args.model), suppress=suppress,
-                             identity={"model": os.path.abspath(args.model)})
+                             identity={"model": os.path.abspath(args.model), **_generation(args, model)})
         except ResumeError as exc:
             raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     finally:

@@ -34,7 +34,17 @@ def add_arguments(parser) -> None:
                         help="local Qwen2.5-VL checkpoint folders (plain, or saved by gapkern), comma-separated")
     parser.add_argument("--names", metavar="NAME[,NAME...]",
                         help="one name per --model checkpoint (default: each folder's name)")
-    parser.add_argument("--samples", required=True, metavar="FILE", help="the sample file (JSONL, SPEC 4.1)")
+    parser.add_argument("--samples", required=True, metavar="FILE",
+                        help="the sample file (JSONL, SPEC 4.1), or a VLMEvalKit TSV (images decoded once into "
+                             "OUT/images)")
+    parser.add_argument("--category", choices=("perception", "reasoning"),
+                        help="a TSV benchmark's category where gapkern's table does not know its name")
+    parser.add_argument("--protocol", metavar="gap|monet|FILE",
+                        help="how the model is asked and samples: a preset or a JSON file (gapkern.protocol); "
+                             "it fixes every generation setting (then --temperature / --max-new-tokens are its own)")
+    parser.add_argument("--rules", choices=("gap", "vlmevalkit"), default="gap",
+                        help="how answers are judged: gapkern's rules (default) or VLMEvalKit's rule-based matching "
+                             "(lines that would need its GPT judge are counted and listed, never guessed)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for predictions and scores")
     add_gap_arguments(parser, calibration_help="latent norm calibration, comma-separated: each checkpoint runs "
                                                f"each of {', '.join(CALIBRATIONS)} given (default: the "
@@ -106,13 +116,25 @@ def _check(args) -> None:
     check_out_folder(args.out)
 
 
+def _protocol(args):
+    from ..protocol import load_protocol
+
+    if args.protocol is None:
+        return None
+    try:
+        return load_protocol(args.protocol)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def run(args) -> int:
     from .. import distributed
 
     _check(args)
     runs, dims = plan(args)
     head = load_head(args.head, dims)
-    samples = read_samples(args.samples)
+    args.protocol_data = _protocol(args)
+    samples = read_samples(args.samples, images=os.path.join(args.out, "images"), category=args.category)
     place = start(args)
     try:
         scores = _evaluate_all(args, runs, head, samples, place)
@@ -145,20 +167,28 @@ def _evaluate_all(args, runs, head, samples, place) -> dict:
 def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) -> dict:
     from ..evaluate import evaluate, score
     from ..models.prompt import image_settings
+    from ..protocol import image_bounds, sampling, set_aside
     from ..resumable import ResumeError
     from ._gap import head_name
 
     folder = os.path.join(args.out, *one["name"].split("/"))
     used = head_name(head, args.head, model)
+    protocol = args.protocol_data
+    aside = set_aside(model.generation_config)  # what the checkpoint's generation_config.json sets: never used
     try:
         records = evaluate(model, tokenizer, samples, os.path.join(folder, "predictions.jsonl"),
                            calibration=one["calibration"], batch=args.batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           seed=args.seed, settings=image_settings(one["path"]), suppress=suppress,
+                           seed=args.seed, settings=image_bounds(protocol, image_settings(one["path"])),
+                           suppress=suppress, protocol=protocol, rules=args.rules,
                            span_at=args.span_at, identity={"model": os.path.abspath(one["path"]), "head": used},
                            keep_settings=os.path.join(folder, "settings.json"), desc=one["name"], starts=starts)
     except ResumeError as exc:
         raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
+    effective = sampling(protocol) if protocol else {"temperature": args.temperature, "top_k": None, "top_p": None,
+                                                     "repetition_penalty": 1.0, "max_new_tokens": args.max_new_tokens}
     return {**score(records), "model": os.path.abspath(one["path"]), "calibration": one["calibration"],
+            "protocol": protocol or {"name": "gap (options)"}, "rules": args.rules, "generation": effective,
+            "checkpoint_generation_config_ignored": aside,
             "head": used, "predictions": f"{one['name']}/predictions.jsonl",
             "latent_lines": sum(r["latents"] > 0 for r in records)}
 
@@ -172,4 +202,8 @@ def _report(args, scores: dict) -> None:
     latent = ", ".join(f"{name} {result['latent_lines']}" for name, result in scores.items())
     print(f"lines       {sum(lines.values())} per configuration, {len(scores)} configuration(s); "
           f"lines with latents: {latent}")
+    if args.rules == "vlmevalkit":
+        for name, result in scores.items():
+            waiting = ", ".join(f"{task} {n}" for task, n in result["needs_judge"].items())
+            print(f"needs judge {name}: {waiting} (ids in scores.json 'judge_lines'; counted wrong here)")
     print(f"wrote       {json_path}, {md_path}, {args.out}/NAME/predictions.jsonl")
