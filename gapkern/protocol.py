@@ -43,6 +43,8 @@ PRESETS = {
               "min_pixels": 256 * 28 * 28, "max_pixels": 8192 * 28 * 28},
 }
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+NOT_SAMPLING = ("transformers_version", "_from_model_config", "use_cache", "output_attentions",
+                "output_hidden_states", "output_scores", "return_dict_in_generate")  # not how tokens are drawn
 
 
 def load_protocol(value: str) -> dict:
@@ -147,7 +149,7 @@ def sampling(protocol: dict) -> dict:
 def set_aside(generation_config) -> dict:
     """The settings of a checkpoint's generation config other than its token ids (what a run does not use)."""
     return {k: v for k, v in generation_config.to_diff_dict().items()
-            if k not in TOKEN_IDS and k != "transformers_version"}
+            if k not in TOKEN_IDS and k not in NOT_SAMPLING}
 
 
 @contextlib.contextmanager

@@ -97,23 +97,30 @@ def _mme(prediction: str, sample: dict) -> bool:
     return found != "" and found == str(sample["answer"])
 
 
-def _mathvista(prediction: str, sample: dict) -> bool | None:
+def _mathvista(prediction: str, sample: dict, extracted: str | None = None) -> bool | None:
+    """MathVista's ``post_check``: with ``extracted`` None the prefetch on the raw response (None: its GPT
+    extraction would be asked), else the verdict on the judge's extracted answer."""
     meta = sample.get("meta") or {}
+    response = prediction if extracted is None else extracted
     if meta.get("question_type") == "multi_choice":
         choices = {chr(65 + i): v for i, v in enumerate(ast.literal_eval(meta["choices"]))}
-        letter = can_infer(prediction, choices)
+        letter = can_infer(str(response), choices)
         if not letter:
-            return None
+            return None if extracted is None else False
         return letter == meta.get("answer_option", sample["answer"])
-    kind = meta.get("answer_type")
+    kind, answer = meta.get("answer_type"), meta.get("answer", sample["answer"])
     try:
-        if kind == "integer" and int(prediction) == int(meta.get("answer", sample["answer"])):
-            return True
-        if kind == "float" and float(prediction) == float(meta.get("answer", sample["answer"])):
-            return True
+        if kind == "integer":
+            got, want = int(response), int(answer)
+        elif kind == "float":
+            got, want = float(response), float(answer)
+        else:  # post_check compares str(None): a free-form text / list answer never matches
+            got, want = "None", str(answer)
     except ValueError:
-        pass
-    return None  # the prefetch failed: VLMEvalKit's GPT judge extracts the answer
+        got, want = None, answer
+    if got == want and (got or extracted is not None):
+        return True  # the prefetch returns the value itself: a 0 is falsy there and goes to the judge
+    return False if extracted is not None or kind not in ("integer", "float") else None
 
 
 def _wemath(prediction: str, sample: dict) -> bool:

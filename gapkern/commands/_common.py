@@ -63,6 +63,15 @@ def _json_object(path: str, required: bool = True):
     return data
 
 
+def add_samples_arguments(parser, help: str = "the sample file (JSONL, SPEC 4.1)") -> None:
+    """``--samples`` (a JSONL sample file or a VLMEvalKit TSV) and ``--category`` (a TSV outside gapkern's table)."""
+    parser.add_argument("--samples", required=True, metavar="FILE",
+                        help=f"{help}, or a VLMEvalKit benchmark TSV (its images decoded once, beside --out)")
+    parser.add_argument("--category", choices=("perception", "reasoning"),
+                        help="a TSV benchmark's category where gapkern's table (HRBench4K, HRBench8K, MMStar, "
+                             "MME-RealWorld-Lite, MathVista_MINI, WeMath) does not know its name")
+
+
 def read_samples(path: str, *, images: str | None = None, category: str | None = None) -> list[dict]:
     """The validated sample file (JSONL, or a VLMEvalKit TSV whose images are decoded once into ``images``);
     a bad line is a one-line error naming file:line:field."""

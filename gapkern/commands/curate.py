@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from . import UsageError
-from ._common import (add_model_arguments, check_temperature, load_model, load_tokenizer, positive_int, read_samples,
+from ._common import (add_model_arguments, add_samples_arguments, check_temperature, load_model, load_tokenizer, positive_int, read_samples,
                       start)
 
 NAME = "curate"
@@ -23,7 +23,7 @@ HELP = "sample the base model N times per question and mark the lines it always 
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--samples", required=True, metavar="FILE", help="the sample file (JSONL, SPEC 4.1)")
+    add_samples_arguments(parser)
     parser.add_argument("--out", required=True, metavar="FILE", help="the curated sample file to write (JSONL)")
     # --n alone would break under torchrun: its own parser takes --n for an ambiguous prefix of --nnodes / ...
     parser.add_argument("--attempts", "--n", dest="n", type=int, default=8, metavar="N",
@@ -71,7 +71,7 @@ def run(args) -> int:
     from ..models.prompt import image_settings
 
     _check(args)
-    samples = read_samples(args.samples, images=args.out + ".images")
+    samples = read_samples(args.samples, images=args.out + ".images", category=args.category)
     place = start(args)
     try:
         tokenizer = load_tokenizer(args.model)
@@ -81,7 +81,8 @@ def run(args) -> int:
             summary = curate(model, tokenizer, samples, args.out, n=args.n, temperature=args.temperature,
                              max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
                              settings=image_settings(args.model), suppress=suppress,
-                             identity={"model": os.path.abspath(args.model), **_generation(args, model)})
+                             identity={"model": os.path.abspath(args.model), **_generation(args, model)},
+                             keep_settings=args.out + ".settings.json")
         except ResumeError as exc:
             raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     finally:
