@@ -36,6 +36,7 @@ SMALL = ["--max-new-tokens", "4", "--batch", "2"]
 def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     checkpoint(folder / "plain")
+    checkpoint(folder / "gap", gap_budget=2)
     for name in TSVS:
         write_tsv(folder, name)
     return folder
@@ -71,18 +72,23 @@ def test_eval_judges_each_benchmarks_tsv_as_vlmevalkit(capsys, folder, tmp_path,
 def test_the_protocol_and_effective_settings_are_recorded_and_the_checkpoints_generation_config_is_not_used(
         capsys, folder, tmp_path):
     """A checkpoint shipping generation_config.json (as Qwen2.5-VL-7B-Instruct does) answers as the same weights
-    without one: the protocol fixes every generation setting. The protocol samples at temperature 1; the shipped
-    config's top_k 1 and repetition penalty would turn that into penalised greedy decoding if they leaked."""
+    without one: the protocol fixes every generation setting. The shipped config also bans every token the clean
+    run wrote (bad_words_ids), so a leak would change every response."""
     protocol = tmp_path / "mine.json"
     protocol.write_text(json.dumps({**load_protocol("monet"), "name": "mine", "max_new_tokens": 5,
                                     "temperature": 1.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0}))
     argv = ["--samples", str(folder / "HRBench4K.tsv"), "--protocol", str(protocol), "--batch", "2"]
-    run_cli(capsys, "eval", "--model", str(folder / "plain"), "--out", str(tmp_path / "a"), *argv)
-    clean = read_jsonl(tmp_path / "a" / "plain" / "none" / "predictions.jsonl")
+    run_cli(capsys, "eval", "--model", str(folder / "gap"), "--out", str(tmp_path / "a"), *argv)
+    clean = read_jsonl(tmp_path / "a" / "gap" / "none" / "predictions.jsonl")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "gap")
+    written = sorted({i for r in clean for i in tokenizer(r["prediction"], add_special_tokens=False)["input_ids"]})
+    assert written
     shipped = tmp_path / "shipped"
-    shutil.copytree(folder / "plain", shipped)
+    shutil.copytree(folder / "gap", shipped)
     config = json.loads((shipped / "generation_config.json").read_text())
-    config.update(repetition_penalty=50.0, top_k=1, top_p=0.001, temperature=0.1)
+    config.update(repetition_penalty=1.05, top_k=1, top_p=0.001, temperature=0.1, bad_words_ids=[[i] for i in written])
     del config["_from_model_config"]  # a released checkpoint's own file, not one derived from config.json
     (shipped / "generation_config.json").write_text(json.dumps(config))
     run_cli(capsys, "eval", "--model", str(shipped), "--out", str(tmp_path / "b"), *argv)
@@ -95,7 +101,8 @@ def test_the_protocol_and_effective_settings_are_recorded_and_the_checkpoints_ge
     assert scores["image_settings"]["min_pixels"] == 256 * 28 * 28
     assert scores["image_settings"]["max_pixels"] == 8192 * 28 * 28
     ignored = scores["checkpoint_generation_config_ignored"]
-    assert (ignored["repetition_penalty"], ignored["top_k"], ignored["top_p"]) == (50.0, 1, 0.001)
+    assert (ignored["repetition_penalty"], ignored["top_k"], ignored["top_p"]) == (1.05, 1, 0.001)
+    assert ignored["bad_words_ids"] == [[i] for i in written]
     # without --protocol: the gap preset with the command's own settings
     run_cli(capsys, "eval", "--model", str(folder / "plain"), "--samples", str(folder / "MMStar.tsv"),
             "--out", str(tmp_path / "c"), *SMALL)
