@@ -169,7 +169,7 @@ def own_generation_config(model):
 
 
 def image_bounds(protocol: dict | None, settings: dict) -> dict:
-    """``settings`` (``gapkern.models.prompt.image_settings``) with the protocol's pixel range where it gives one."""
+    """``settings`` (``gapkern.data.images.image_settings``) with the protocol's pixel range where it gives one."""
     if protocol is None:
         return settings
     return {**settings, **{k: protocol[k] for k in ("min_pixels", "max_pixels") if protocol[k] is not None}}

@@ -26,7 +26,7 @@ import os
 import re
 import string
 
-from .data import CATEGORIES  # the sample file's categories (SPEC 4.1)
+from ..data import CATEGORIES  # the sample file's categories (SPEC 4.1)
 
 __all__ = ["extract_answer", "is_correct", "judge_needed", "score", "parse_number", "choice_letter", "prediction", "evaluate",
            "score_table", "write_scores"]
@@ -77,7 +77,7 @@ def is_correct(prediction: str, sample: dict, rules: str = "gap") -> bool:
     if rules not in RULES:
         raise ValueError(f"rules: expected one of {', '.join(RULES)}, got {rules!r}")
     if rules == "vlmevalkit":
-        from .vlmeval_rules import verdict
+        from ..vlmeval_rules import verdict
 
         return verdict(prediction, sample) is True
     answer, choices = sample["answer"], sample.get("choices")
@@ -94,7 +94,7 @@ def is_correct(prediction: str, sample: dict, rules: str = "gap") -> bool:
 
 def judge_needed(prediction: str, sample: dict) -> bool:
     """Whether VLMEvalKit would ask its GPT judge about this response (its rules find no answer)."""
-    from .vlmeval_rules import verdict
+    from ..vlmeval_rules import verdict
 
     return verdict(prediction, sample) is None
 
@@ -181,7 +181,7 @@ def score(records) -> dict:
     judged = [r for r in records if r.get("rules") == "vlmevalkit"]
     extra = {}
     if judged:  # VLMEvalKit's averaging (HRBench per cycle), and the lines its GPT judge would have to score
-        from .vlmeval_rules import task_accuracy
+        from ..vlmeval_rules import task_accuracy
 
         tasks = {task: task_accuracy(task, [r for r in judged if r["task"] == task]) for task in counts}
         extra = {"needs_judge": {t: sum(bool(r.get("needs_judge")) for r in judged if r["task"] == t) for t in counts},
@@ -221,7 +221,7 @@ def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: st
     greedy; above, each line draws with a seed derived from ``seed`` and its id. Calibration ``rms`` / ``ema``:
     every batch starts from one running target (:func:`gapkern.sampling.ema_start`), so a resumed run, or N
     ranks, answer as one uninterrupted run; the model's own target is left as it was. ``settings``: the image
-    settings (``gapkern.models.prompt.image_settings``). ``suppress`` / ``span_at``: as
+    settings (``gapkern.data.images.image_settings``). ``suppress`` / ``span_at``: as
     :func:`gapkern.sampling.generate_responses`. ``identity`` (e.g. the model path) joins the GapConfig, the
     head's shape, the samples (a digest) and the options in what a resumed run must match; ``keep_settings``:
     a file that keeps them after the run (:func:`gapkern.resumable.run_lines`). ``starts``: a dict shared by
@@ -230,8 +230,8 @@ def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: st
     ``protocol`` (:mod:`gapkern.protocol`): the prompt and every sampling setting (then ``temperature`` and
     ``max_new_tokens`` are the protocol's); ``rules``: how answers are judged (:func:`is_correct`).
     """
-    from .resumable import read_lines, run_lines, samples_digest
-    from .sampling import ema_start, generate_responses
+    from ..resumable import read_lines, run_lines, samples_digest
+    from ..sampling import ema_start, generate_responses
 
     gap = model.gap
     config, saved, start = gap.config, gap.tau_ema.detach().clone(), []
@@ -294,7 +294,7 @@ def score_table(scores: dict[str, dict]) -> str:
 
 def write_scores(folder: str, scores: dict[str, dict]) -> tuple[str, str]:
     """``folder/scores.json`` (``scores``) and ``folder/scores.md`` (:func:`score_table`), atomically; their paths."""
-    from ._io import atomic_write_json, atomic_write_text
+    from .._io import atomic_write_json, atomic_write_text
 
     json_path, md_path = os.path.join(folder, "scores.json"), os.path.join(folder, "scores.md")
     atomic_write_json(json_path, scores, ensure_ascii=False)
