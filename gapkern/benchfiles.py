@@ -83,7 +83,7 @@ def load_tsv(path: str, *, images: str | None = None, task: str | None = None,
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no sample file at {path!r}")
     task = task or os.path.splitext(os.path.basename(path))[0]
-    category = category or CATEGORY.get(task)
+    category = CATEGORY.get(task, category)  # the table first: --category is for the benchmarks it lacks
     if category not in CATEGORIES:
         raise SampleError(f"{path}: task {task!r} is not one of the built-in benchmarks ({', '.join(CATEGORY)}); "
                           f"give its category ({' or '.join(CATEGORIES)}, --category)")

@@ -220,3 +220,19 @@ def test_eval_with_judge_scores_the_lines_vlmevalkit_leaves_to_it(capsys, folder
     err = run_cli(capsys, "eval", "--model", str(folder / "plain"), "--samples", str(folder / "MMStar.tsv"),
                   "--judge", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o2"), code=2)
     assert "--judge: only with --rules vlmevalkit" in err
+
+
+def test_eval_scores_the_papers_five_benchmarks_together(capsys, folder, tmp_path):
+    """Five TSVs in one run: their indexes repeat, so ids are FILE_STEM/index; Avg-P averages HRBench4K, MMStar
+    and MME-RealWorld-Lite, Avg-R MathVista_MINI and WeMath (SPEC 4.6)."""
+    names = ["HRBench4K", "MMStar", "MME-RealWorld-Lite", "MathVista_MINI", "WeMath"]
+    out = tmp_path / "out"
+    run_cli(capsys, "eval", "--model", str(folder / "plain"), "--rules", "vlmevalkit", "--out", str(out),
+            "--samples", ",".join(str(folder / f"{n}.tsv") for n in names), *SMALL)
+    scores = json.loads((out / "scores.json").read_text())["plain/none"]
+    assert sorted(scores["tasks"]) == sorted(names)
+    assert scores["avg_p"] == pytest.approx(sum(scores["tasks"][n] for n in names[:3]) / 3)
+    assert scores["avg_r"] == pytest.approx(sum(scores["tasks"][n] for n in names[3:]) / 2)
+    ids = [r["id"] for r in read_jsonl(out / "plain" / "none" / "predictions.jsonl")]
+    assert ids[:2] == ["HRBench4K/0", "HRBench4K/1"] and "MMStar/5" in ids
+    assert sorted(os.listdir(out / "images")) == sorted(names)  # each file's images in its own folder

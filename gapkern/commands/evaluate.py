@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
                         help="local Qwen2.5-VL checkpoint folders (plain, or saved by gapkern), comma-separated")
     parser.add_argument("--names", metavar="NAME[,NAME...]",
                         help="one name per --model checkpoint (default: each folder's name)")
-    add_samples_arguments(parser)
+    add_samples_arguments(parser, "the sample file (JSONL, SPEC 4.1; several: comma-separated, scored together)")
     parser.add_argument("--protocol", metavar="gap|monet|FILE",
                         help="how the model is asked and samples: a preset or a JSON file (gapkern.protocol); "
                              "it fixes every generation setting (then --temperature / --max-new-tokens are its own)")
@@ -134,6 +134,24 @@ def _protocol(args):
         raise UsageError(str(exc)) from None
 
 
+def _read_all(args) -> list[dict]:
+    """--samples: one sample file, or several comma-separated (e.g. the paper's five benchmark TSVs, so Avg-P and
+    Avg-R average them); with several, each line's id becomes FILE_STEM/id (TSV indexes repeat across files)."""
+    paths = args.samples.split(",")
+    if len(paths) == 1:
+        return read_samples(args.samples, images=os.path.join(args.out, "images"), category=args.category)
+    samples, seen = [], {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in seen:
+            raise UsageError(f"--samples: {path!r} and {seen[stem]!r} have the same name {stem!r}; their line ids "
+                             "would collide")
+        seen[stem] = path
+        for sample in read_samples(path, images=os.path.join(args.out, "images", stem), category=args.category):
+            samples.append({**sample, "id": f"{stem}/{sample['id']}"})
+    return samples
+
+
 def run(args) -> int:
     from .. import distributed
 
@@ -141,7 +159,7 @@ def run(args) -> int:
     runs, dims = plan(args)
     head = load_head(args.head, dims)
     args.protocol_data = _protocol(args)
-    samples = read_samples(args.samples, images=os.path.join(args.out, "images"), category=args.category)
+    samples = _read_all(args)
     place = start(args)
     try:
         scores = _evaluate_all(args, runs, head, samples, place)
