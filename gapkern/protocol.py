@@ -2,9 +2,8 @@
 
 A protocol is a small JSON object (:data:`FIELDS`): ``system_prompt`` (None:
 no system turn), ``prompt`` (``gap``: the question, ``A. red`` lines and the
-answer instruction; ``vlmevalkit``: VLMEvalKit's MCQ prompt, ``Hint:`` /
-``Question:`` / ``Options:`` / "Please select the correct answer from the
-options above."), ``answer_instruction`` (``{"choice": ..., "open": ...}``, the
+answer instruction; ``vlmevalkit``: the prompt VLMEvalKit's dataset class builds,
+:func:`vlmevalkit_text`), ``answer_instruction`` (``{"choice": ..., "open": ...}``, the
 last line of a ``gap`` prompt; None: none), the sampling settings
 (``temperature`` 0 greedy, ``top_k``, ``top_p``, ``repetition_penalty``,
 ``max_new_tokens``) and ``min_pixels`` / ``max_pixels`` (None: the
@@ -104,18 +103,37 @@ def user_text(sample: dict, protocol: dict | None) -> str:
     protocol = protocol or PRESETS["gap"]
     choices = sample.get("choices") or []
     letters = [chr(ord("A") + i) for i in range(len(choices))]
-    if protocol["prompt"] == "vlmevalkit":  # VLMEvalKit vlmeval/dataset/image_mcq.py ImageMCQDataset.build_prompt
-        hint = (sample.get("meta") or {}).get("hint")
-        text = f"Hint: {hint}\n" if hint else ""
-        text += f"Question: {sample['question']}\n"
-        if choices:
-            text += "Options:\n" + "".join(f"{k}. {c}\n" for k, c in zip(letters, choices))
-            text += "Please select the correct answer from the options above. \n"
-        return text
+    if protocol["prompt"] == "vlmevalkit":
+        return vlmevalkit_text(sample)
     lines = [sample["question"].strip()] + [f"{k}. {c}" for k, c in zip(letters, choices)]
     if protocol["answer_instruction"]:
         lines.append(protocol["answer_instruction"]["choice" if choices else "open"])
     return "\n".join(lines)
+
+
+# the instruction VLMEvalKit's MMERealWorld.build_prompt appends (vlmeval/dataset/image_mcq.py, MMERealWorld.SYS)
+MME_REALWORLD = ("Select the best answer to the above multiple-choice question based on the image. Respond with only "
+                 "the letter (A, B, C, D, or E) of the correct option. \nThe best answer is:")
+
+
+def vlmevalkit_text(sample: dict) -> str:
+    """The text VLMEvalKit's dataset class puts after the images (vlmeval/dataset/image_mcq.py, image_base.py):
+    MathVista the question alone (its question lists the choices), MME-RealWorld the question, its
+    ``multi-choice options`` and its instruction, WeMath Hint / Question / Options, any other benchmark
+    ImageMCQDataset's Hint / Question / Options and "Please select ..." (the question alone without options)."""
+    task, meta = str(sample.get("task", "")), sample.get("meta") or {}
+    if task.startswith("MathVista"):
+        return sample["question"]
+    if task.startswith("MME-RealWorld") and meta.get("multi-choice options"):
+        return f"{sample['question']} {meta['multi-choice options']}\n{MME_REALWORLD}"
+    choices = sample.get("choices") or []
+    text = f"Hint: {meta['hint']}\n" if meta.get("hint") else ""
+    text += f"Question: {sample['question']}\n"
+    if choices:
+        text += "Options:\n" + "".join(f"{chr(ord('A') + i)}. {c}\n" for i, c in enumerate(choices))
+        if not task.startswith("WeMath"):
+            text += "Please select the correct answer from the options above. \n"
+    return text
 
 
 def logits_processors(protocol: dict, seeds: list[int], prompt_len: int) -> list:

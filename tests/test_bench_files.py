@@ -204,6 +204,23 @@ def test_prompts_of_both_presets():
     assert user_text(sample, PRESETS["gap"]) == user_text(sample, None)
 
 
+def test_the_vlmevalkit_prompt_is_each_benchmarks_own():
+    """VLMEvalKit e8e78f05 vlmeval/dataset/image_base.py 320-340 (MathVista: the question alone),
+    image_mcq.py 1029-1049 (MME-RealWorld: question, its options column, MMERealWorld.SYS) and 1457-1490
+    (WeMath: Hint / Question / Options, no "Please select")."""
+    monet = load_protocol("monet")
+    vista = {"task": "MathVista_MINI", "question": "Hint: pick one.\nQuestion: Which?\nChoices:\n(A) 1\n(B) 2",
+             "choices": ["1", "2"], "meta": {}}
+    assert user_text(vista, monet) == vista["question"]
+    mme = {"task": "MME-RealWorld-Lite", "question": "What is written?", "choices": list("abcde"),
+           "meta": {"multi-choice options": "(A) stop\n(B) go"}}
+    assert user_text(mme, monet) == ("What is written? (A) stop\n(B) go\nSelect the best answer to the above "
+                                     "multiple-choice question based on the image. Respond with only the letter "
+                                     "(A, B, C, D, or E) of the correct option. \nThe best answer is:")
+    wemath = {"task": "WeMath", "question": "Angle?", "choices": ["30", "45"], "meta": {"hint": "Use it."}}
+    assert user_text(wemath, monet) == "Hint: Use it.\nQuestion: Angle?\nOptions:\nA. 30\nB. 45\n"
+
+
 def test_the_checkpoints_generation_config_is_set_aside():
     from transformers import GenerationConfig
 
