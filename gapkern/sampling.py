@@ -105,7 +105,8 @@ class Response(NamedTuple):
 def generate_responses(model, tokenizer, samples: list[dict], *, n: int = 1, temperature: float = 1.0,
                        max_new_tokens: int = 512, seed: int = 0, settings: dict | None = None,
                        suppress: list[int] | None = None, span_at: int | None = None,
-                       tau_ema: torch.Tensor | None = None, trace=None) -> list[list[Response]]:
+                       tau_ema: torch.Tensor | None = None, trace=None,
+                       protocol: dict | None = None) -> list[list[Response]]:
     """``n`` responses per sample (a list per sample) from one batched ``generate`` of a patched model.
 
     ``suppress``: token ids never sampled (the latent start of a model that was
@@ -114,21 +115,29 @@ def generate_responses(model, tokenizer, samples: list[dict], *, n: int = 1, tem
     a span writes one; it wins over ``suppress``). ``tau_ema``: the running
     calibration target this batch starts from (default: the model's as it is). ``trace``: a
     :class:`gapkern.models.StepTrace` handed to ``generate`` (rows in sample
-    order, ``n`` per sample).
+    order, ``n`` per sample). ``protocol`` (:mod:`gapkern.protocol`): its prompt, and its sampling settings in
+    place of ``temperature`` and ``max_new_tokens``. Either way the checkpoint's own ``generation_config.json``
+    is set aside (:func:`gapkern.protocol.own_generation_config`): these settings are the only ones.
     """
-    batch = to_model(prompt_batch(model, tokenizer, samples, settings=settings), model)
+    from .protocol import logits_processors, own_generation_config
+
+    batch = to_model(prompt_batch(model, tokenizer, samples, settings=settings, protocol=protocol), model)
     prompt_len = batch["input_ids"].shape[1]
     seeds = [derive_seed(seed, sample["id"], j) for sample in samples for j in range(n)]
-    processors = [SeededSampler(seeds, prompt_len, temperature)]
+    if protocol is None:
+        processors = [SeededSampler(seeds, prompt_len, temperature)]
+    else:
+        processors, max_new_tokens = logits_processors(protocol, seeds, prompt_len), protocol["max_new_tokens"]
     if span_at is not None:
         start = model.gap.config.latent_start_id
         processors.insert(0, ForceTokens(prompt_len, {(row, span_at): start for row in range(len(seeds))}))
     extra = {} if trace is None else {"trace": trace}
     if tau_ema is not None:
         model.gap.tau_ema.copy_(tau_ema)
-    out = model.generate(**batch, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
-                         logits_processor=LogitsProcessorList(processors), suppress_tokens=suppress or None,
-                         return_dict_in_generate=True, **extra)
+    with own_generation_config(model):
+        out = model.generate(**batch, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
+                             logits_processor=LogitsProcessorList(processors), suppress_tokens=suppress or None,
+                             return_dict_in_generate=True, **extra)
     texts = response_texts(tokenizer, out.sequences[:, prompt_len:], model.gap.config.profile)
     rows = [Response(text, int(latents.shape[0])) for text, latents in zip(texts, out.latents)]
     return [rows[i * n:(i + 1) * n] for i in range(len(samples))]

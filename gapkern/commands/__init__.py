@@ -12,7 +12,7 @@ import importlib
 from ..errors import UsageError  # noqa: F401  (in gapkern.errors: the library loaders raise it too)
 
 # gapkern.commands.<module>, in the order ``gapkern --help`` lists them
-STAGES: tuple[str, ...] = ("fit_pca", "build_data", "curate", "train", "evaluate", "diagnose", "demo")
+STAGES: tuple[str, ...] = ("fit_pca", "build_data", "curate", "train", "evaluate", "diagnose", "demo", "convert_tsv")
 
 
 def add_all(subparsers) -> None:

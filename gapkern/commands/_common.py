@@ -37,12 +37,22 @@ def fraction(value: float, option: str) -> float:
     return value
 
 
-def read_samples(path: str) -> list[dict]:
-    """The validated sample file; a bad line is a one-line error naming file:line:field."""
+def add_samples_arguments(parser, help: str = "the sample file (JSONL, SPEC 4.1)") -> None:
+    """``--samples`` (a JSONL sample file or a VLMEvalKit TSV) and ``--category`` (a TSV outside gapkern's table)."""
+    parser.add_argument("--samples", required=True, metavar="FILE",
+                        help=f"{help}, or a VLMEvalKit benchmark TSV (its images decoded once, beside --out)")
+    parser.add_argument("--category", choices=("perception", "reasoning"),
+                        help="a TSV benchmark's category where gapkern's table (HRBench4K, HRBench8K, MMStar, "
+                             "MME-RealWorld-Lite, MathVista_MINI, WeMath) does not know its name")
+
+
+def read_samples(path: str, *, images: str | None = None, category: str | None = None) -> list[dict]:
+    """The validated sample file (JSONL, or a VLMEvalKit TSV whose images are decoded once into ``images``);
+    a bad line is a one-line error naming file:line:field."""
     from ..data import load_samples
 
     try:
-        return load_samples(path)
+        return load_samples(path, images=images, category=category)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--samples: {exc}") from None
 

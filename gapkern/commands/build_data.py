@@ -16,8 +16,8 @@ import math
 import os
 
 from ..config import PROFILES
-from ._common import (add_model_arguments, checkpoint_config, gap_settings, load_vision, positive_int, read_samples,
-                      start)
+from ._common import (add_model_arguments, add_samples_arguments, checkpoint_config, gap_settings, load_vision,
+                      positive_int, read_samples, start)
 
 NAME = "build-data"
 HELP = "validate a sample file and compute its latent targets: the folder gapkern train reads"
@@ -25,8 +25,7 @@ HELP = "validate a sample file and compute its latent targets: the folder gapker
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--samples", required=True, metavar="FILE",
-                        help="the sample file (JSONL, SPEC 4.1), curated or not")
+    add_samples_arguments(parser, "the sample file (JSONL, SPEC 4.1), curated or not")
     parser.add_argument("--out", required=True, metavar="DIR", help="the data folder to write (or complete)")
     parser.add_argument("--grid", type=int, metavar="G",
                         help="pool each target to G x G, K = G*G latents per span (default: the square root of "
@@ -56,7 +55,7 @@ def run(args) -> int:
     gap = gap_settings(checkpoint_config(args.model))
     g = args.grid or default_grid(gap.get("latent_budget", 16))
     profile = args.profile or gap.get("profile", "gap")
-    samples = read_samples(args.samples)
+    samples = read_samples(args.samples, images=os.path.join(args.out, "images"), category=args.category)
     place = start(args)
     try:
         model = load_vision(args.model, place)

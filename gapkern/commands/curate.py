@@ -15,7 +15,8 @@ import os
 
 from . import UsageError
 from ._gap import add_layout_arguments
-from ._common import (add_model_arguments, check_temperature, load_model, load_tokenizer, positive_int, read_samples,
+from ._common import (add_model_arguments, add_samples_arguments, check_temperature, load_model, load_tokenizer,
+                      positive_int, read_samples,
                       start)
 
 NAME = "curate"
@@ -24,7 +25,7 @@ HELP = "sample the base model N times per question and mark the lines it always 
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--samples", required=True, metavar="FILE", help="the sample file (JSONL, SPEC 4.1)")
+    add_samples_arguments(parser)
     parser.add_argument("--out", required=True, metavar="FILE", help="the curated sample file to write (JSONL)")
     # --n alone would break under torchrun: its own parser takes --n for an ambiguous prefix of --nnodes / ...
     parser.add_argument("--attempts", "--n", dest="n", type=int, default=8, metavar="N",
@@ -57,13 +58,23 @@ def _prepare(model, tokenizer, args):
     return [model.gap.config.latent_start_id] if plain else []  # always: prepare suppresses it only when new
 
 
+def _generation(args, model) -> dict:
+    """The effective generation settings, and what the checkpoint's generation_config.json would have set
+    (never used: gapkern.protocol.own_generation_config), for the run's settings."""
+    from ..protocol import set_aside
+
+    return {"generation": {"temperature": args.temperature, "top_k": None, "top_p": None, "repetition_penalty": 1.0,
+                           "max_new_tokens": args.max_new_tokens},
+            "checkpoint_generation_config_ignored": set_aside(model.generation_config)}
+
+
 def run(args) -> int:
     from .. import distributed
     from ..stages.curate import ResumeError, curate
     from ..data.images import image_settings
 
     _check(args)
-    samples = read_samples(args.samples)
+    samples = read_samples(args.samples, images=args.out + ".images", category=args.category)
     place = start(args)
     try:
         tokenizer = load_tokenizer(args.model)
@@ -73,7 +84,9 @@ def run(args) -> int:
             summary = curate(model, tokenizer, samples, args.out, n=args.n, temperature=args.temperature,
                              max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
                              settings=image_settings(args.model), suppress=suppress,
-                             identity={"model": os.path.abspath(args.model), "gap": model.gap.config.to_dict()})
+                             identity={"model": os.path.abspath(args.model), "gap": model.gap.config.to_dict(),
+                                       **_generation(args, model)},
+                             keep_settings=args.out + ".settings.json")
         except ResumeError as exc:
             raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     finally:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from . import UsageError
-from ._common import (add_model_arguments, check_out_folder, check_span_at, checkpoint_config, hidden_size,
+from ._common import (add_model_arguments, add_samples_arguments, check_out_folder, check_span_at, checkpoint_config, hidden_size,
                       positive_int, read_samples, start)
 from ._gap import CALIBRATIONS, add_gap_arguments, calibrations, load_head
 
@@ -26,7 +26,7 @@ HELP = "measure the norm gap: per-layer hidden-state and latent norms against th
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--samples", required=True, metavar="FILE", help="the sample file (JSONL, SPEC 4.1)")
+    add_samples_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for diagnosis.json and diagnosis.png")
     add_gap_arguments(parser, calibration_help=f"modes the latents are generated with, comma-separated, of "
                                                f"{', '.join(CALIBRATIONS)} (default: all three)")
@@ -57,7 +57,8 @@ def run(args) -> int:
     _check(args)
     head = load_head(args.head, {args.model: hidden_size(checkpoint_config(args.model))})
     modes = calibrations(args.calibration) or list(CALIBRATIONS)
-    samples = read_samples(args.samples)[:args.limit]
+    samples = read_samples(args.samples, images=os.path.join(args.out, "images"),
+                           category=args.category)[:args.limit]
     if not any(s["images"] for s in samples):
         raise UsageError(f"--samples: no line of {args.samples!r} (first {len(samples)}) has an image; the gap is "
                          "measured against visual input embeddings")

@@ -18,10 +18,11 @@ experiment on an output-as-input model: --head none --calibration none,ema.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from . import UsageError
-from ._common import (add_device_arguments, check_out_folder, check_span_at, check_temperature, checkpoint_config,
+from ._common import (add_device_arguments, add_samples_arguments, check_out_folder, check_span_at, check_temperature, checkpoint_config,
                       hidden_size, positive_int, read_samples, start)
 from ._gap import CALIBRATIONS, add_gap_arguments, calibrations, load_head
 
@@ -34,7 +35,18 @@ def add_arguments(parser) -> None:
                         help="local Qwen2.5-VL checkpoint folders (plain, or saved by gapkern), comma-separated")
     parser.add_argument("--names", metavar="NAME[,NAME...]",
                         help="one name per --model checkpoint (default: each folder's name)")
-    parser.add_argument("--samples", required=True, metavar="FILE", help="the sample file (JSONL, SPEC 4.1)")
+    add_samples_arguments(parser, "the sample file (JSONL, SPEC 4.1; several: comma-separated, scored together)")
+    parser.add_argument("--protocol", metavar="gap|monet|FILE",
+                        help="how the model is asked and samples: a preset or a JSON file (gapkern.protocol); "
+                             "it fixes every generation setting (then --temperature / --max-new-tokens are its own)")
+    parser.add_argument("--rules", choices=("gap", "vlmevalkit"), default="gap",
+                        help="how answers are judged: gapkern's rules (default) or VLMEvalKit's rule-based matching "
+                             "(lines that would need its GPT judge are counted and listed, never guessed)")
+    parser.add_argument("--judge", metavar="URL",
+                        help="with --rules vlmevalkit: an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) "
+                             "asked about the lines VLMEvalKit leaves to its GPT judge (optional; gapkern.judge)")
+    parser.add_argument("--judge-model", metavar="NAME",
+                        help="the model name sent to --judge (default: the first one its /models lists)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for predictions and scores")
     add_gap_arguments(parser, calibration_help="latent norm calibration, comma-separated: each checkpoint runs "
                                                f"each of {', '.join(CALIBRATIONS)} given (default: the "
@@ -104,6 +116,40 @@ def _check(args) -> None:
     check_temperature(args.temperature)
     check_span_at(args.span_at, args.max_new_tokens, never=False)
     check_out_folder(args.out)
+    if args.judge is not None and args.rules != "vlmevalkit":
+        raise UsageError("--judge: only with --rules vlmevalkit (it scores the lines VLMEvalKit's rules leave to a "
+                         "judge)")
+    if args.judge_model is not None and args.judge is None:
+        raise UsageError("--judge-model: give --judge URL too")
+
+
+def _protocol(args):
+    from ..protocol import load_protocol
+
+    if args.protocol is None:
+        return None
+    try:
+        return load_protocol(args.protocol)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _read_all(args) -> list[dict]:
+    """--samples: one sample file, or several comma-separated (e.g. the paper's five benchmark TSVs, so Avg-P and
+    Avg-R average them); with several, each line's id becomes FILE_STEM/id (TSV indexes repeat across files)."""
+    paths = args.samples.split(",")
+    if len(paths) == 1:
+        return read_samples(args.samples, images=os.path.join(args.out, "images"), category=args.category)
+    samples, seen = [], {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in seen:
+            raise UsageError(f"--samples: {path!r} and {seen[stem]!r} have the same name {stem!r}; their line ids "
+                             "would collide")
+        seen[stem] = path
+        for sample in read_samples(path, images=os.path.join(args.out, "images", stem), category=args.category):
+            samples.append({**sample, "id": f"{stem}/{sample['id']}"})
+    return samples
 
 
 def run(args) -> int:
@@ -112,7 +158,8 @@ def run(args) -> int:
     _check(args)
     runs, dims = plan(args)
     head = load_head(args.head, dims)
-    samples = read_samples(args.samples)
+    args.protocol_data = _protocol(args)
+    samples = _read_all(args)
     place = start(args)
     try:
         scores = _evaluate_all(args, runs, head, samples, place)
@@ -146,22 +193,52 @@ def _evaluate_all(args, runs, head, samples, place) -> dict:
 def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) -> dict:
     from ..stages.evaluate import evaluate, score
     from ..data.images import image_settings
+    from ..protocol import PRESETS, image_bounds, sampling, set_aside
     from ..resumable import ResumeError
     from ._gap import head_name
 
     folder = os.path.join(args.out, *one["name"].split("/"))
     used = head_name(head, args.head, model)
+    protocol = args.protocol_data
+    aside = set_aside(model.generation_config)  # what the checkpoint's generation_config.json sets: never used
+    pixels = image_bounds(protocol, image_settings(one["path"]))
     try:
         records = evaluate(model, tokenizer, samples, os.path.join(folder, "predictions.jsonl"),
                            calibration=one["calibration"], batch=args.batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           seed=args.seed, settings=image_settings(one["path"]), suppress=suppress,
+                           seed=args.seed, settings=pixels,
+                           suppress=suppress, protocol=protocol, rules=args.rules,
                            span_at=args.span_at, identity={"model": os.path.abspath(one["path"]), "head": used},
                            keep_settings=os.path.join(folder, "settings.json"), desc=one["name"], starts=starts)
     except ResumeError as exc:
         raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
+    if protocol is None:  # the gap preset with this command's --temperature / --max-new-tokens
+        protocol = {**PRESETS["gap"], "temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
+    judged = _judge(args, records, samples, folder)
     return {**score(records), "model": os.path.abspath(one["path"]), "calibration": one["calibration"],
+            "protocol": protocol, "rules": args.rules, "generation": sampling(protocol), "image_settings": pixels,
+            "checkpoint_generation_config_ignored": aside, **judged,
             "head": used, "predictions": f"{one['name']}/predictions.jsonl",
             "latent_lines": sum(r["latents"] > 0 for r in records)}
+
+
+def _judge(args, records, samples, folder) -> dict:
+    """With --judge (rank 0): the judge's verdicts on the lines that need one, in place; judged.jsonl holds every
+    record with the judge's replies. The scores' ``judge`` entry says who judged how many."""
+    from .. import distributed
+    from .._io import atomic_write_text
+    from ..judge import JudgeError, endpoint_model, judge_records
+
+    if args.judge is None or distributed.rank_world()[0] != 0:
+        return {}
+    try:
+        name = args.judge_model or endpoint_model(args.judge)
+        asked = sum(bool(r.get("needs_judge")) for r in records)
+        decided = judge_records(records, samples, args.judge, name)
+    except JudgeError as exc:
+        raise UsageError(str(exc)) from None
+    atomic_write_text(os.path.join(folder, "judged.jsonl"),
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return {"judge": {"url": args.judge, "model": name, "asked": asked, "decided": decided}}
 
 
 def _report(args, scores: dict) -> None:
@@ -173,4 +250,10 @@ def _report(args, scores: dict) -> None:
     latent = ", ".join(f"{name} {result['latent_lines']}" for name, result in scores.items())
     print(f"lines       {sum(lines.values())} per configuration, {len(scores)} configuration(s); "
           f"lines with latents: {latent}")
+    if args.rules == "vlmevalkit":
+        for name, result in scores.items():
+            waiting = ", ".join(f"{task} {n}" for task, n in result["needs_judge"].items())
+            judged = f"; the judge decided {result['judge']['decided']} of {result['judge']['asked']}" \
+                if "judge" in result else ""
+            print(f"needs judge {name}: {waiting} (ids in scores.json 'judge_lines'; counted wrong here{judged})")
     print(f"wrote       {json_path}, {md_path}, {args.out}/NAME/predictions.jsonl")

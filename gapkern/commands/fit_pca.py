@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 from . import UsageError
-from ._common import (add_model_arguments, checkpoint_config, fraction, hidden_size, load_vision, positive_int,
+from ._common import (add_model_arguments, add_samples_arguments, checkpoint_config, fraction, hidden_size,
+                      load_vision, positive_int,
                       read_samples, start)
 
 NAME = "fit-pca"
@@ -21,7 +22,7 @@ HELP = "fit the PCA latent head on the visual input embeddings of a sample file'
 
 def add_arguments(parser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--samples", required=True, metavar="FILE", help="the sample file (JSONL, SPEC 4.1)")
+    add_samples_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for head.safetensors, pca.json, pca.png")
     pick = parser.add_mutually_exclusive_group()
     pick.add_argument("--variance", type=float, default=0.95, metavar="F",
@@ -48,7 +49,7 @@ def run(args) -> int:
     dim = hidden_size(checkpoint_config(args.model))
     if args.rank is not None and args.rank > dim:
         raise UsageError(f"--rank: expected at most the embedding width D={dim}, got {args.rank}")
-    images = sample_images(read_samples(args.samples), latent=args.latent_images)
+    images = sample_images(read_samples(args.samples, images=os.path.join(args.out, "images"), category=args.category), latent=args.latent_images)
     if not images:
         raise UsageError(f"--samples: {args.samples!r} names no image to fit on")
     place = start(args)

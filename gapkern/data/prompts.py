@@ -11,22 +11,27 @@ from __future__ import annotations
 import torch
 
 from .images import CLIP_MEAN, CLIP_STD, image_inputs, pixel_inputs
-from .samples import question_text
 
 __all__ = ["prompt_messages", "prompt_text", "prompt_batch", "visual_tokens", "expand_images", "image_mask", "to_model",
            "chat_inputs"]
 
 
-def prompt_messages(sample: dict) -> list[dict]:
-    """The chat messages of a sample's question: one user turn, images first."""
+def prompt_messages(sample: dict, protocol: dict | None = None) -> list[dict]:
+    """The chat messages of a sample's question: the protocol's system turn if it has one (:mod:`gapkern.protocol`),
+    then one user turn, images first."""
+    from ..protocol import user_text
+
     content = [{"type": "image"} for _ in sample.get("images", [])]
-    content.append({"type": "text", "text": question_text(sample)})
-    return [{"role": "user", "content": content}]
+    content.append({"type": "text", "text": user_text(sample, protocol)})
+    system = [] if protocol is None or protocol["system_prompt"] is None else [
+        {"role": "system", "content": [{"type": "text", "text": protocol["system_prompt"]}]}]
+    return system + [{"role": "user", "content": content}]
 
 
-def prompt_text(tokenizer, sample: dict) -> str:
+def prompt_text(tokenizer, sample: dict, protocol: dict | None = None) -> str:
     """The chat template over :func:`prompt_messages`, with the assistant turn opened (one placeholder per image)."""
-    return tokenizer.apply_chat_template(prompt_messages(sample), tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(prompt_messages(sample, protocol), tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def visual_tokens(image_grid_thw: torch.Tensor, vision_config) -> list[int]:
@@ -63,7 +68,8 @@ def to_model(batch: dict, model) -> dict:
     return dict(BatchFeature(batch).to(model.device, dtype=model.dtype))
 
 
-def prompt_batch(model, tokenizer, samples: list[dict], *, settings: dict | None = None) -> dict:
+def prompt_batch(model, tokenizer, samples: list[dict], *, settings: dict | None = None,
+                 protocol: dict | None = None) -> dict:
     """``input_ids``, ``attention_mask`` (left-padded), ``mm_token_type_ids``, and the images' ``pixel_values`` /
     ``image_grid_thw`` (absent when no sample has an image), on the CPU."""
     vision, image_id = model.config.vision_config, model.config.image_token_id
@@ -72,7 +78,7 @@ def prompt_batch(model, tokenizer, samples: list[dict], *, settings: dict | None
     for sample in samples:
         inputs = [image_inputs(path, vision, settings=settings) for path in sample.get("images", [])]
         counts = [n for i in inputs for n in visual_tokens(i["image_grid_thw"], vision)]
-        texts.append(expand_images(prompt_text(tokenizer, sample), image_token, counts))
+        texts.append(expand_images(prompt_text(tokenizer, sample, protocol), image_token, counts))
         pixels += inputs
         expected += sum(counts)
     batch = dict(tokenizer(texts, return_tensors="pt", padding=True, padding_side="left"))

@@ -28,11 +28,17 @@ class SampleError(ValueError):
     """A malformed sample line: the message starts with ``file:line:field``."""
 
 
-def load_samples(path: str) -> list[dict]:
+def load_samples(path: str, *, images: str | None = None, category: str | None = None) -> list[dict]:
     """Every sample of a JSONL file, validated; image paths made absolute and ``image`` given as ``images``.
 
-    Blank lines are skipped. Ids must be unique (they key the latent targets).
+    Blank lines are skipped. Ids must be unique (they key the latent targets). A VLMEvalKit TSV (``.tsv``) is
+    read by :func:`gapkern.benchfiles.load_tsv`, its images decoded once into the folder ``images`` (default:
+    beside the TSV); ``category``: for a benchmark outside its built-in table.
     """
+    from ..benchfiles import is_tsv, load_tsv
+
+    if is_tsv(path):
+        return load_tsv(path, images=images, category=category)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no sample file at {path!r}")
     folder, samples, seen, sizes = os.path.dirname(os.path.abspath(path)), [], {}, {}
@@ -191,12 +197,9 @@ def question_text(sample: dict) -> str:
     in ``images`` order). Curation, training and evaluation all build their
     prompts from this one function, so the model is asked the same way in each.
     """
-    lines = [sample["question"].strip()]
-    choices = sample.get("choices")
-    if choices:
-        lines += [f"{chr(ord('A') + i)}. {choice}" for i, choice in enumerate(choices)]
-    lines.append(ANSWER_FORMAT[bool(choices)])
-    return "\n".join(lines)
+    from ..protocol import user_text
+
+    return user_text(sample, None)
 
 
 def uses_latents(sample: dict) -> bool:

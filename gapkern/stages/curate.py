@@ -45,13 +45,15 @@ def judge(sample: dict, attempts: list[str]) -> dict:
 
 def curate(model, tokenizer, samples: list[dict], out: str, *, n: int = 8, temperature: float = 1.0,
            max_new_tokens: int = 512, batch: int = 8, seed: int = 0, settings: dict | None = None,
-           suppress: list[int] | None = None, identity: dict | None = None, progress: bool | None = None) -> dict:
+           suppress: list[int] | None = None, identity: dict | None = None, progress: bool | None = None,
+           keep_settings: str | None = None) -> dict:
     """Curate ``samples`` (``load_samples``' output) into the JSONL file ``out``; resumes an interrupted run.
 
     Under torchrun each rank takes every world-th line and must call this
     with the same arguments. ``identity`` (e.g. the model path) joins the
     samples (a digest), n, temperature, max_new_tokens and seed in what a
     resumed run must match.
+    ``keep_settings``: a file that keeps the finished run's settings (:func:`gapkern.resumable.run_lines`).
     Returns ``{"lines", "hard", "resumed"}`` (resumed: lines an interrupted run had finished).
     """
     run = {**(identity or {}), "samples": samples_digest(samples), "n": n, "temperature": temperature,
@@ -63,6 +65,6 @@ def curate(model, tokenizer, samples: list[dict], out: str, *, n: int = 8, tempe
         return [judge(sample, texts) for sample, texts in zip(chunk, attempts)]
 
     resumed = run_lines(samples, out, run, compute, batch=batch, desc="curate", line_name="curated line",
-                        out_name="curation", progress=progress)
+                        out_name="curation", keep_settings=keep_settings, progress=progress)
     hard = sum(bool(line["hard"]) for line in read_lines(out))
     return {"lines": len(samples), "hard": hard, "resumed": resumed}

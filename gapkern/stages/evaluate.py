@@ -28,7 +28,7 @@ import string
 
 from ..data import CATEGORIES  # the sample file's categories (SPEC 4.1)
 
-__all__ = ["extract_answer", "is_correct", "score", "parse_number", "choice_letter", "prediction", "evaluate",
+__all__ = ["extract_answer", "is_correct", "judge_needed", "score", "parse_number", "choice_letter", "prediction", "evaluate",
            "score_table", "write_scores"]
 
 RELATIVE_TOLERANCE = 1e-6
@@ -62,13 +62,24 @@ def _to_float(number: str) -> float:
     return float(number.replace(",", "").replace("\u2212", "-"))
 
 
-def is_correct(prediction: str, sample: dict) -> bool:
+RULES = ("gap", "vlmevalkit")
+
+
+def is_correct(prediction: str, sample: dict, rules: str = "gap") -> bool:
     """Whether the model's response ``prediction`` answers ``sample`` (its ``answer``, optional ``choices``).
 
-    ``prediction`` is the raw response: the answer is extracted here.
+    ``prediction`` is the raw response: the answer is extracted here. ``rules="vlmevalkit"``: VLMEvalKit's
+    rule-based verdict (:mod:`gapkern.vlmeval_rules`); a line that needs its judge is False here
+    (:func:`judge_needed`).
     """
     if not isinstance(sample, dict) or "answer" not in sample:
         raise ValueError("sample: expected a dict with an 'answer' (and optional 'choices')")
+    if rules not in RULES:
+        raise ValueError(f"rules: expected one of {', '.join(RULES)}, got {rules!r}")
+    if rules == "vlmevalkit":
+        from ..vlmeval_rules import verdict
+
+        return verdict(prediction, sample) is True
     answer, choices = sample["answer"], sample.get("choices")
     given = extract_answer(prediction)
     if choices:
@@ -81,19 +92,37 @@ def is_correct(prediction: str, sample: dict) -> bool:
     return _normalize(given) == _normalize(str(answer))
 
 
+def judge_needed(prediction: str, sample: dict) -> bool:
+    """Whether VLMEvalKit would ask its GPT judge about this response (its rules find no answer)."""
+    from ..vlmeval_rules import verdict
+
+    return verdict(prediction, sample) is None
+
+
+_CUE = re.compile(r"answer\s*(?:is|:)|\bchoose\b|\bchoice\s*(?:is|:)|\boption\s*(?:is|:)|\bselect\b",
+                  re.IGNORECASE)
+
+
 def choice_letter(given: str, choices: list[str]) -> str | None:
-    """The letter an extracted answer picks among ``choices`` (A, B, ...), or None."""
+    """The letter an extracted answer commits to among ``choices`` (A, B, ...), or None (SPEC 4.6).
+
+    A bare letter (``B``, ``(b)``, ``B.``); else the one letter standing alone (among the choices' letters);
+    where several different ones do, the first after the last answer cue ("answer is", "answer:", "choose",
+    ...), or none; else the choice whose text the answer equals.
+    """
     letters = [chr(ord("A") + i) for i in range(len(choices))]
     bare = given.strip().strip(_PUNCT + " ").strip()
     if len(bare) == 1 and bare.upper() in letters:
         return bare.upper()
+    found = [m for m in _LETTER.finditer(given) if m.group(1) in letters]
+    if len({m.group(1) for m in found}) == 1:
+        return found[0].group(1)
+    if found:
+        cues = list(_CUE.finditer(given))
+        after = [m.group(1) for m in found if cues and m.start() >= cues[-1].end()]
+        return after[0] if after else None
     picked = _matching_choice(given, choices)
-    if picked is not None:
-        return letters[picked]
-    for letter in _LETTER.findall(given):
-        if letter in letters:
-            return letter
-    return None
+    return None if picked is None else letters[picked]
 
 
 def _matching_choice(given: str, choices: list[str]) -> int | None:
@@ -135,7 +164,7 @@ def score(records) -> dict:
     "avg_r": ...}``: Avg-P / Avg-R average the tasks' accuracies (each task weighs the same), None when no task
     has that category.
     """
-    hits, counts, category = {}, {}, {}
+    records, hits, counts, category = list(records), {}, {}, {}
     for i, record in enumerate(records):
         task, cat, correct = (record.get(k) for k in ("task", "category", "correct"))
         if not isinstance(task, str) or not task:
@@ -149,28 +178,41 @@ def score(records) -> dict:
         counts[task] = counts.get(task, 0) + 1
         hits[task] = hits.get(task, 0) + correct
     tasks = {task: hits[task] / counts[task] for task in counts}
+    judged = [r for r in records if r.get("rules") == "vlmevalkit"]
+    extra = {}
+    if judged:  # VLMEvalKit's averaging (HRBench per cycle), and the lines its GPT judge would have to score
+        from ..vlmeval_rules import task_accuracy
+
+        tasks = {task: task_accuracy(task, [r for r in judged if r["task"] == task]) for task in counts}
+        extra = {"needs_judge": {t: sum(bool(r.get("needs_judge")) for r in judged if r["task"] == t) for t in counts},
+                 "judge_lines": {t: [r["id"] for r in judged if r["task"] == t and r.get("needs_judge")]
+                                 for t in counts}}
 
     def average(cat):
         values = [acc for task, acc in tasks.items() if category[task] == cat]
         return sum(values) / len(values) if values else None
 
     return {"tasks": tasks, "counts": counts, "categories": category, "avg_p": average("perception"),
-            "avg_r": average("reasoning")}
+            "avg_r": average("reasoning"), **extra}
 
 
-def prediction(sample: dict, text: str, latents: int = 0) -> dict:
+def prediction(sample: dict, text: str, latents: int = 0, rules: str = "gap") -> dict:
     """One line of an evaluation's predictions: ``id``, ``task``, ``category``, ``expected`` (the sample's
-    answer), ``prediction`` (the response text), ``answer`` (extracted), ``correct``, ``latents`` (written)."""
-    return {"id": sample["id"], "task": sample["task"], "category": sample["category"], "expected": sample["answer"],
-            "prediction": text, "answer": extract_answer(text), "correct": is_correct(text, sample),
+    answer), ``prediction`` (the response text), ``answer`` (extracted), ``correct``, ``latents`` (written);
+    ``rules="vlmevalkit"``: also ``rules``, ``needs_judge`` and the sample's ``meta`` (HRBench's cycles)."""
+    line = {"id": sample["id"], "task": sample["task"], "category": sample["category"], "expected": sample["answer"],
+            "prediction": text, "answer": extract_answer(text), "correct": is_correct(text, sample, rules),
             "latents": int(latents)}
+    if rules == "vlmevalkit":
+        line.update(rules=rules, needs_judge=judge_needed(text, sample), meta=sample.get("meta") or {})
+    return line
 
 
 def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: str | None = None, batch: int = 8,
              max_new_tokens: int = 512, temperature: float = 0.0, seed: int = 0, settings: dict | None = None,
              suppress: list[int] | None = None, span_at: int | None = None, identity: dict | None = None,
              keep_settings: str | None = None, desc: str = "eval", progress: bool | None = None,
-             starts: dict | None = None) -> list[dict]:
+             starts: dict | None = None, protocol: dict | None = None, rules: str = "gap") -> list[dict]:
     """Answer ``samples`` (``load_samples``' output) with the patched ``model`` (its head and GapConfig, with
     ``calibration`` if given, for this run only); write one :func:`prediction` line per sample to the JSONL
     file ``out``; return those lines.
@@ -185,6 +227,8 @@ def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: st
     a file that keeps them after the run (:func:`gapkern.resumable.run_lines`). ``starts``: a dict shared by
     the runs of one loaded model (several calibration modes): the start target is computed once for it and
     these samples, batch and settings, and reused (the model's own target is restored after every run).
+    ``protocol`` (:mod:`gapkern.protocol`): the prompt and every sampling setting (then ``temperature`` and
+    ``max_new_tokens`` are the protocol's); ``rules``: how answers are judged (:func:`is_correct`).
     """
     from ..resumable import read_lines, run_lines, samples_digest
     from ..sampling import ema_start, generate_responses
@@ -203,15 +247,19 @@ def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: st
             start.append(starts[key] if calibrated else None)
         responses = generate_responses(model, tokenizer, chunk, temperature=temperature,
                                        max_new_tokens=max_new_tokens, seed=seed, settings=settings,
-                                       suppress=suppress, span_at=span_at, tau_ema=start[0])
-        return [prediction(sample, one.text, one.latents) for sample, (one,) in zip(chunk, responses)]
+                                       suppress=suppress, span_at=span_at, tau_ema=start[0], protocol=protocol)
+        return [prediction(sample, one.text, one.latents, rules) for sample, (one,) in zip(chunk, responses)]
 
     try:
         if calibration is not None:
             gap.config = dataclasses.replace(config, calibration=calibration)
+        if protocol is not None:
+            temperature, max_new_tokens = protocol["temperature"], protocol["max_new_tokens"]
         run = {**(identity or {}), "gap": gap.to_dict(), "samples": digest, "batch": batch,
                "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "span_at": span_at,
                "suppress": list(suppress or [])}
+        if protocol is not None or rules != "gap":
+            run.update(protocol=protocol, rules=rules)
         run_lines(samples, out, run, compute, batch=batch, desc=desc, line_name="prediction line",
                   out_name="evaluation", keep_settings=keep_settings, progress=progress)
     finally:
