@@ -121,7 +121,7 @@ BAD = [  # (the third line, the field its error names)
     (good_line(steps=[{"latent": {"image": "img/q17.png", "box": [0, 0, "5", 5]}, "parser": "p"}]),
      "steps[0].latent.box"),
     (good_line(steps=[{"latent": {"image": "img/notes.txt", "box": [0, 0, 1, 1]}, "parser": "p"}]),
-     "steps[0].latent.box"),  # a box needs the image's size: the file must be an image
+     "steps[0].latent.image"),  # every image is decoded on load (SPEC 4.1): a text file is no image
 ]
 
 
