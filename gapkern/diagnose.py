@@ -131,6 +131,26 @@ def _writes_latents(model, tokenizer, samples, *, batch, max_new_tokens, suppres
     return probe["count"] > 0
 
 
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def _check_arguments(samples, calibrations, batch, max_new_tokens, span_at, known) -> None:
+    """diagnose's arguments, each refused by name before any work (issue 17 items 6 and 11)."""
+    if not isinstance(samples, (list, tuple)) or not samples:
+        raise ValueError(f"samples: expected a non-empty list of samples (load_samples' output), got {samples!r}")
+    if (isinstance(calibrations, str) or not calibrations
+            or not all(isinstance(c, str) and c in known for c in calibrations)):
+        raise ValueError(f"calibrations: expected a non-empty list of {', '.join(known)}, got {calibrations!r}")
+    _positive("batch", batch)
+    _positive("max_new_tokens", max_new_tokens)
+    if span_at not in (None, "auto") and (isinstance(span_at, bool) or not isinstance(span_at, int)
+                                          or not 0 <= span_at < max_new_tokens):
+        raise ValueError(f"span_at: expected None, 'auto' or a new position in [0, {max_new_tokens}), "
+                         f"got {span_at!r}")
+
+
 def diagnose(model, tokenizer, samples: list[dict], *, calibrations=("none", "rms", "ema"), batch: int = 8,
              max_new_tokens: int = 128, span_at: int | str | None = "auto", suppress: list[int] | None = None,
              settings: dict | None = None, progress: bool | None = None) -> dict:
@@ -143,8 +163,10 @@ def diagnose(model, tokenizer, samples: list[dict], *, calibrations=("none", "rm
     target (:func:`gapkern.sampling.ema_start`), as ``gapkern eval`` does. The model's GapConfig and running
     target are restored at the end. Raises ValueError when no sample has an image.
     """
+    from .config import CALIBRATIONS
     from .sampling import ema_start
 
+    _check_arguments(samples, calibrations, batch, max_new_tokens, span_at, CALIBRATIONS)
     norms = hidden_norms(model, tokenizer, samples, batch=batch, settings=settings, progress=progress)
     visual_in, text_in = norms["input"]["visual"], norms["input"]["text"]
     if visual_in is None:

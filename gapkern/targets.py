@@ -145,9 +145,18 @@ class TargetReader:
         shard = self.index["keys"].get(key)
         if shard is None:
             raise KeyError(f"key: no target {key!r} in {self.folder!r}")
-        if shard not in self._open:
-            self._open[shard] = safe_open(os.path.join(self.folder, shard), framework="pt")
-        return self._open[shard].get_tensor(key)
+        path = os.path.join(self.folder, shard)
+        try:
+            if shard not in self._open:
+                self._open[shard] = safe_open(path, framework="pt")
+            target = self._open[shard].get_tensor(key)
+        except Exception as exc:  # SafetensorError, OSError: a truncated or damaged shard
+            raise ValueError(f"{path}: target {key!r} cannot be read ({exc}); the shard is damaged: delete it "
+                             "and rerun gapkern build-data on the same --out") from None
+        if target.is_floating_point() and not torch.isfinite(target).all():
+            raise ValueError(f"{path}: target {key!r} has non-finite values (NaN or inf); delete the shard and "
+                             "rerun gapkern build-data on the same --out")
+        return target
 
     def targets(self, sample: dict) -> torch.Tensor:
         """The targets of a sample's latent steps stacked in order: (steps, K, D); (0, K, D) for none."""

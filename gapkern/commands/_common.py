@@ -34,6 +34,12 @@ def fraction(value: float, option: str) -> float:
     return value
 
 
+def non_negative(value: float, option: str) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise UsageError(f"{option}: expected a finite number >= 0, got {value}")
+    return value
+
+
 def checkpoint_config(path: str) -> dict:
     """The checkpoint's config.json, after checking that it is a Qwen2.5-VL folder (and that its
     preprocessor_config.json, read later for the image settings, is a JSON object when present)."""

@@ -16,6 +16,7 @@ import math
 import os
 
 from ..config import PROFILES
+from . import UsageError
 from ._common import add_model_arguments, checkpoint_config, gap_settings, load_model, positive_int, read_samples, start
 
 NAME = "build-data"
@@ -59,9 +60,15 @@ def run(args) -> int:
     place = start(args)
     try:
         model = load_model(args.model, place)
-        summary = build_data(model, samples, args.out, g=g, profile=profile, model_path=os.path.abspath(args.model),
-                             source=os.path.abspath(args.samples), settings=image_settings(args.model),
-                             batch_images=args.batch_images, shard_size=args.shard_size)
+        try:
+            summary = build_data(model, samples, args.out, g=g, profile=profile,
+                                 model_path=os.path.abspath(args.model), source=os.path.abspath(args.samples),
+                                 settings=image_settings(args.model), batch_images=args.batch_images,
+                                 shard_size=args.shard_size)
+        except ValueError as exc:
+            if not str(exc).startswith("g: "):
+                raise
+            raise UsageError(f"--grid: {str(exc).removeprefix('g: ')}") from None
     finally:
         distributed.close()
     if place.rank == 0:
