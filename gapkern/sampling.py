@@ -1,7 +1,7 @@
 """Responses to sample lines from one batched, patched ``generate``, each line's draws seeded by its ``id``.
 
 Curation (N attempts per line) and evaluation (one response per line) both
-call :func:`generate_responses`: the prompt is :func:`gapkern.prompts.prompt_batch`'s,
+call :func:`generate_responses`: the prompt is :func:`gapkern.data.prompts.prompt_batch`'s,
 and attempt ``j`` of a line is drawn with ``derive_seed(seed, id, j)``
 (:class:`SeededSampler`), so it does not depend on the other lines of a
 batch, on the number of ranks, or on where a run was resumed.
@@ -20,15 +20,42 @@ from typing import NamedTuple
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .prompts import prompt_batch, to_model
+from .data.prompts import prompt_batch, to_model
 
-__all__ = ["derive_seed", "SeededSampler", "Response", "generate_responses", "ema_start"]
+__all__ = ["derive_seed", "SeededSampler", "ForceTokens", "Response", "generate_responses", "ema_start"]
 
 
 def derive_seed(*parts) -> int:
     """A non-negative 63-bit seed from ``parts`` (the run seed and a line's id, then the attempt, ...)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+class ForceTokens(LogitsProcessor):
+    """A logits processor that scripts tokens: a latent span at a given position (``--span-at``), or spans on
+    random weights in the tests.
+
+    ``schedule`` maps ``(row, i)`` to the token that row must emit at its
+    ``i``-th new position (counting latent positions, as ``max_new_tokens``
+    does); every other choice of a ``banned`` token (the latent start, by
+    default none) is masked out, so random weights never open a span unasked.
+    Pure: the same call gives the same scores, so a cached loop and a naive
+    recomputing loop see identical choices.
+    """
+
+    def __init__(self, prompt_len: int, schedule: dict, banned=()):
+        self.prompt_len, self.schedule, self.banned = prompt_len, dict(schedule), list(banned)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        i = input_ids.shape[1] - self.prompt_len
+        scores = scores.clone()
+        if self.banned:
+            scores[:, self.banned] = float("-inf")
+        for (row, at), token in self.schedule.items():
+            if at == i:
+                scores[row] = float("-inf")
+                scores[row, token] = 0.0
+        return scores
 
 
 class SeededSampler(LogitsProcessor):
@@ -88,8 +115,6 @@ def generate_responses(model, tokenizer, samples: list[dict], *, n: int = 1, tem
     :class:`gapkern.models.StepTrace` handed to ``generate`` (rows in sample
     order, ``n`` per sample).
     """
-    from .testing import ForceTokens
-
     batch = to_model(prompt_batch(model, tokenizer, samples, settings=settings), model)
     prompt_len = batch["input_ids"].shape[1]
     seeds = [derive_seed(seed, sample["id"], j) for sample in samples for j in range(n)]

@@ -47,8 +47,8 @@ def default_grid(budget) -> int:
 
 def run(args) -> int:
     from .. import distributed
-    from ..build import build_data
-    from ..models.prompt import image_settings
+    from ..stages.build import build_data
+    from ..data.images import image_settings
 
     for option in ("grid", "batch_images", "shard_size"):
         if getattr(args, option) is not None:

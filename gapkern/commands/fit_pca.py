@@ -38,8 +38,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from .. import distributed
     from ..data import sample_images
-    from ..models.prompt import image_settings
-    from ..pca import fit_images
+    from ..data.images import image_settings
+    from ..stages.pca import fit_images
 
     fraction(args.variance, "--variance")
     if args.rank is not None:
@@ -68,7 +68,7 @@ def run(args) -> int:
 
 def _write(args, stats, head, n_images, world) -> None:
     """Rank 0: the three files, then the summary."""
-    from ..pca import write_fit_summary
+    from ..stages.pca import write_fit_summary
 
     paths = [os.path.join(args.out, name) for name in ("head.safetensors", "pca.json", "pca.png")]
     head.save(paths[0])

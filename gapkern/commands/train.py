@@ -82,7 +82,7 @@ def _check(args) -> list[str]:
 
 def _data(args):
     """The build-data folder, and its samples with ``hard`` from --curated when given."""
-    from ..build import load_build
+    from ..stages.build import load_build
     from ..train import apply_curation
 
     try:
@@ -120,7 +120,7 @@ def _model(args, build):
 
 
 def run(args) -> int:
-    from ..models.prompt import image_settings
+    from ..data.images import image_settings
     from ..train import train, training_arguments
 
     extra = _check(args)

@@ -34,7 +34,7 @@ def evaluate_all(run) -> tuple[dict, str]:
     from itertools import groupby
 
     from ..data import load_samples
-    from ..evaluate import evaluate, score, write_scores
+    from ..stages.evaluate import evaluate, score, write_scores
     from .stages import load, settings
 
     samples = load_samples(run.eval_file())
@@ -71,7 +71,7 @@ DIAGNOSED = {"gap": "GAP model (PCA head)", "base": "base model used output-as-i
 def diagnose_all(run) -> tuple[dict, str]:
     """SPEC 4.7 on the first eval lines for the GAP model and for the base model as output-as-input."""
     from ..data import load_samples
-    from ..diagnose import diagnose, diagnosis_table, write_diagnosis
+    from ..stages.diagnose import diagnose, diagnosis_table, write_diagnosis
     from .stages import load, settings
 
     samples = load_samples(run.eval_file())[:run.plan.diagnose_lines]

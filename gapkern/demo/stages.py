@@ -32,14 +32,14 @@ class Run:
 
 def load(path: str):
     """A gapkern checkpoint (or a plain one, as the Gap class without its parts) and its tokenizer, eval mode."""
-    from ..commands._common import from_pretrained, load_tokenizer
+    from ..loaders import from_pretrained, load_tokenizer
 
     return from_pretrained(path, gap_class=True).eval(), load_tokenizer(path)
 
 
 def settings(run: Run) -> dict:
     """The image settings of every checkpoint of the demo (they all come from ``init``: the processor's defaults)."""
-    from ..models.prompt import image_settings
+    from ..data.images import image_settings
 
     return image_settings(run.folder("init"))
 
@@ -116,7 +116,7 @@ def make_base(run: Run) -> tuple[dict, str]:
 
 def fit_pca(run: Run) -> tuple[dict, str]:
     from ..data import load_samples, sample_images
-    from ..pca import fit_images, write_fit_summary
+    from ..stages.pca import fit_images, write_fit_summary
 
     model, _ = load(run.folder("base"))
     images = sample_images(load_samples(run.train_file()), latent=True)
@@ -133,7 +133,7 @@ def fit_pca(run: Run) -> tuple[dict, str]:
 
 
 def curate_train(run: Run) -> tuple[dict, str]:
-    from ..curate import curate
+    from ..stages.curate import curate
     from ..data import load_samples
 
     model, tokenizer = load(run.folder("base"))
@@ -158,7 +158,7 @@ def curate_train(run: Run) -> tuple[dict, str]:
 
 
 def build(run: Run) -> tuple[dict, str]:
-    from ..build import build_data
+    from ..stages.build import build_data
     from ..data import load_samples
 
     model, _ = load(run.folder("base"))
@@ -172,7 +172,7 @@ def build(run: Run) -> tuple[dict, str]:
 
 
 def train_gap(run: Run) -> tuple[dict, str]:
-    from ..build import load_build
+    from ..stages.build import load_build
     from ..head import PCALatentHead
     from ..train import attach_gap
 
@@ -186,7 +186,7 @@ def train_gap(run: Run) -> tuple[dict, str]:
 
 
 def train_text(run: Run) -> tuple[dict, str]:
-    from ..build import load_build
+    from ..stages.build import load_build
 
     data = load_build(run.folder("data"))
     model, tokenizer = load(run.folder("base"))
