@@ -2,24 +2,29 @@
 a silently wrong result (exit 0) nor a traceback."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from gapkern.build import build_data
+from gapkern.stages.build import build_data
 from gapkern.cli import main
 from gapkern.data import load_samples
-from gapkern.diagnose import diagnose
+from gapkern.stages.diagnose import diagnose
 from gapkern.testing import tiny_qwen2_5_vl, tiny_tokenizer
 
 from stages import checkpoint, images, line, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     folder = images(tmp_path_factory.mktemp("bad"))
     checkpoint(folder / "model")
+    checkpoint(folder / "gap", gap_budget=4)
     write_jsonl(folder / "train.jsonl", [line(i) for i in range(3)])
     return folder
 
@@ -97,7 +102,7 @@ def test_train_refuses_non_finite_or_negative_numbers_by_flag(capsys, task, tmp_
                                           ("learning_rate", float("inf"))])
 def test_the_library_train_refuses_them_too(task, tmp_path, field, value):
     """Item 5, through gapkern.train.train: refused before any step, naming the argument."""
-    from gapkern.build import load_build
+    from gapkern.stages.build import load_build
     from gapkern.train import train, training_arguments
 
     build = load_build(task["data"])
@@ -172,3 +177,131 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(cap
     assert not (out / "model.safetensors").exists()
     with safe_open(str(out / "checkpoint-1" / "model.safetensors"), "pt") as f:
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+# ---- items 10 and 13: an --out that cannot be written, and two processes on one --out ------------------------
+
+
+def stage_argv(folder, command, out, task=None):
+    """A quick, valid command line of each stage writing to ``out``."""
+    model, samples = str(folder / "model"), str(folder / "train.jsonl")
+    return {
+        "fit-pca": ["fit-pca", "--model", model, "--samples", samples, "--out", out],
+        "build-data": ["build-data", "--model", model, "--samples", samples, "--out", out, "--grid", "2"],
+        "curate": ["curate", "--model", model, "--samples", samples, "--out", out, "--attempts", "1",
+                   "--max-new-tokens", "2"],
+        "eval": ["eval", "--model", str(folder / "gap"), "--samples", samples, "--out", out, "--max-new-tokens", "2",
+                 "--only", "gap/none"],
+        "diagnose": ["diagnose", "--model", model, "--samples", samples, "--out", out, "--max-new-tokens", "2"],
+        "train": train_argv(task, out, "--max-steps", "1") if task else None,
+    }[command]
+
+
+STAGES = ["fit-pca", "build-data", "curate", "eval", "diagnose", "train"]
+
+
+@pytest.mark.parametrize("command", STAGES)
+def test_an_out_of_the_wrong_kind_or_unwritable_is_refused_up_front(capsys, folder, task, tmp_path, command):
+    """Item 10: --out naming a file (curate: a folder), or under a folder nobody may write into (here /proc, a
+    read-only place for root too), were tracebacks in every stage, some after all the work."""
+    wrong = tmp_path / "wrong"
+    wrong.mkdir() if command == "curate" else wrong.write_text("x")
+    err = one_line_error(capsys, stage_argv(folder, command, str(wrong), task), "--out")
+    assert ("is a folder; expected a file path" if command == "curate" else "is a file; expected a folder") in err
+    if os.path.isdir("/proc"):  # Linux
+        err = one_line_error(capsys, stage_argv(folder, command, "/proc/gapkern-test/out", task), "--out")
+        assert "cannot write into '/proc'" in err
+
+
+def test_evaluate_into_an_existing_folder_is_refused_before_any_work(folder, tmp_path):
+    """Item 10: evaluate(out=<existing folder>) answered every line, then failed at the final rename."""
+    from gapkern.outputs import OutputError
+    from gapkern.resumable import run_lines
+
+    calls = []
+    with pytest.raises(OutputError, match="is a folder; expected a file path"):
+        run_lines([{"id": "a"}], str(tmp_path), {}, lambda chunk: calls.append(chunk) or [{"id": "a"}], batch=1,
+                  desc="x")
+    assert calls == []
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A second process that holds a path's lock until it is killed (what a running stage does)."""
+    import signal
+    import subprocess
+    import sys
+
+    procs = []
+
+    def hold(path):
+        code = ("import sys\nfrom gapkern.outputs import out_lock\nwith out_lock(sys.argv[1]):\n"
+                "    print('held', flush=True)\n    sys.stdin.read()\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"  # a marker, not a fixed sleep
+        return proc
+
+    yield hold
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("command", ["build-data", "curate", "eval", "train"])
+def test_a_second_process_on_one_out_is_refused_and_a_killed_holder_blocks_nothing(capsys, folder, task, tmp_path,
+                                                                                     holder, command):
+    """Item 13: two processes on one --out interleaved their lines / shards; now the second refuses at once.
+    The lock is the kernel's (flock): kill -9 of its holder frees it, so the rerun after a crash runs."""
+    import signal
+
+    out = tmp_path / ("out.jsonl" if command == "curate" else "out")
+    locked = out / "gap" / "none" / "predictions.jsonl" if command == "eval" else out
+    proc = holder(locked)
+    err = one_line_error(capsys, stage_argv(folder, command, str(out), task), "--out")
+    assert f"is being written by another process (pid {proc.pid}" in err, err
+    assert not os.path.exists(str(out) + ".parts") and not (out / "targets").exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert main(stage_argv(folder, command, str(out), task)) == 0, capsys.readouterr().err
+    assert not os.path.exists(str(locked) + ".lock")  # released and removed
+
+
+# ---- item 11: library calls whose messages said nothing useful -------------------------------------------------
+
+
+@pytest.mark.parametrize("stage, change, match", [
+    ("curate", {"n": 0}, "n: expected a positive int, got 0"),
+    ("curate", {"samples": []}, "samples: expected a non-empty list"),
+    ("evaluate", {"batch": 0}, "batch: expected a positive int, got 0"),
+    ("evaluate", {"max_new_tokens": -1}, "max_new_tokens: expected a positive int"),
+])
+def test_curate_and_evaluate_refuse_nonsense_by_name(folder, tmp_path, stage, change, match):
+    """Item 11: curate(n=0) and evaluate(batch=0) failed deep inside with messages that named nothing."""
+    from gapkern.stages.curate import curate
+    from gapkern.stages.evaluate import evaluate
+
+    model, ids = tiny_qwen2_5_vl()
+    if stage == "evaluate":
+        from gapkern.loaders import from_pretrained
+
+        model = from_pretrained(str(folder / "gap"), gap_class=True)
+    kwargs = {"samples": load_samples(str(folder / "train.jsonl")), **change}
+    with pytest.raises(ValueError, match=match):
+        (curate if stage == "curate" else evaluate)(model, tiny_tokenizer(ids), kwargs.pop("samples"),
+                                                    str(tmp_path / "out.jsonl"), **kwargs)
+    assert not os.listdir(tmp_path)
+
+
+def test_fit_images_names_a_bad_model_or_images(folder):
+    """Item 11: fit_images(model, "a/path.png") iterated the string's characters; fit_images(None, ...) was an
+    AttributeError."""
+    from gapkern.stages.pca import fit_images
+
+    model, _ = tiny_qwen2_5_vl()
+    with pytest.raises(ValueError, match=r"images: expected a list of \(path, box\) pairs .*'a/path.png'"):
+        fit_images(model, "a/path.png")
+    with pytest.raises(ValueError, match="model: expected a Qwen2.5-VL model .*got NoneType"):
+        fit_images(None, [(str(folder / "img" / "0.png"), None)])

@@ -76,9 +76,14 @@ def check_span_at(value, max_new_tokens: int, never: bool = True) -> None:
                          f"(--max-new-tokens {max_new_tokens}), got {value}")
 
 
-def check_out_folder(path: str) -> None:
-    if os.path.isfile(path):
-        raise UsageError(f"--out: {path!r} is a file; expected a folder")
+def check_out_folder(path: str, *, folder: bool = True) -> None:
+    """--out can be written (a folder, or a file when not ``folder``): checked before any work."""
+    from ..outputs import OutputError, check_writable
+
+    try:
+        check_writable(path, folder=folder, name="--out")
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def device_of(text: str):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from . import UsageError
-from ._common import (add_model_arguments, check_temperature, load_model, load_tokenizer, positive_int, read_samples,
+from ._common import (add_model_arguments, check_out_folder, check_temperature, load_model, load_tokenizer, positive_int, read_samples,
                       start)
 
 NAME = "curate"
@@ -40,8 +40,7 @@ def _check(args) -> None:
     for option in ("attempts", "max_new_tokens", "batch"):
         positive_int(getattr(args, "n" if option == "attempts" else option), "--" + option.replace("_", "-"))
     check_temperature(args.temperature)
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out: {args.out!r} is a folder; expected a file name")
+    check_out_folder(args.out, folder=False)
 
 
 def _prepare(model, tokenizer):
@@ -57,6 +56,7 @@ def _prepare(model, tokenizer):
 
 def run(args) -> int:
     from .. import distributed
+    from ..outputs import OutputError
     from ..stages.curate import ResumeError, curate
     from ..data.images import image_settings
 
@@ -72,7 +72,7 @@ def run(args) -> int:
                              max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
                              settings=image_settings(args.model), suppress=suppress,
                              identity={"model": os.path.abspath(args.model)})
-        except ResumeError as exc:
+        except (ResumeError, OutputError) as exc:
             raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     finally:
         distributed.close()

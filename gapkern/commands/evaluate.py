@@ -145,6 +145,7 @@ def _evaluate_all(args, runs, head, samples, place) -> dict:
 def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) -> dict:
     from ..stages.evaluate import evaluate, score
     from ..data.images import image_settings
+    from ..outputs import OutputError
     from ..resumable import ResumeError
     from ._gap import head_name
 
@@ -156,7 +157,7 @@ def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) 
                            seed=args.seed, settings=image_settings(one["path"]), suppress=suppress,
                            span_at=args.span_at, identity={"model": os.path.abspath(one["path"]), "head": used},
                            keep_settings=os.path.join(folder, "settings.json"), desc=one["name"], starts=starts)
-    except ResumeError as exc:
+    except (ResumeError, OutputError) as exc:
         raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     return {**score(records), "model": os.path.abspath(one["path"]), "calibration": one["calibration"],
             "head": used, "predictions": f"{one['name']}/predictions.jsonl",

@@ -15,7 +15,7 @@ import os
 import shutil
 
 from . import UsageError
-from ._common import checkpoint_config, from_pretrained, load_tokenizer, non_negative, positive_int
+from ._common import check_out_folder, checkpoint_config, from_pretrained, load_tokenizer, non_negative, positive_int
 
 NAME = "train"
 HELP = "teacher-forced GAP training (transformers.Trainer): text CE + latent coefficient MSE"
@@ -72,6 +72,7 @@ def _check(args) -> list[str]:
         raise UsageError(f"--epochs: expected a finite positive number, got {args.epochs}")
     non_negative(args.lr, "--lr")
     non_negative(args.latent_loss_weight, "--latent-loss-weight")
+    check_out_folder(args.out)
     if args.lora is not None:
         positive_int(args.lora, "--lora")
         if args.freeze_lm:
@@ -121,6 +122,7 @@ def _model(args, build):
 
 def run(args) -> int:
     from ..data.images import image_settings
+    from ..outputs import OutputError
     from ..train import train, training_arguments
 
     extra = _check(args)
@@ -138,6 +140,8 @@ def run(args) -> int:
                         image_settings=image_settings(args.model), resume=True if args.resume == "last" else args.resume,
                         latent_loss_weight=args.latent_loss_weight, train_vision=args.train_vision,
                         freeze_lm=args.freeze_lm, lora=args.lora)
+    except OutputError as exc:  # another process on --out
+        raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     except (ValueError, ImportError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from None
     if summary["main"]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from .. import distributed
 from ..config import PROFILES
+from ..errors import check_samples
+from ..outputs import holds_out
 from .._io import atomic_write_json, atomic_write_text, read_json
 from ..data import image_embeddings, latent_keys, load_samples, pool_targets, uses_latents
 from ..data.targets import TargetReader, TargetWriter
@@ -34,6 +36,7 @@ def _latent_inputs(sample: dict) -> list[tuple[str, tuple[str, list | None]]]:
     return [(key, (step["image"], step.get("box"))) for key, step in zip(latent_keys(sample), steps)]
 
 
+@holds_out(folder=True)
 def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, model_path: str,
                source: str | None = None, settings: dict | None = None, batch_images: int = 8,
                shard_size: int = 64, progress: bool | None = None) -> dict:
@@ -50,8 +53,7 @@ def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, mo
         raise ValueError(f"g: expected a positive int (K = g*g latents per span), got {g!r}")
     if profile not in PROFILES:
         raise ValueError(f"profile: expected one of {', '.join(PROFILES)}, got {profile!r}")
-    if not isinstance(samples, (list, tuple)) or not samples:
-        raise ValueError(f"samples: expected a non-empty list of samples (load_samples' output), got {samples!r}")
+    check_samples(samples)
     rank, world = distributed.rank_world()
     dim = model.config.text_config.hidden_size
     latent = [s for s in samples if uses_latents(s) and latent_keys(s)]

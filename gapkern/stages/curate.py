@@ -19,6 +19,7 @@ Each output line is the validated input line (image paths absolute) plus
 from __future__ import annotations
 
 from .evaluate import is_correct
+from ..errors import check_positive, check_samples
 from ..resumable import ResumeError, read_lines, run_lines, samples_digest
 from ..sampling import SeededSampler, derive_seed, generate_responses
 
@@ -61,6 +62,9 @@ def curate(model, tokenizer, samples: list[dict], out: str, *, n: int = 8, tempe
     resumed run must match.
     Returns ``{"lines", "hard", "resumed"}`` (resumed: lines an interrupted run had finished).
     """
+    check_samples(samples)
+    for name, value in (("n", n), ("max_new_tokens", max_new_tokens), ("batch", batch)):
+        check_positive(name, value)
     run = {**(identity or {}), "samples": samples_digest(samples), "n": n, "temperature": temperature,
            "max_new_tokens": max_new_tokens, "seed": seed}
 

@@ -21,6 +21,7 @@ import torch
 
 from .. import distributed
 from .._io import atomic_write, atomic_write_json
+from ..errors import check_positive, check_samples
 
 __all__ = ["hidden_norms", "latent_norms", "diagnose", "write_diagnosis", "diagnosis_table", "FORCED_SPAN_AT"]
 
@@ -131,20 +132,14 @@ def _writes_latents(model, tokenizer, samples, *, batch, max_new_tokens, suppres
     return probe["count"] > 0
 
 
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-
-
 def _check_arguments(samples, calibrations, batch, max_new_tokens, span_at, known) -> None:
     """diagnose's arguments, each refused by name before any work (issue 17 items 6 and 11)."""
-    if not isinstance(samples, (list, tuple)) or not samples:
-        raise ValueError(f"samples: expected a non-empty list of samples (load_samples' output), got {samples!r}")
+    check_samples(samples)
     if (isinstance(calibrations, str) or not calibrations
             or not all(isinstance(c, str) and c in known for c in calibrations)):
         raise ValueError(f"calibrations: expected a non-empty list of {', '.join(known)}, got {calibrations!r}")
-    _positive("batch", batch)
-    _positive("max_new_tokens", max_new_tokens)
+    check_positive("batch", batch)
+    check_positive("max_new_tokens", max_new_tokens)
     if span_at not in (None, "auto") and (isinstance(span_at, bool) or not isinstance(span_at, int)
                                           or not 0 <= span_at < max_new_tokens):
         raise ValueError(f"span_at: expected None, 'auto' or a new position in [0, {max_new_tokens}), "

@@ -233,9 +233,16 @@ def fit_images(model, images, *, settings: dict | None = None, batch_images: int
 
     from ..data import image_embeddings
 
+    if not hasattr(getattr(getattr(model, "config", None), "text_config", None), "hidden_size"):
+        raise ValueError(f"model: expected a Qwen2.5-VL model (e.g. gapkern.loaders.from_pretrained), got "
+                         f"{type(model).__name__}")
+    images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    if not all(isinstance(i, (list, tuple)) and len(i) == 2 for i in images):
+        raise ValueError(f"images: expected a list of (path, box) pairs (gapkern.data.sample_images), got "
+                         f"{images[:3]!r}")
     rank, world = distributed.rank_world()
     stats = PCAStats(model.config.text_config.hidden_size)
-    mine = list(images)[rank::world]
+    mine = images[rank::world]
     with tqdm(total=len(mine), desc="pca", unit="image", disable=distributed.bar_disable(progress)) as bar:
         for embeds, _ in image_embeddings(model, mine, settings=settings, batch_images=batch_images):
             stats.update(embeds)

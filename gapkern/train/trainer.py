@@ -26,6 +26,7 @@ from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArg
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import KEEP_HEAD
+from ..outputs import holds_out
 from ..data import latent_keys, uses_latents
 from ..models.tokens import add_latent_tokens
 from .collate import GapCollator
@@ -253,6 +254,7 @@ def training_arguments(out: str, extra=(), **fields) -> TrainingArguments:
     return args
 
 
+@holds_out(folder=True)
 def train(model, tokenizer, samples: list[dict], out: str, *, targets=None, args: TrainingArguments | None = None,
           image_settings: dict | None = None, resume: str | bool | None = None, latent_loss_weight: float = 1.0,
           train_vision: bool = False, freeze_lm: bool = False, lora: int | None = None,
