@@ -305,3 +305,54 @@ def test_fit_images_names_a_bad_model_or_images(folder):
         fit_images(model, "a/path.png")
     with pytest.raises(ValueError, match="model: expected a Qwen2.5-VL model .*got NoneType"):
         fit_images(None, [(str(folder / "img" / "0.png"), None)])
+
+
+# ---- item 9 (rest): a model folder that disagrees with itself --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def damaged_models(folder, tmp_path_factory):
+    """Copies of the tiny checkpoint: config.json wider than the weights; preprocessor settings of a wrong type."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(folder / "model", root / "config")
+    config = json.loads((root / "config" / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (root / "config" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(folder / "model", root / "pre")
+    (root / "pre" / "preprocessor_config.json").write_text(json.dumps({"min_pixels": "many", "image_std": 0.5}))
+    return root
+
+
+@pytest.mark.parametrize("command", ["fit-pca", "build-data", "curate", "diagnose"])
+@pytest.mark.parametrize("damage, match", [("config", r"config.json' disagrees with the weights .* tensor\(s\) of "
+                                                      r"other shapes \(first: .*mlp"),
+                                           ("pre", r"preprocessor_config.json:image_std: expected a list")])
+def test_a_model_folder_that_disagrees_with_itself_is_one_line(capsys, folder, damaged_models, tmp_path, command,
+                                                               damage, match):
+    """Item 9: a config.json that disagrees with its weights, or a preprocessor_config.json with a wrong type,
+    was a traceback (after transformers' long load report) in every stage."""
+    import re
+
+    argv = stage_argv(folder, command, str(tmp_path / "out"))
+    argv[argv.index("--model") + 1] = str(damaged_models / damage)
+    err = one_line_error(capsys, argv, "--model")
+    assert re.search(match, err), err
+
+
+def test_wrong_types_in_the_image_settings_name_the_field(tmp_path):
+    """Item 9: each image setting is checked when the file is read (file:field, what was expected)."""
+    import json
+
+    from gapkern.data.images import image_settings
+
+    for data, match in [({"min_pixels": "many"}, "min_pixels: expected a positive int"),
+                        ({"image_mean": [0.5, 0.5]}, "image_mean: expected 3 finite numbers"),
+                        ({"image_std": [0.5, 0, 0.5]}, r"image_std: expected 3 finite numbers > 0"),
+                        ({"min_pixels": 10, "max_pixels": 5}, "min_pixels: 10 is above max_pixels 5"),
+                        ({"size": [1, 2]}, "expected a JSON object with an object 'size'")]:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=match):
+            image_settings(str(tmp_path))
