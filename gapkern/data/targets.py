@@ -111,6 +111,9 @@ class TargetWriter:
                  "dtype": dtype, "shards": [self.shard_name(i) for i in range(len(self.shards))],
                  "keys": {k: self.shard_name(i) for i, keys in enumerate(self.keys) for k in keys}}
         atomic_write_json(os.path.join(self.folder, INDEX), index, indent=None, end="")
+        for name in os.listdir(self.folder):  # a killed run's temp files (every rank has finished by now)
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(self.folder, name))
         return index
 
 
