@@ -22,7 +22,13 @@ def checkpoint_config(path: str) -> dict:
     if data.get("model_type") != "qwen2_5_vl":
         raise UsageError(f"--model: {path!r} holds a {data.get('model_type')!r} checkpoint; "
                          "expected Qwen2.5-VL (model_type 'qwen2_5_vl')")
-    _json_object(os.path.join(path, "preprocessor_config.json"), required=False)
+    if _json_object(os.path.join(path, "preprocessor_config.json"), required=False) is not None:
+        from .data.images import image_settings
+
+        try:
+            image_settings(path)  # each setting of the right type, before any stage reads them
+        except ValueError as exc:
+            raise UsageError(f"--model: {exc}") from None
     return data
 
 
@@ -59,15 +65,40 @@ def from_pretrained(path: str, dtype=None, *, gap_class: bool = False):
     bars = hf_logging.is_progress_bar_enabled()
     if not sys.stderr.isatty():  # HF's loading bars print even into a log file; ours are quiet there
         hf_logging.disable_progress_bar()
+    report = hf_logging.get_logger("transformers.utils.loading_report")
+    level = report.level
+    report.setLevel(hf_logging.ERROR)  # its table of mismatched shapes: one line below says what to fix
     try:
-        return cls.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
+        model, info = cls.from_pretrained(path, ignore_mismatched_sizes=True, output_loading_info=True,
+                                          **({} if dtype is None else {"dtype": dtype}))
+        _check_loading(path, info)
+        return model
     except (CheckpointError, OSError) as exc:  # OSError: transformers' "no weights file in ..."
         raise UsageError(f"--model: {' '.join(str(exc).split())}") from None
     except SafetensorError as exc:
         raise UsageError(f"--model: a weights file in {path!r} is damaged ({exc})") from None
     finally:
+        report.setLevel(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _check_loading(path: str, info: dict) -> None:
+    """A config.json that disagrees with the weights is an error (transformers would reinitialise those
+    tensors, or raise after a long report); keys missing from the weights are one warning line."""
+    import warnings
+
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, saved, wanted = mismatched[0]
+        raise UsageError(f"--model: {os.path.join(path, 'config.json')!r} disagrees with the weights in {path!r}: "
+                         f"{len(mismatched)} tensor(s) of other shapes (first: {key} is {list(saved)} in the "
+                         f"weights, {list(wanted)} by the config); fix config.json or use the checkpoint it "
+                         "was saved with")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        warnings.warn(f"{path}: {len(missing)} weight(s) not in the checkpoint, left as initialised "
+                      f"(first: {missing[0]})", stacklevel=3)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")

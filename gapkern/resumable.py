@@ -20,6 +20,7 @@ import shutil
 
 from . import distributed
 from ._io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from .outputs import holds_out
 
 __all__ = ["ResumeError", "samples_digest", "run_lines", "read_lines"]
 
@@ -133,6 +134,7 @@ def _finished(out: str, samples: list[dict], out_name: str, settings: dict, keep
     return True
 
 
+@holds_out(folder=False)
 def run_lines(samples: list[dict], out: str, settings: dict, compute, *, batch: int, desc: str,
               line_name: str = "output line", out_name: str = "output", keep_settings: str | None = None,
               progress: bool | None = None) -> int:
@@ -142,7 +144,8 @@ def run_lines(samples: list[dict], out: str, settings: dict, compute, *, batch: 
     in order, each with the sample's ``id``. ``settings`` (JSON) is what a resumed run must match.
     ``keep_settings``: a file that keeps the settings of the finished run, so a rerun with other settings is an
     error rather than a silent reuse. ``line_name`` / ``out_name`` name a line and ``out`` in errors.
-    Returns how many lines an earlier run had finished (all of them when ``out`` was complete).
+    Returns how many lines an earlier run had finished (all of them when ``out`` was complete). ``out`` is
+    checked writable first, and held by one process (:func:`gapkern.outputs.holds_out`) for the run.
     """
     from tqdm import tqdm
 

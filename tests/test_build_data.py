@@ -25,7 +25,9 @@ def folder(tmp_path_factory):
     checkpoint(folder / "model")
     checkpoint(folder / "gap9", gap_budget=9)
     lines = [line(i) for i in range(5)]
-    lines[2]["steps"].append({"latent": {"image": "img/2.png"}, "parser": "the whole image"})  # no box
+    for i, one in enumerate(lines):  # crops of at least 4x4 merged cells: g up to 4 (issue 17 item 4)
+        one["steps"][1]["latent"] = {"image": f"img/{(0, 3)[i % 2]}.png", "box": [0, 0, 112 + 14 * i, 112]}
+    lines[2]["steps"].append({"latent": {"image": "img/0.png"}, "parser": "the whole image"})  # no box
     lines[3]["steps"] = [{"text": "no latent step here"}]
     write_jsonl(folder / "train.jsonl", lines)
     return folder

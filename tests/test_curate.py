@@ -229,3 +229,26 @@ def test_two_ranks_curate_what_one_curates(capsys, folder, tmp_path):
     one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")
     assert [x["id"] for x in two] == [x["id"] for x in one]  # rank 0 merged in input order
     assert two == one  # each line's draws depend on its seed only (here, numerics agree too)
+
+
+def test_a_finished_file_is_not_reused_for_other_settings(capsys, folder, tmp_path):
+    """Issue 17 item 2: a finished OUT rerun with another --attempts / --seed / --model or other answers (same
+    ids) is refused, as eval refuses it; the same settings still find it done."""
+    out = tmp_path / "cur.jsonl"
+    curate(capsys, folder, out, "--batch", "7")
+    done = out.read_bytes()
+    assert json.loads((tmp_path / "cur.jsonl.settings.json").read_text())["n"] == N
+    for extra, what in [(["--n", str(N + 1)], f"n {N} -> {N + 1}"), (["--seed", "5"], "seed 0 -> 5")]:
+        err = curate(capsys, folder, out, "--batch", "7", *extra, code=2)
+        assert "is a finished run with other settings" in err and what in err and err.count("\n") == 1, err
+    checkpoint(tmp_path / "other")
+    err = main(["curate", "--model", str(tmp_path / "other"), "--samples", str(folder / "train.jsonl"),
+                "--out", str(out), "--n", str(N), "--max-new-tokens", str(NEW)])
+    assert err == 2 and "other settings (model " in capsys.readouterr().err
+    answered = read_jsonl(folder / "train.jsonl")
+    answered[0]["answer"] = "C"
+    write_jsonl(folder / "answered-c.jsonl", answered)
+    err = curate(capsys, folder, out, samples="answered-c.jsonl", code=2)
+    assert "other settings (samples " in err
+    assert out.read_bytes() == done
+    assert "0 line(s) now, 7 done" in curate(capsys, folder, out, "--batch", "7")

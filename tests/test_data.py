@@ -121,7 +121,7 @@ BAD = [  # (the third line, the field its error names)
     (good_line(steps=[{"latent": {"image": "img/q17.png", "box": [0, 0, "5", 5]}, "parser": "p"}]),
      "steps[0].latent.box"),
     (good_line(steps=[{"latent": {"image": "img/notes.txt", "box": [0, 0, 1, 1]}, "parser": "p"}]),
-     "steps[0].latent.box"),  # a box needs the image's size: the file must be an image
+     "steps[0].latent.image"),  # every image is decoded on load (SPEC 4.1): a text file is no image
 ]
 
 
@@ -392,3 +392,47 @@ def test_writer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="folder: no index.json"):
         TargetReader(str(tmp_path))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+# ---- issue 17: what once passed the check and failed (or went wrong) later ------------------------------------
+
+
+def test_an_unknown_key_is_an_error_and_meta_is_kept(folder):
+    """Issue 17 item 1: a misspelt ``choises`` once turned a choice question into free text."""
+    line = good_line(choices=DROP, choises=["red", "green"], answer="x")
+    with pytest.raises(SampleError, match=r":1:choises: unknown key .*put extras under 'meta'"):
+        load_samples(write_jsonl(folder / "bad.jsonl", [line]))
+    kept = load_samples(write_jsonl(folder / "meta.jsonl", [good_line(meta={"source": "x"}, hard=True)]))
+    assert kept[0]["meta"] == {"source": "x"} and kept[0]["hard"] is True
+    with pytest.raises(SampleError, match=r":1:hard: expected a bool"):
+        load_samples(write_jsonl(folder / "hard.jsonl", [good_line(hard="yes")]))
+
+
+@pytest.mark.parametrize("content", ["text", "empty", "truncated", "bomb"])
+def test_an_unreadable_image_is_an_error_when_the_file_is_loaded(folder, content, monkeypatch):
+    """Issue 17 item 7: such images passed (only existence was checked) and were PIL tracebacks in the stages."""
+    import PIL.Image
+
+    png = (folder / "img" / "q17.png").read_bytes()
+    data = {"text": b"not an image", "empty": b"", "truncated": png[:len(png) // 2], "bomb": png}[content]
+    (folder / "img" / "bad.png").write_bytes(data)
+    if content == "bomb":
+        monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # 224x224 > 2x the limit: a decompression bomb
+    path = write_jsonl(folder / "bad.jsonl", [good_line(image="img/bad.png", steps=DROP)])
+    with pytest.raises(SampleError, match=r"bad.jsonl:1:image: cannot read the image .*bad.png"):
+        load_samples(path)
+
+
+def test_a_box_that_rounds_to_no_pixel_is_an_error(folder):
+    """Issue 17 item 8: [0.2, 0, 0.4, 10] rounds to a 0-wide crop; fit-pca / build-data failed on it."""
+    line = good_line(steps=[{"latent": {"image": "img/q17.png", "box": [0.2, 0, 0.4, 10]}, "parser": "p"}])
+    with pytest.raises(SampleError, match=r":1:steps\[0\].latent.box: .* rounds to an empty crop"):
+        load_samples(write_jsonl(folder / "bad.jsonl", [line]))
+
+
+def test_a_non_utf8_byte_names_its_line(folder):
+    """Issue 17 item 9: a UnicodeDecodeError named no line."""
+    path = folder / "bad.jsonl"
+    path.write_bytes(json.dumps(good_line(id="a")).encode() + b"\n" + b'{"id": "\xff"}\n')
+    with pytest.raises(SampleError, match=r"bad.jsonl:2:line: not UTF-8 text \(byte 0xff at column 9\)"):
+        load_samples(str(path))

@@ -218,9 +218,10 @@ def test_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="no variance"):
         flat.fit()
     line = PCAStats(D).update(torch.randn(30, 1, dtype=torch.float64) * torch.randn(1, D, dtype=torch.float64))
-    with pytest.raises(ValueError, match="rank: eigenvalue 2 is zero"):
-        line.fit(rank=2)
-    assert line.fit(rank=2, whiten=False).rank == 2
+    for whiten in (True, False):  # a noise direction is no direction, whitened or not (issue 17 item 3)
+        with pytest.raises(ValueError, match="rank: eigenvalue 2 is .*, rounding noise"):
+            line.fit(rank=2, whiten=whiten)
+    assert line.fit(rank=1, whiten=False).rank == 1
     with pytest.raises(FileNotFoundError, match="path: no PCA statistics file"):
         PCAStats.load(str(tmp_path / "missing.safetensors"))
     PCALatentHead(torch.eye(D)[:, :2], torch.zeros(D)).save(str(tmp_path / "head.safetensors"))
@@ -249,3 +250,17 @@ def test_hidden_size_3584_streams_in_bounded_memory():
     rows = slice(0, 64)  # a corner of the covariance against the direct float64 computation
     expected = torch.from_numpy(np.cov(x.numpy(), rowvar=False)[rows, rows])
     torch.testing.assert_close(stats.covariance()[rows, rows], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_noise_and_too_few_rows_are_refused_saying_why():
+    """Issue 17 item 3: four equal rows (a 1x1 image's merged tokens) differ by rounding only; their ~1e-17
+    eigenvalues once made a d=3 head with explained variance 1.0. Too few rows for the rank is refused too."""
+    rows = torch.rand(1, 64, dtype=torch.float64).repeat(4, 1)
+    noisy = PCAStats(64).update(rows + torch.randn(4, 64, dtype=torch.float64) * 1e-16 * rows)  # last-bit noise
+    assert float(noisy.eigen()[0][0]) > 0  # the cancellation leaves a positive, meaningless eigenvalue
+    with pytest.raises(ValueError, match="no variance above rounding noise"):
+        noisy.fit(0.95)
+    few = PCAStats(8).update(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="rank: 3 embeddings span at most 2 directions, too few for rank 3"):
+        few.fit(rank=3)
+    assert few.fit(rank=2).rank == 2

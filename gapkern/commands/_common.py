@@ -37,6 +37,12 @@ def fraction(value: float, option: str) -> float:
     return value
 
 
+def non_negative(value: float, option: str) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise UsageError(f"{option}: expected a finite number >= 0, got {value}")
+    return value
+
+
 def add_samples_arguments(parser, help: str = "the sample file (JSONL, SPEC 4.1)") -> None:
     """``--samples`` (a JSONL sample file or a VLMEvalKit TSV) and ``--category`` (a TSV outside gapkern's table)."""
     parser.add_argument("--samples", required=True, metavar="FILE",
@@ -80,9 +86,14 @@ def check_span_at(value, max_new_tokens: int, never: bool = True) -> None:
                          f"(--max-new-tokens {max_new_tokens}), got {value}")
 
 
-def check_out_folder(path: str) -> None:
-    if os.path.isfile(path):
-        raise UsageError(f"--out: {path!r} is a file; expected a folder")
+def check_out_folder(path: str, *, folder: bool = True) -> None:
+    """--out can be written (a folder, or a file when not ``folder``): checked before any work."""
+    from ..outputs import OutputError, check_writable
+
+    try:
+        check_writable(path, folder=folder, name="--out")
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def device_of(text: str):

@@ -16,8 +16,9 @@ import math
 import os
 
 from ..config import PROFILES
-from ._common import (add_model_arguments, add_samples_arguments, checkpoint_config, gap_settings, load_vision,
-                      positive_int, read_samples, start)
+from . import UsageError
+from ._common import (add_model_arguments, add_samples_arguments, check_out_folder, checkpoint_config, gap_settings,
+                      load_vision, positive_int, read_samples, start)
 
 NAME = "build-data"
 HELP = "validate a sample file and compute its latent targets: the folder gapkern train reads"
@@ -46,12 +47,14 @@ def default_grid(budget) -> int:
 
 def run(args) -> int:
     from .. import distributed
+    from ..outputs import OutputError
     from ..stages.build import build_data
     from ..data.images import image_settings
 
     for option in ("grid", "batch_images", "shard_size"):
         if getattr(args, option) is not None:
             positive_int(getattr(args, option), "--" + option.replace("_", "-"))
+    check_out_folder(args.out)
     gap = gap_settings(checkpoint_config(args.model))
     g = args.grid or default_grid(gap.get("latent_budget", 16))
     profile = args.profile or gap.get("profile", "gap")
@@ -59,9 +62,17 @@ def run(args) -> int:
     place = start(args)
     try:
         model = load_vision(args.model, place)
-        summary = build_data(model, samples, args.out, g=g, profile=profile, model_path=os.path.abspath(args.model),
-                             source=os.path.abspath(args.samples), settings=image_settings(args.model),
-                             batch_images=args.batch_images, shard_size=args.shard_size)
+        try:
+            summary = build_data(model, samples, args.out, g=g, profile=profile,
+                                 model_path=os.path.abspath(args.model), source=os.path.abspath(args.samples),
+                                 settings=image_settings(args.model), batch_images=args.batch_images,
+                                 shard_size=args.shard_size)
+        except OutputError as exc:  # another process on --out
+            raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
+        except ValueError as exc:
+            if not str(exc).startswith("g: "):
+                raise
+            raise UsageError(f"--grid: {str(exc).removeprefix('g: ')}") from None
     finally:
         distributed.close()
     if place.rank == 0:

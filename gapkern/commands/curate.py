@@ -15,8 +15,8 @@ import os
 
 from . import UsageError
 from ._gap import add_layout_arguments
-from ._common import (add_model_arguments, add_samples_arguments, check_temperature, load_model, load_tokenizer,
-                      positive_int, read_samples,
+from ._common import (add_model_arguments, add_samples_arguments, check_out_folder, check_temperature, load_model,
+                      load_tokenizer, positive_int, read_samples,
                       start)
 
 NAME = "curate"
@@ -43,8 +43,7 @@ def _check(args) -> None:
     for option in ("attempts", "max_new_tokens", "batch"):
         positive_int(getattr(args, "n" if option == "attempts" else option), "--" + option.replace("_", "-"))
     check_temperature(args.temperature)
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out: {args.out!r} is a folder; expected a file name")
+    check_out_folder(args.out, folder=False)
 
 
 def _prepare(model, tokenizer, args):
@@ -70,6 +69,7 @@ def _generation(args, model) -> dict:
 
 def run(args) -> int:
     from .. import distributed
+    from ..outputs import OutputError
     from ..stages.curate import ResumeError, curate
     from ..data.images import image_settings
 
@@ -87,7 +87,7 @@ def run(args) -> int:
                              identity={"model": os.path.abspath(args.model), "gap": model.gap.config.to_dict(),
                                        **_generation(args, model)},
                              keep_settings=args.out + ".settings.json")
-        except ResumeError as exc:
+        except (ResumeError, OutputError) as exc:
             raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     finally:
         distributed.close()

@@ -194,6 +194,7 @@ def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) 
     from ..stages.evaluate import evaluate, score
     from ..data.images import image_settings
     from ..protocol import PRESETS, image_bounds, sampling, set_aside
+    from ..outputs import OutputError
     from ..resumable import ResumeError
     from ._gap import head_name
 
@@ -209,7 +210,7 @@ def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) 
                            suppress=suppress, protocol=protocol, rules=args.rules,
                            span_at=args.span_at, identity={"model": os.path.abspath(one["path"]), "head": used},
                            keep_settings=os.path.join(folder, "settings.json"), desc=one["name"], starts=starts)
-    except ResumeError as exc:
+    except (ResumeError, OutputError) as exc:
         raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
     if protocol is None:  # the gap preset with this command's --temperature / --max-new-tokens
         protocol = {**PRESETS["gap"], "temperature": args.temperature, "max_new_tokens": args.max_new_tokens}

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 
 from . import UsageError
-from ._common import (add_model_arguments, add_samples_arguments, checkpoint_config, fraction, hidden_size,
-                      load_vision, positive_int,
+from ._common import (add_model_arguments, add_samples_arguments, check_out_folder, checkpoint_config, fraction,
+                      hidden_size, load_vision, positive_int,
                       read_samples, start)
 
 NAME = "fit-pca"
@@ -46,6 +46,7 @@ def run(args) -> int:
     if args.rank is not None:
         positive_int(args.rank, "--rank")
     positive_int(args.batch_images, "--batch-images")
+    check_out_folder(args.out)
     dim = hidden_size(checkpoint_config(args.model))
     if args.rank is not None and args.rank > dim:
         raise UsageError(f"--rank: expected at most the embedding width D={dim}, got {args.rank}")

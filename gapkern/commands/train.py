@@ -10,11 +10,12 @@ TrainingArguments flag can follow ``--``, e.g.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 
 from . import UsageError
-from ._common import checkpoint_config, from_pretrained, load_tokenizer, positive_int
+from ._common import check_out_folder, checkpoint_config, from_pretrained, load_tokenizer, non_negative, positive_int
 
 NAME = "train"
 HELP = "teacher-forced GAP training (transformers.Trainer): text CE + latent coefficient MSE"
@@ -78,8 +79,11 @@ def _check(args) -> list[str]:
         raise UsageError(f"--keep-checkpoints: expected 0 or a positive number, got {args.keep_checkpoints}")
     if args.max_steps == 0 or args.max_steps < -1:
         raise UsageError(f"--max-steps: expected a positive number of steps, got {args.max_steps}")
-    if not args.epochs > 0:
-        raise UsageError(f"--epochs: expected a positive number, got {args.epochs}")
+    if not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise UsageError(f"--epochs: expected a finite positive number, got {args.epochs}")
+    non_negative(args.lr, "--lr")
+    non_negative(args.latent_loss_weight, "--latent-loss-weight")
+    check_out_folder(args.out)
     if args.lora is not None:
         positive_int(args.lora, "--lora")
         if args.freeze_lm:
@@ -139,6 +143,7 @@ def _dtype(args) -> str:
 
 def run(args) -> int:
     from ..data.images import image_settings
+    from ..outputs import OutputError
     from ..train import train, training_arguments
 
     extra = _check(args)
@@ -157,7 +162,9 @@ def run(args) -> int:
                         image_settings=image_settings(args.model), resume=True if args.resume == "last" else args.resume,
                         latent_loss_weight=args.latent_loss_weight, train_vision=args.train_vision,
                         freeze_lm=args.freeze_lm, lora=args.lora)
-    except (ValueError, ImportError) as exc:
+    except OutputError as exc:  # another process on --out
+        raise UsageError(f"--out: {str(exc).removeprefix('out: ')}") from None
+    except (ValueError, ImportError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from None
     if summary["main"]:
         _copy_image_settings(args.model, args.out)

@@ -30,12 +30,34 @@ def image_settings(folder: str | None) -> dict:
         return out
     with open(path) as f:
         data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("size") or {}, dict):
+        raise ValueError(f"{path}: expected a JSON object with an object 'size', got {data!r:.80}")
     size = data.get("size") or {}
+    for name in ("image_mean", "image_std"):
+        if not isinstance(data.get(name, []), (list, tuple)):
+            raise ValueError(f"{path}:{name}: expected a list of 3 numbers, got {data[name]!r}")
     out["mean"] = tuple(data.get("image_mean", out["mean"]))
     out["std"] = tuple(data.get("image_std", out["std"]))
     out["min_pixels"] = data.get("min_pixels", size.get("shortest_edge", out["min_pixels"]))
     out["max_pixels"] = data.get("max_pixels", size.get("longest_edge", out["max_pixels"]))
+    _check_settings(path, out)
     return out
+
+
+def _check_settings(path: str, out: dict) -> None:
+    """The image settings read from ``path``, each of the type the resize and normalisation need."""
+    for name in ("mean", "std"):
+        values = out[name]
+        if (len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        and math.isfinite(v) for v in values)
+                or (name == "std" and min(values) <= 0)):
+            raise ValueError(f"{path}:image_{name}: expected 3 finite numbers{' > 0' if name == 'std' else ''}, "
+                             f"got {list(values)!r}")
+    for name in ("min_pixels", "max_pixels"):
+        if isinstance(out[name], bool) or not isinstance(out[name], int) or out[name] < 1:
+            raise ValueError(f"{path}:{name}: expected a positive int, got {out[name]!r}")
+    if out["min_pixels"] > out["max_pixels"]:
+        raise ValueError(f"{path}:min_pixels: {out['min_pixels']} is above max_pixels {out['max_pixels']}")
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

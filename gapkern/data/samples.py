@@ -22,6 +22,8 @@ __all__ = ["SampleError", "CATEGORIES", "load_samples", "teacher_response", "que
            "uses_latents"]
 
 CATEGORIES = ("perception", "reasoning")
+KEYS = frozenset({"id", "image", "images", "question", "choices", "answer", "category", "task", "steps", "meta"})
+CURATED = {"attempts": list, "n_correct": int, "hard": bool}  # what curation adds to a line (SPEC 4.4)
 
 
 class SampleError(ValueError):
@@ -42,11 +44,15 @@ def load_samples(path: str, *, images: str | None = None, category: str | None =
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no sample file at {path!r}")
     folder, samples, seen, sizes = os.path.dirname(os.path.abspath(path)), [], {}, {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            check = _Check(f"{path}:{number}", folder, sizes)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                check.fail("line", f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
             if not line.strip():
                 continue
-            check = _Check(f"{path}:{number}", folder, sizes)
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -73,6 +79,12 @@ class _Check:
     def sample(self, obj) -> dict:
         if not isinstance(obj, dict):
             self.fail("line", f"expected a JSON object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - KEYS - set(CURATED))
+        if unknown:
+            self.fail(unknown[0], f"unknown key (expected {', '.join(sorted(KEYS))}; put extras under 'meta')")
+        for field, kind in CURATED.items():
+            if field in obj and (not isinstance(obj[field], kind) or kind is int and isinstance(obj[field], bool)):
+                self.fail(field, f"expected a {kind.__name__} (as curate writes it), got {obj[field]!r}")
         out = dict(obj)
         for field in ("id", "question", "task"):
             self.text(out, field)
@@ -104,6 +116,7 @@ class _Check:
         path = os.path.join(self.folder, value)  # an absolute value stays as it is
         if not os.path.isfile(path):
             self.fail(field, f"no file at {path!r}")
+        self.image_size(field, path)
         return path
 
     def answer(self, out: dict) -> None:
@@ -143,13 +156,17 @@ class _Check:
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
         if not numbers or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
             self.fail(field, f"expected [x0, y0, x1, y1] with 0 <= x0 < x1 and 0 <= y0 < y1, got {box!r}")
+        x0, y0, x1, y1 = (round(v) for v in box)  # the pixels _read_crop cuts
+        if not (x0 < x1 and y0 < y1):
+            self.fail(field, f"{box!r} rounds to an empty crop ({x1 - x0}x{y1 - y0} pixels)")
         size = self.image_size(field, path)
         if size is not None and (box[2] > size[0] or box[3] > size[1]):
             self.fail(field, f"{box!r} reaches outside the {size[0]}x{size[1]} image {path!r}")
         return box
 
     def image_size(self, field: str, path: str):
-        """(width, height) from the file's header; None without Pillow (the bounds are then checked on use)."""
+        """(width, height) of the image, decoded once per file (a damaged or truncated one fails here, not in a
+        stage); None without Pillow (then checked on use)."""
         if path not in self.sizes:
             try:
                 from PIL import Image
@@ -157,9 +174,10 @@ class _Check:
                 return None
             try:
                 with Image.open(path) as img:
+                    img.load()
                     self.sizes[path] = img.size
-            except OSError as e:
-                self.fail(field, f"cannot read the image {path!r} ({e})")
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                self.fail(field, f"cannot read the image {path!r} ({type(e).__name__}: {e})")
         return self.sizes[path]
 
 

@@ -111,6 +111,9 @@ class TargetWriter:
                  "dtype": dtype, "shards": [self.shard_name(i) for i in range(len(self.shards))],
                  "keys": {k: self.shard_name(i) for i, keys in enumerate(self.keys) for k in keys}}
         atomic_write_json(os.path.join(self.folder, INDEX), index, indent=None, end="")
+        for name in os.listdir(self.folder):  # a killed run's temp files (every rank has finished by now)
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(self.folder, name))
         return index
 
 
@@ -145,9 +148,18 @@ class TargetReader:
         shard = self.index["keys"].get(key)
         if shard is None:
             raise KeyError(f"key: no target {key!r} in {self.folder!r}")
-        if shard not in self._open:
-            self._open[shard] = safe_open(os.path.join(self.folder, shard), framework="pt")
-        return self._open[shard].get_tensor(key)
+        path = os.path.join(self.folder, shard)
+        try:
+            if shard not in self._open:
+                self._open[shard] = safe_open(path, framework="pt")
+            target = self._open[shard].get_tensor(key)
+        except Exception as exc:  # SafetensorError, OSError: a truncated or damaged shard
+            raise ValueError(f"{path}: target {key!r} cannot be read ({exc}); the shard is damaged: delete it "
+                             "and rerun gapkern build-data on the same --out") from None
+        if target.is_floating_point() and not torch.isfinite(target).all():
+            raise ValueError(f"{path}: target {key!r} has non-finite values (NaN or inf); delete the shard and "
+                             "rerun gapkern build-data on the same --out")
+        return target
 
     def targets(self, sample: dict) -> torch.Tensor:
         """The targets of a sample's latent steps stacked in order: (steps, K, D); (0, K, D) for none."""

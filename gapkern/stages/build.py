@@ -17,6 +17,9 @@ import os
 from dataclasses import dataclass
 
 from .. import distributed
+from ..config import PROFILES
+from ..errors import check_samples
+from ..outputs import holds_out
 from .._io import atomic_write_json, atomic_write_text, read_json
 from ..data import image_embeddings, latent_keys, load_samples, pool_targets, uses_latents
 from ..data.targets import TargetReader, TargetWriter
@@ -33,6 +36,7 @@ def _latent_inputs(sample: dict) -> list[tuple[str, tuple[str, list | None]]]:
     return [(key, (step["image"], step.get("box"))) for key, step in zip(latent_keys(sample), steps)]
 
 
+@holds_out(folder=True)
 def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, model_path: str,
                source: str | None = None, settings: dict | None = None, batch_images: int = 8,
                shard_size: int = 64, progress: bool | None = None) -> dict:
@@ -47,6 +51,9 @@ def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, mo
 
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
         raise ValueError(f"g: expected a positive int (K = g*g latents per span), got {g!r}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile: expected one of {', '.join(PROFILES)}, got {profile!r}")
+    check_samples(samples)
     rank, world = distributed.rank_world()
     dim = model.config.text_config.hidden_size
     latent = [s for s in samples if uses_latents(s) and latent_keys(s)]
@@ -60,8 +67,12 @@ def build_data(model, samples: list[dict], out: str, *, g: int, profile: str, mo
         for index, chunk in pending:
             keys, images = zip(*[item for s in chunk for item in _latent_inputs(s)])
             targets = {}
-            for key, (embeds, grid) in zip(keys, image_embeddings(model, list(images), settings=settings,
-                                                                  batch_images=batch_images)):
+            for key, (path, box), (embeds, grid) in zip(keys, images, image_embeddings(
+                    model, list(images), settings=settings, batch_images=batch_images)):
+                if g > min(grid):  # more cells than the crop has: K targets upsampled from a few
+                    crop = path if box is None else f"{path} box {box}"
+                    raise ValueError(f"g: {g}x{g} targets, but the latent step {key!r} ({crop}) has a "
+                                     f"{grid[0]}x{grid[1]} merged grid; choose g <= {min(grid)}")
                 targets[key] = pool_targets(embeds.float(), grid, g)  # writer.write copies it to the CPU
                 bar.update()
             writer.write(index, targets)

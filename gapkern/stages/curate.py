@@ -9,7 +9,9 @@ Resuming (:mod:`gapkern.resumable`): results go, one line at a time, to
 settings they were drawn with). A restarted run keeps every complete line,
 drops a torn last line, and recomputes only the batches that miss a line.
 When every line is there, rank 0 writes ``OUT`` atomically in input order
-and removes ``OUT.parts``.
+and removes ``OUT.parts``, keeping the settings in ``OUT.settings.json``: a
+rerun on a finished ``OUT`` with other settings (attempts, seed, model, the
+samples' content) is refused, not answered with the old lines.
 
 Each output line is the validated input line (image paths absolute) plus
 ``attempts`` (the N responses), ``n_correct`` and ``hard``.
@@ -17,6 +19,7 @@ Each output line is the validated input line (image paths absolute) plus
 from __future__ import annotations
 
 from .evaluate import is_correct
+from ..errors import check_positive, check_samples
 from ..resumable import ResumeError, read_lines, run_lines, samples_digest
 from ..sampling import SeededSampler, derive_seed, generate_responses
 
@@ -43,6 +46,11 @@ def judge(sample: dict, attempts: list[str]) -> dict:
     return {**sample, "attempts": list(attempts), "n_correct": n_correct, "hard": n_correct == 0}
 
 
+def settings_file(out: str) -> str:
+    """Where a finished curation keeps the settings its lines were drawn with."""
+    return out + ".settings.json"
+
+
 def curate(model, tokenizer, samples: list[dict], out: str, *, n: int = 8, temperature: float = 1.0,
            max_new_tokens: int = 512, batch: int = 8, seed: int = 0, settings: dict | None = None,
            suppress: list[int] | None = None, identity: dict | None = None, progress: bool | None = None,
@@ -56,6 +64,9 @@ def curate(model, tokenizer, samples: list[dict], out: str, *, n: int = 8, tempe
     ``keep_settings``: a file that keeps the finished run's settings (:func:`gapkern.resumable.run_lines`).
     Returns ``{"lines", "hard", "resumed"}`` (resumed: lines an interrupted run had finished).
     """
+    check_samples(samples)
+    for name, value in (("n", n), ("max_new_tokens", max_new_tokens), ("batch", batch)):
+        check_positive(name, value)
     run = {**(identity or {}), "samples": samples_digest(samples), "n": n, "temperature": temperature,
            "max_new_tokens": max_new_tokens, "seed": seed}
 
@@ -65,6 +76,6 @@ def curate(model, tokenizer, samples: list[dict], out: str, *, n: int = 8, tempe
         return [judge(sample, texts) for sample, texts in zip(chunk, attempts)]
 
     resumed = run_lines(samples, out, run, compute, batch=batch, desc="curate", line_name="curated line",
-                        out_name="curation", keep_settings=keep_settings, progress=progress)
+                        out_name="curation", keep_settings=keep_settings or settings_file(out), progress=progress)
     hard = sum(bool(line["hard"]) for line in read_lines(out))
     return {"lines": len(samples), "hard": hard, "resumed": resumed}

@@ -21,6 +21,7 @@ import torch
 
 from .. import distributed
 from .._io import atomic_write, atomic_write_json
+from ..errors import check_positive, check_samples
 
 __all__ = ["hidden_norms", "latent_norms", "diagnose", "write_diagnosis", "diagnosis_table", "FORCED_SPAN_AT"]
 
@@ -131,6 +132,20 @@ def _writes_latents(model, tokenizer, samples, *, batch, max_new_tokens, suppres
     return probe["count"] > 0
 
 
+def _check_arguments(samples, calibrations, batch, max_new_tokens, span_at, known) -> None:
+    """diagnose's arguments, each refused by name before any work (issue 17 items 6 and 11)."""
+    check_samples(samples)
+    if (isinstance(calibrations, str) or not calibrations
+            or not all(isinstance(c, str) and c in known for c in calibrations)):
+        raise ValueError(f"calibrations: expected a non-empty list of {', '.join(known)}, got {calibrations!r}")
+    check_positive("batch", batch)
+    check_positive("max_new_tokens", max_new_tokens)
+    if span_at not in (None, "auto") and (isinstance(span_at, bool) or not isinstance(span_at, int)
+                                          or not 0 <= span_at < max_new_tokens):
+        raise ValueError(f"span_at: expected None, 'auto' or a new position in [0, {max_new_tokens}), "
+                         f"got {span_at!r}")
+
+
 def diagnose(model, tokenizer, samples: list[dict], *, calibrations=("none", "rms", "ema"), batch: int = 8,
              max_new_tokens: int = 128, span_at: int | str | None = "auto", suppress: list[int] | None = None,
              settings: dict | None = None, progress: bool | None = None) -> dict:
@@ -143,8 +158,10 @@ def diagnose(model, tokenizer, samples: list[dict], *, calibrations=("none", "rm
     target (:func:`gapkern.sampling.ema_start`), as ``gapkern eval`` does. The model's GapConfig and running
     target are restored at the end. Raises ValueError when no sample has an image.
     """
+    from ..config import CALIBRATIONS
     from ..sampling import ema_start
 
+    _check_arguments(samples, calibrations, batch, max_new_tokens, span_at, CALIBRATIONS)
     norms = hidden_norms(model, tokenizer, samples, batch=batch, settings=settings, progress=progress)
     visual_in, text_in = norms["input"]["visual"], norms["input"]["text"]
     if visual_in is None:

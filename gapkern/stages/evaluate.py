@@ -27,6 +27,7 @@ import re
 import string
 
 from ..data import CATEGORIES  # the sample file's categories (SPEC 4.1)
+from ..errors import check_positive, check_samples
 
 __all__ = ["extract_answer", "is_correct", "judge_needed", "score", "parse_number", "choice_letter", "prediction", "evaluate",
            "score_table", "write_scores"]
@@ -233,6 +234,9 @@ def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: st
     from ..resumable import read_lines, run_lines, samples_digest
     from ..sampling import ema_start, generate_responses
 
+    check_samples(samples)
+    for name, value in (("batch", batch), ("max_new_tokens", max_new_tokens)):
+        check_positive(name, value)
     gap = model.gap
     config, saved, start = gap.config, gap.tau_ema.detach().clone(), []
     starts = {} if starts is None else starts

@@ -152,10 +152,18 @@ class PCAStats:
     def explained(self) -> torch.Tensor:
         """Cumulative explained variance, float64 (D,): entry k is the share of ranks 1..k+1."""
         values = self.eigen()[0]
-        cumulative = values.cumsum(0)
+        cumulative = torch.where(values > self.noise_floor(), values, 0).cumsum(0)
         if not cumulative[-1] > 0:
-            raise ValueError("the rows have no variance (all equal): there is nothing to fit")
+            raise ValueError(f"the {self.count} embeddings have no variance above rounding noise (all equal, up to "
+                             "rounding): there is nothing to fit; fit on more, and more varied, images")
         return (cumulative / cumulative[-1]).cpu()
+
+    def noise_floor(self) -> float:
+        """The eigenvalue below which a direction is rounding noise: the float64 cancellation error of the
+        covariance, ``D * eps * (mean squared row norm + largest eigenvalue)``."""
+        values = self.eigen()[0]
+        scale = float(self._outer.diagonal().sum() / self._count) + float(values[0])
+        return self.dim * torch.finfo(torch.float64).eps * scale
 
     def rank_for(self, variance: float) -> int:
         """The smallest rank whose cumulative explained variance reaches ``variance``."""
@@ -176,14 +184,14 @@ class PCAStats:
             rank = self.rank_for(variance)
         elif isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.dim:
             raise ValueError(f"rank: expected an int in [1, {self.dim}], got {rank!r}")
+        if self.count <= rank:
+            raise ValueError(f"rank: {self.count} embeddings span at most {self.count - 1} directions, too few for "
+                             f"rank {rank}; fit on more images or choose a smaller rank")
         values, vectors = self.eigen()
-        sigma = None
-        if whiten:
-            floor = float(values[0]) * self.dim * torch.finfo(torch.float64).eps
-            if not float(values[rank - 1]) > floor:
-                raise ValueError(f"rank: eigenvalue {rank} is zero (the rows span fewer than {rank} "
-                                 "directions); choose a smaller rank or whiten=False")
-            sigma = values[:rank].sqrt().to(dtype)
+        if not float(values[rank - 1]) > self.noise_floor():
+            raise ValueError(f"rank: eigenvalue {rank} is {float(values[rank - 1]):.3g}, rounding noise (the rows "
+                             f"span fewer than {rank} directions); choose a smaller rank or more varied images")
+        sigma = values[:rank].sqrt().to(dtype) if whiten else None
         return PCALatentHead(vectors[:, :rank].to(dtype), self.mean().to(dtype), sigma)
 
     def _need_rows(self, n: int) -> None:
@@ -225,9 +233,16 @@ def fit_images(model, images, *, settings: dict | None = None, batch_images: int
 
     from ..data import image_embeddings
 
+    if not hasattr(getattr(getattr(model, "config", None), "text_config", None), "hidden_size"):
+        raise ValueError(f"model: expected a Qwen2.5-VL model (e.g. gapkern.loaders.from_pretrained), got "
+                         f"{type(model).__name__}")
+    images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    if not all(isinstance(i, (list, tuple)) and len(i) == 2 for i in images):
+        raise ValueError(f"images: expected a list of (path, box) pairs (gapkern.data.sample_images), got "
+                         f"{images[:3]!r}")
     rank, world = distributed.rank_world()
     stats = PCAStats(model.config.text_config.hidden_size)
-    mine = list(images)[rank::world]
+    mine = images[rank::world]
     with tqdm(total=len(mine), desc="pca", unit="image", disable=distributed.bar_disable(progress)) as bar:
         for embeds, _ in image_embeddings(model, mine, settings=settings, batch_images=batch_images):
             stats.update(embeds)

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import time
 
@@ -25,12 +26,13 @@ from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArg
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import KEEP_HEAD
+from ..outputs import holds_out
 from ..data import latent_keys, uses_latents
 from ..models.tokens import add_latent_tokens
 from .collate import GapCollator
 
 __all__ = ["GapTrainer", "train", "attach_gap", "apply_curation", "check_targets", "choose_trainable",
-           "merge_lora", "training_arguments", "KEEP_HEAD"]
+           "merge_lora", "training_arguments", "finite_number", "KEEP_HEAD"]
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -54,12 +56,28 @@ class GapTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs, latent_loss_weight=self.latent_loss_weight)
+        if model.training and not torch.isfinite(outputs.loss):  # one host sync, as the Trainer's own NaN filter
+            self._stop_on(outputs)
         if model.training:
             text = outputs.text_loss if outputs.text_loss is not None else torch.zeros_like(outputs.loss)
             part = torch.stack([text.detach().float(), outputs.latent_loss.detach().float(),
                                 torch.ones_like(text, dtype=torch.float32)])
             self._parts = part if self._parts is None else self._parts + part
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _stop_on(self, outputs):
+        """A non-finite loss stops the run before the optimizer step: the checkpoints saved so far stay good."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        parts = ", ".join(f"{name} {float(getattr(outputs, name).detach()):g}" for name in ("text_loss", "latent_loss")
+                          if getattr(outputs, name, None) is not None)
+        folder = self.args.output_dir
+        last = get_last_checkpoint(folder) if folder and os.path.isdir(folder) else None
+        raise FloatingPointError(
+            f"loss: not finite ({float(outputs.loss):g}{'; ' + parts if parts else ''}) at step "
+            f"{self.state.global_step + 1}; training stopped. "
+            + (f"The last good checkpoint is {last} (--resume {last})" if last else "No checkpoint was saved yet")
+            + "; check the data and lower the learning rate or the latent loss weight")
 
     def log(self, logs, *args, **kwargs):
         # every rank logs (the Trainer gathers the loss there too), so the reduce is collective
@@ -209,6 +227,13 @@ def merge_lora(model) -> None:
             setattr(model.get_submodule(parent), child, module.get_base_layer())
 
 
+def finite_number(name: str, value) -> float:
+    """``value`` when it is a finite number >= 0, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return value
+
+
 def training_arguments(out: str, extra=(), **fields) -> TrainingArguments:
     """TrainingArguments for ``out`` with gapkern's defaults and ``fields``, then ``extra``: Trainer flags as on a
     command line (``["--lr_scheduler_type", "cosine"]``), which win."""
@@ -229,6 +254,7 @@ def training_arguments(out: str, extra=(), **fields) -> TrainingArguments:
     return args
 
 
+@holds_out(folder=True)
 def train(model, tokenizer, samples: list[dict], out: str, *, targets=None, args: TrainingArguments | None = None,
           image_settings: dict | None = None, resume: str | bool | None = None, latent_loss_weight: float = 1.0,
           train_vision: bool = False, freeze_lm: bool = False, lora: int | None = None,
@@ -245,6 +271,8 @@ def train(model, tokenizer, samples: list[dict], out: str, *, targets=None, args
     """
     start = time.perf_counter()
     args = args or training_arguments(out)
+    finite_number("latent_loss_weight", latent_loss_weight)
+    finite_number("learning_rate", args.learning_rate)
     args.remove_unused_columns = False  # the collator needs the sample dicts whole
     if args.ddp_find_unused_parameters is None:  # every trainable part is used, but a text-only batch skips vision
         args.ddp_find_unused_parameters = train_vision
