@@ -164,6 +164,30 @@ def test_the_report_holds_every_arm_and_calibration(small):
         assert f"| {name} | {100 * one['tasks']['colour']:.1f} | {100 * one['tasks']['count']:.1f} |" in report
 
 
+def test_demo_json_holds_every_configuration_for_a_script(small):
+    """demo.json's ``configurations``: every arm x calibration with its scores and span rate; where a span opened,
+    the norm ratios at those spans (and none where none opened)."""
+    out, result, _ = small
+    record = json.loads((out / "demo.json").read_text())
+    scores = record["stages"]["eval"]["scores"]
+    table = record["configurations"]
+    arms = ["output-as-input", "PCA, all latent", "GAP", "full-dim head"]
+    assert list(table) == ["base", "text-only", *(f"{arm}, {mode}" for arm in arms for mode in ("none", "ema"))]
+    for name, row in table.items():
+        one = scores[name]
+        assert row["tasks"] == one["tasks"] and row["span_rate"] == one["span_rate"]
+        assert (row["avg_p"], row["avg_r"], row["latents_per_line"]) == (one["avg_p"], one["avg_r"],
+                                                                         one["latents_per_line"])
+        n = one["counts"]["colour"]
+        assert row["avg_p_se"] == pytest.approx(math.sqrt(one["avg_p"] * (1 - one["avg_p"]) / n))
+        assert row["calibration"] == ("none" if name in ("base", "text-only") else name.rsplit(", ", 1)[1])
+        if one["span_lines"]:
+            assert row["norm_ratio"] == {"before": one["norms"]["before_ratio"], "after": one["norms"]["after_ratio"]}
+        else:
+            assert row["norm_ratio"] is None
+    assert table["output-as-input, ema"]["norm_ratio"]["after"] == pytest.approx(1.0, rel=0.05)
+
+
 def test_the_all_latent_arms_open_spans_and_ema_moves_the_norm(small):
     """Trained with a span on every line that has a latent step, output-as-input opens spans at greedy decoding,
     and ema brings its latents to the visual input norm (calibration none leaves them where the hidden state is)."""
@@ -243,3 +267,14 @@ def test_train_without_log_lines_prints_no_log(tmp_path, capsys, one_thread, log
     assert ("'text_loss'" in printed.out + printed.err) == log_lines
     with open(os.path.join(out, "trainer_state.json")) as f:
         assert len([e for e in json.load(f)["log_history"] if "loss" in e]) == 3
+
+
+def test_the_record_keeps_its_own_keys(tmp_path):
+    from gapkern.demo.folder import Folder
+
+    folder = Folder(str(tmp_path / "out"), {"size": "small"})
+    folder.open()
+    folder.put("configurations", {"base": {"span_rate": 0.0}})
+    assert json.loads((tmp_path / "out" / "demo.json").read_text())["configurations"] == {"base": {"span_rate": 0.0}}
+    with pytest.raises(ValueError, match="'stages' is the record's own"):
+        folder.put("stages", {})

@@ -14,7 +14,8 @@ from .._io import atomic_write, atomic_write_text, read_json
 from .difficulty import RULE, check
 from .measure import CHANCE
 
-__all__ = ["loss_history", "plot_losses", "plot_accuracy", "se", "score_lines", "write_report"]
+__all__ = ["loss_history", "plot_losses", "plot_accuracy", "se", "score_lines", "configuration_table",
+           "write_report"]
 
 TRAININGS = (("base", "base (plain text)"), ("text", "text-only"), ("oai", "output-as-input"),
              ("pca-all", "PCA, all latent"), ("gap", "GAP"), ("full", "full-dim head"))
@@ -148,10 +149,30 @@ def comparisons(scores: dict) -> list[str]:
     return lines
 
 
+def configuration_table(scores: dict) -> dict:
+    """``demo.json``'s ``configurations``: per configuration (arm x calibration) what the report's tables hold,
+    so a script can read them: accuracies per task, Avg-P / Avg-R with their standard errors, span rate, latents
+    per line and, where a span opened, the latent / visual input norm ratio before and after calibration."""
+    out = {}
+    for name, result in scores.items():
+        norms = result.get("norms")
+        out[name] = {"arm": result["arm"], "calibration": result["calibration"], "model": result["model"],
+                     "tasks": result["tasks"], "counts": result["counts"],
+                     **{key: result[key] for key in ("avg_p", "avg_r")},
+                     **{f"{key}_se": None if result[key] is None else se(result, key) for key in ("avg_p", "avg_r")},
+                     "lines": result["lines"], "span_rate": result["span_rate"], "span_lines": result["span_lines"],
+                     "latents_per_line": result["latents_per_line"],
+                     "norm_ratio": None if not norms else {"before": norms["before_ratio"],
+                                                           "after": norms["after_ratio"]}}
+    return out
+
+
 def write_report(run) -> str:
-    """report.md, losses.png and accuracy.png; returns the arms' table as text for the console."""
+    """report.md, losses.png and accuracy.png, and ``configurations`` in ``demo.json``; returns the arms' table
+    as text for the console."""
     stages = run.folder.record["stages"]
     scores = stages["eval"]["scores"]
+    run.folder.put("configurations", configuration_table(scores))
     plot_losses(run, run.folder("losses.png"))
     plot_accuracy(scores, run.folder("accuracy.png"))
     table = "\n".join(score_lines(scores))

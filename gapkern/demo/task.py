@@ -2,7 +2,7 @@
 
 Each image is 84 x 84 pixels, 3 x 3 cells of 28 pixels: one merged visual
 token per cell for Qwen2.5-VL (14-pixel patches, merged 2 x 2). A square is
-LARGE (22 px) or SMALL (6 px), centred in its cell, in one of four colours;
+LARGE (22 px) or SMALL (4 px), centred in its cell, in one of four colours;
 size is an attribute a tiny model can learn to read in minutes, where
 position binding and fine shape differences are not (DEMO_NOTES).
 
@@ -29,7 +29,7 @@ from .._io import atomic_write_text
 __all__ = ["COLOURS", "CELL", "GRID", "TASKS", "make_line", "write_split", "texts"]
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 190, 40), "blue": (40, 70, 230), "yellow": (235, 220, 40)}
-SIZES = {"large": 22, "small": 6}
+SIZES = {"large": 22, "small": 4}
 CELL, GRID = 28, 3
 BACKGROUND = (128, 128, 128)
 COUNTS = ("0", "1", "2", "3")
