@@ -162,6 +162,8 @@ def test_the_report_holds_every_arm_and_calibration(small):
         if one["norms"]:  # measured at the spans that opened: one norm per latent written
             assert one["norms"]["count"] == sum(line["latents"] for line in lines)
         assert f"| {name} | {100 * one['tasks']['colour']:.1f} | {100 * one['tasks']['count']:.1f} |" in report
+        if one["span_lines"]:  # the report names the arms that opened spans, with their rate
+            assert f"{name} {100 * one['span_rate']:.1f}%" in report.split("Spans at inference: ")[1].split("\n")[0]
 
 
 def test_demo_json_holds_every_configuration_for_a_script(small):

@@ -12,7 +12,8 @@ visual norm at the spans that opened), and diagnose (output-as-input, GAP).
 Everything goes into one folder: the stages' outputs in subfolders,
 losses.png, accuracy.png, the diagnosis PNGs and report.md with the tables;
 the arms' table is printed at the end. ``--seeds N`` runs N seeds into
-OUT/seed-S/ and writes their mean ± spread (seeds.md, seeds.json). Rerun with the same options to resume an interrupted run;
+OUT/seed-S/ and writes their mean ± spread (seeds.md, seeds.json). Rerun with the same options to resume an
+interrupted run;
 a non-empty folder that is not a demo of the same options is refused.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="gapkern-demo", metavar="DIR",
                         help="output folder (default ./gapkern-demo); an interrupted demo there resumes")
     parser.add_argument("--size", choices=SIZES, default="full",
-                        help="full (default: about 5 minutes on 2 CPU cores) or small (a smoke test, under a minute)")
+                        help="full (default: 6 to 8 minutes on 2 busy CPU cores) or small (a smoke test, "
+                        "under a minute)")
     parser.add_argument("--seed", type=int, default=0, help="the task, the model's init, training and sampling")
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="run N seeds (--seed, --seed+1, ...) into OUT/seed-S/ and report mean ± spread")

@@ -58,7 +58,8 @@ def plot_losses(run, path: str) -> None:
     text.set(xlabel="optimizer step", ylabel="text loss (cross-entropy)", yscale="log", title="text loss")
     latent.set_yscale("log", nonpositive="mask")  # a log with no latent slot in its batches logs 0: left out
     latent.set(xlabel="optimizer step", ylabel="latent loss (MSE)",
-               title="latent loss (output-as-input: over D; heads: over d)")
+               title="latent loss (output-as-input over D, heads over d)")
+    latent.title.set_fontsize(10)
     for ax in (text, latent):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -125,6 +126,18 @@ def _calibration_lines(scores: dict) -> list[str]:
                      f"{100 * result['span_rate']:.1f}% | {_ratio(result, 'before_ratio')} | "
                      f"{_ratio(result, 'after_ratio')} |")
     return lines
+
+
+def _spans(scores: dict) -> list[str]:
+    """Which arms trained with latents opened a span at greedy decoding, and which decoded as plain text."""
+    latent = {name: result for name, result in scores.items() if result["model"] not in ("base", "text")}
+    opened = [f"{name} {100 * r['span_rate']:.1f}%" for name, r in latent.items() if r["span_lines"]]
+    closed = [name for name, r in latent.items() if not r["span_lines"]]
+    lines = ["Spans at inference: " + ("; ".join(opened) if opened else "no arm opened a span") + "."]
+    if closed:
+        lines.append(f"No span opened for {', '.join(closed)}: these decode as plain text, so their calibration "
+                     "cannot change an answer and their none and ema rows are the same model's same output.")
+    return [" ".join(lines)]
 
 
 def _beyond(a: dict, b: dict, key: str) -> tuple[float, bool]:
@@ -213,6 +226,7 @@ def _report(run, stages: dict, scores: dict, table: str) -> str:
         "model opened a latent span by itself; latents / line: latent vectors written per line. Base and "
         "text-only are never allowed to open a span (they were not trained to write one).", "",
         table, "",
+        *_spans(scores), "",
         "## Calibration (the training-free experiment)", "",
         "The same checkpoints decoded with calibration none and ema. Norms: mean L2 norm of the latents at the "
         "spans that opened, over the mean norm of the prompts' visual input embeddings (uncalibrated: before "
