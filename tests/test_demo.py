@@ -280,3 +280,30 @@ def test_the_record_keeps_its_own_keys(tmp_path):
     assert json.loads((tmp_path / "out" / "demo.json").read_text())["configurations"] == {"base": {"span_rate": 0.0}}
     with pytest.raises(ValueError, match="'stages' is the record's own"):
         folder.put("stages", {})
+
+
+def test_spread_is_mean_and_standard_deviation():
+    from gapkern.demo.seeds import spread
+
+    runs = [{"GAP, none": {"avg_p": 0.5, "avg_r": 0.25, "span_rate": 0.0}},
+            {"GAP, none": {"avg_p": 0.7, "avg_r": 0.25, "span_rate": 0.5}}]
+    found = spread(runs)["GAP, none"]
+    assert found["avg_p"]["mean"] == pytest.approx(0.6) and found["avg_p"]["sd"] == pytest.approx(math.sqrt(0.02))
+    assert found["avg_r"] == {"mean": 0.25, "sd": 0.0, "values": [0.25, 0.25]}
+    assert spread(runs[:1])["GAP, none"]["span_rate"]["sd"] == 0.0
+
+
+def test_the_command_runs_seeds_and_refuses_no_seed(tmp_path, capsys, one_thread):
+    assert main(["demo", "--out", str(tmp_path / "none"), "--size", "small", "--seeds", "0"]) == 2
+    assert "--seeds: expected a count of at least 1, got 0" in capsys.readouterr().err
+    out = tmp_path / "seeds"
+    assert main(["demo", "--out", str(out), "--size", "small", "--seed", "5", "--seeds", "2"]) == 0
+    found = json.loads((out / "seeds.json").read_text())
+    assert found["seeds"] == [5, 6] and sorted(os.listdir(out)) == ["seed-5", "seed-6", "seeds.json", "seeds.md"]
+    for s in (5, 6):
+        assert json.loads((out / f"seed-{s}" / "demo.json").read_text())["settings"]["seed"] == s
+    each = [json.loads((out / f"seed-{s}" / "demo.json").read_text())["configurations"] for s in (5, 6)]
+    assert list(found["scores"]) == list(each[0])
+    for name, keys in found["scores"].items():
+        assert keys["span_rate"]["values"] == [run[name]["span_rate"] for run in each]
+    assert "| GAP, none |" in (out / "seeds.md").read_text()

@@ -12,9 +12,9 @@ visual norm at the spans that opened), and diagnose (output-as-input, GAP).
 Everything goes into one folder: the stages' outputs in subfolders,
 losses.png, accuracy.png, the diagnosis PNGs and report.md with the tables;
 the arms' table is printed at the end. ``--seeds N`` runs N seeds into
-OUT/seed-S/ and writes their mean ± spread (seeds.md, seeds.json). Rerun with the same options to resume an
-interrupted run;
-a non-empty folder that is not a demo of the same options is refused.
+OUT/seed-S/ and writes their mean ± spread (seeds.md, seeds.json). Rerun
+with the same options to resume an interrupted run; a non-empty folder that
+is not a demo of the same options is refused.
 """
 from __future__ import annotations
 
