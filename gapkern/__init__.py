@@ -1,7 +1,11 @@
 """gapkern: fused kernels and a latent-aware Qwen2.5-VL generate for GAP visual latent reasoning."""
-from . import ops
-from .config import GapConfig
-from .head import PCALatentHead
+from . import _moved
+
+_moved.install()  # gapkern.pca, gapkern.targets, ...: the old module names keep working
+
+from . import ops  # noqa: E402
+from .config import GapConfig  # noqa: E402
+from .head import PCALatentHead  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ops", "GapConfig", "PCALatentHead", "patch", "unpatch"]

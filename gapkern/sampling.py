@@ -1,7 +1,7 @@
 """Responses to sample lines from one batched, patched ``generate``, each line's draws seeded by its ``id``.
 
 Curation (N attempts per line) and evaluation (one response per line) both
-call :func:`generate_responses`: the prompt is :func:`gapkern.prompts.prompt_batch`'s,
+call :func:`generate_responses`: the prompt is :func:`gapkern.data.prompts.prompt_batch`'s,
 and attempt ``j`` of a line is drawn with ``derive_seed(seed, id, j)``
 (:class:`SeededSampler`), so it does not depend on the other lines of a
 batch, on the number of ranks, or on where a run was resumed.
@@ -20,15 +20,42 @@ from typing import NamedTuple
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .prompts import prompt_batch, to_model
+from .data.prompts import prompt_batch, to_model
 
-__all__ = ["derive_seed", "SeededSampler", "Response", "generate_responses", "ema_start"]
+__all__ = ["derive_seed", "SeededSampler", "ForceTokens", "Response", "generate_responses", "ema_start"]
 
 
 def derive_seed(*parts) -> int:
     """A non-negative 63-bit seed from ``parts`` (the run seed and a line's id, then the attempt, ...)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+class ForceTokens(LogitsProcessor):
+    """A logits processor that scripts tokens: a latent span at a given position (``--span-at``), or spans on
+    random weights in the tests.
+
+    ``schedule`` maps ``(row, i)`` to the token that row must emit at its
+    ``i``-th new position (counting latent positions, as ``max_new_tokens``
+    does); every other choice of a ``banned`` token (the latent start, by
+    default none) is masked out, so random weights never open a span unasked.
+    Pure: the same call gives the same scores, so a cached loop and a naive
+    recomputing loop see identical choices.
+    """
+
+    def __init__(self, prompt_len: int, schedule: dict, banned=()):
+        self.prompt_len, self.schedule, self.banned = prompt_len, dict(schedule), list(banned)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        i = input_ids.shape[1] - self.prompt_len
+        scores = scores.clone()
+        if self.banned:
+            scores[:, self.banned] = float("-inf")
+        for (row, at), token in self.schedule.items():
+            if at == i:
+                scores[row] = float("-inf")
+                scores[row, token] = 0.0
+        return scores
 
 
 class SeededSampler(LogitsProcessor):
@@ -68,7 +95,8 @@ class SeededSampler(LogitsProcessor):
 
 
 class Response(NamedTuple):
-    """One response: its text (special tokens dropped) and how many latents it wrote."""
+    """One response: its text (special tokens dropped, the latent span's markers kept: :func:`response_texts`)
+    and how many latents it wrote."""
 
     text: str
     latents: int
@@ -88,8 +116,6 @@ def generate_responses(model, tokenizer, samples: list[dict], *, n: int = 1, tem
     :class:`gapkern.models.StepTrace` handed to ``generate`` (rows in sample
     order, ``n`` per sample).
     """
-    from .testing import ForceTokens
-
     batch = to_model(prompt_batch(model, tokenizer, samples, settings=settings), model)
     prompt_len = batch["input_ids"].shape[1]
     seeds = [derive_seed(seed, sample["id"], j) for sample in samples for j in range(n)]
@@ -103,9 +129,22 @@ def generate_responses(model, tokenizer, samples: list[dict], *, n: int = 1, tem
     out = model.generate(**batch, do_sample=True, num_return_sequences=n, max_new_tokens=max_new_tokens,
                          logits_processor=LogitsProcessorList(processors), suppress_tokens=suppress or None,
                          return_dict_in_generate=True, **extra)
-    texts = tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
+    texts = response_texts(tokenizer, out.sequences[:, prompt_len:], model.gap.config.profile)
     rows = [Response(text, int(latents.shape[0])) for text, latents in zip(texts, out.latents)]
     return [rows[i * n:(i + 1) * n] for i in range(len(samples))]
+
+
+def response_texts(tokenizer, sequences: torch.Tensor, profile: str = "gap") -> list[str]:
+    """Each row of new tokens as text: the tokenizer's special tokens (EOS, padding, ...) dropped, but the
+    profile's five latent tokens kept, so a response reads ``<latent><latent_pad>...</latent><parser>a red
+    square</parser>``, as the teacher text it was trained on does (skipping every special token would also
+    drop these, since they are added as special tokens, and glue the parser text to its neighbours)."""
+    from .config import PROFILES
+
+    keep = set(tokenizer.convert_tokens_to_ids(list(PROFILES[profile])))
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    drop = (special | set(tokenizer.all_special_ids)) - keep
+    return [tokenizer.decode([t for t in row if t not in drop]) for row in sequences.tolist()]
 
 
 def ema_start(model, samples: list[dict], *, batch: int = 8, settings: dict | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from gapkern.demo import task
 from gapkern.demo.model import demo_tokenizer
 from gapkern.demo.plan import PLANS
 from gapkern.demo.stages import STAGES
-from gapkern.prompts import prompt_text
+from gapkern.data.prompts import prompt_text
 
 TRAININGS = ("base", "text", "oai", "pca-all", "gap", "full")
 LATENT = ("oai", "pca-all", "gap", "full")

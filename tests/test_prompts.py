@@ -6,7 +6,8 @@ import torch
 
 from gapkern.data import question_text, uses_latents
 from gapkern.testing import tiny_qwen2_5_vl, tiny_tokenizer
-from gapkern.models.prompt import chat_inputs, read_image
+from gapkern.data.images import read_image
+from gapkern.data.prompts import chat_inputs
 from gapkern.prompts import expand_images, prompt_batch, prompt_messages
 
 from stages import images

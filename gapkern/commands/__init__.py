@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import UsageError  # noqa: F401  (in gapkern.errors: the library loaders raise it too)
+
 # gapkern.commands.<module>, in the order ``gapkern --help`` lists them
 STAGES: tuple[str, ...] = ("fit_pca", "build_data", "curate", "train", "evaluate", "diagnose", "demo")
 
 
-class UsageError(Exception):
-    """A bad argument or input: printed as one line, exit status 2."""
-
-
 def add_all(subparsers) -> None:
-    """One subcommand per stage module."""
-    for name in STAGES:
+    """One subcommand per command module: ``generate``, then the stages."""
+    for name in ("generate", *STAGES):  # generate first: it needs no sample file
         module = importlib.import_module(f"{__name__}.{name}")
-        parser = subparsers.add_parser(module.NAME, help=module.HELP, description=module.__doc__)
+        parser = subparsers.add_parser(module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.__doc__))
         module.add_arguments(parser)
         parser.set_defaults(run=module.run)

@@ -1,10 +1,13 @@
-"""What the stage commands share: the model options, loading a local checkpoint, the ranks, the sample file."""
+"""What the stage commands share: the model options, the ranks, the sample file (the checkpoint loaders are
+``gapkern.loaders``, re-exported here)."""
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
 
+from ..loaders import (TOKENIZER_FILES, checkpoint_config, from_pretrained, gap_settings,  # noqa: F401
+                       hidden_size, load_tokenizer)
 from . import UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -32,35 +35,6 @@ def fraction(value: float, option: str) -> float:
     if not (math.isfinite(value) and 0 < value <= 1):
         raise UsageError(f"{option}: expected a fraction in (0, 1], got {value}")
     return value
-
-
-def checkpoint_config(path: str) -> dict:
-    """The checkpoint's config.json, after checking that it is a Qwen2.5-VL folder (and that its
-    preprocessor_config.json, read later for the image settings, is a JSON object when present)."""
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise UsageError(f"--model: no checkpoint folder at {path!r} (expected a folder with config.json)")
-    data = _json_object(config)
-    if data.get("model_type") != "qwen2_5_vl":
-        raise UsageError(f"--model: {path!r} holds a {data.get('model_type')!r} checkpoint; "
-                         "expected Qwen2.5-VL (model_type 'qwen2_5_vl')")
-    _json_object(os.path.join(path, "preprocessor_config.json"), required=False)
-    return data
-
-
-def _json_object(path: str, required: bool = True):
-    """A JSON object file of the checkpoint (None when absent and not ``required``)."""
-    from .._io import read_json
-
-    if not required and not os.path.isfile(path):
-        return None
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--model: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--model: {path!r} holds a JSON {type(data).__name__}, expected an object")
-    return data
 
 
 def read_samples(path: str) -> list[dict]:
@@ -147,66 +121,17 @@ def load_model(path: str, place: Place):
     return from_pretrained(path, place.dtype).to(place.device).eval()
 
 
-def from_pretrained(path: str, dtype=None, *, gap_class: bool = False):
-    """``from_pretrained`` on a local checkpoint folder: the Gap class when config.json has a ``"gap"`` entry
-    (its head and GapConfig come with it) or ``gap_class`` (a plain checkpoint to attach a head to), else the
-    plain Qwen2.5-VL class. ``dtype`` None: transformers' default. A missing or damaged file is a UsageError."""
-    import sys
-
+def load_vision(path: str, place: Place):
+    """Only the checkpoint's vision tower and merger (:mod:`gapkern.models.vision_only`), at the place's dtype
+    on its device: what fit-pca and build-data run. A missing or damaged file is a UsageError."""
     from safetensors import SafetensorError
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.utils import logging as hf_logging
 
-    from ..models import GapQwen2_5_VLForConditionalGeneration
-    from ..models.qwen2_5_vl import CheckpointError
+    from ..models.vision_only import load_vision_tower
 
-    gap = checkpoint_config(path).get("gap") or gap_class
-    cls = GapQwen2_5_VLForConditionalGeneration if gap else Qwen2_5_VLForConditionalGeneration
-    bars = hf_logging.is_progress_bar_enabled()
-    if not sys.stderr.isatty():  # HF's loading bars print even into a log file; ours are quiet there
-        hf_logging.disable_progress_bar()
+    checkpoint_config(path)
     try:
-        return cls.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
-    except (CheckpointError, OSError) as exc:  # OSError: transformers' "no weights file in ..."
+        return load_vision_tower(path, place.dtype, place.device)
+    except (OSError, ValueError) as exc:
         raise UsageError(f"--model: {' '.join(str(exc).split())}") from None
     except SafetensorError as exc:
         raise UsageError(f"--model: a weights file in {path!r} is damaged ({exc})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-
-
-def load_tokenizer(path: str):
-    """The checkpoint's tokenizer, with a chat template (the processor's chat_template.json if need be:
-    ``AutoTokenizer`` reads a chat_template.jinja itself, not the processor's JSON)."""
-    from transformers import AutoTokenizer
-
-    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise UsageError(f"--model: no tokenizer in {path!r}; save it beside the weights "
-                         "(tokenizer.save_pretrained(PATH)): the prompt is built with its chat template")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # transformers and tokenizers raise many kinds for a damaged tokenizer file
-        raise UsageError(f"--model: the tokenizer in {path!r} does not load: {' '.join(str(exc).split())}") from None
-    if not tokenizer.chat_template:
-        js = os.path.join(path, "chat_template.json")
-        if not os.path.isfile(js):
-            raise UsageError(f"--model: the tokenizer in {path!r} has no chat template")
-        template = _json_object(js).get("chat_template")
-        if not isinstance(template, str):
-            raise UsageError(f"--model: {js!r} has no 'chat_template' string")
-        tokenizer.chat_template = template
-    return tokenizer
-
-
-def hidden_size(config: dict) -> int:
-    """D, the language model's width, from a checkpoint's config.json."""
-    return (config.get("text_config") or config)["hidden_size"]
-
-
-def gap_settings(config: dict) -> dict:
-    """The GapConfig fields a gapkern-saved checkpoint's config.json carries ({} for a plain checkpoint)."""
-    return config.get("gap") or {}

@@ -17,13 +17,17 @@ from . import UsageError
 CALIBRATIONS = ("none", "rms", "ema")
 
 
-def add_gap_arguments(parser, *, calibration_help: str) -> None:
-    parser.add_argument("--calibration", metavar="MODE[,MODE...]", help=calibration_help)
+def add_gap_arguments(parser, *, calibration_help: str, several: bool = True, head_help: str | None = None,
+                      budget_help: str | None = None) -> None:
+    """--calibration (``several``: a comma-separated list of modes, checked by :func:`calibrations`; else one
+    mode), --head, --latent-budget, --profile: declared once for every command that patches a checkpoint."""
+    parser.add_argument("--calibration", metavar="MODE[,MODE...]" if several else None,
+                        choices=None if several else CALIBRATIONS, help=calibration_help)
     parser.add_argument("--head", metavar="FILE|none",
-                        help="a PCALatentHead file (gapkern fit-pca), or none for output-as-input "
-                             "(default: the checkpoint's head; none for a plain checkpoint)")
-    parser.add_argument("--latent-budget", type=int, metavar="K", help="latents per span (default: the checkpoint's, "
-                                                                       "else 16)")
+                        help=head_help or "a PCALatentHead file (gapkern fit-pca), or none for output-as-input "
+                                          "(default: the checkpoint's head; none for a plain checkpoint)")
+    parser.add_argument("--latent-budget", type=int, metavar="K",
+                        help=budget_help or "latents per span (default: the checkpoint's, else 16)")
     parser.add_argument("--profile", choices=("gap", "monet"),
                         help="latent tokens of a plain checkpoint (default gap); added if its tokenizer lacks them")
 

@@ -16,7 +16,8 @@ import math
 import os
 
 from ..config import PROFILES
-from ._common import add_model_arguments, checkpoint_config, gap_settings, load_model, positive_int, read_samples, start
+from ._common import (add_model_arguments, checkpoint_config, gap_settings, load_vision, positive_int, read_samples,
+                      start)
 
 NAME = "build-data"
 HELP = "validate a sample file and compute its latent targets: the folder gapkern train reads"
@@ -46,8 +47,8 @@ def default_grid(budget) -> int:
 
 def run(args) -> int:
     from .. import distributed
-    from ..build import build_data
-    from ..models.prompt import image_settings
+    from ..stages.build import build_data
+    from ..data.images import image_settings
 
     for option in ("grid", "batch_images", "shard_size"):
         if getattr(args, option) is not None:
@@ -58,7 +59,7 @@ def run(args) -> int:
     samples = read_samples(args.samples)
     place = start(args)
     try:
-        model = load_model(args.model, place)
+        model = load_vision(args.model, place)
         summary = build_data(model, samples, args.out, g=g, profile=profile, model_path=os.path.abspath(args.model),
                              source=os.path.abspath(args.samples), settings=image_settings(args.model),
                              batch_images=args.batch_images, shard_size=args.shard_size)

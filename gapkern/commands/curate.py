@@ -1,7 +1,7 @@
 """Capacity filter (SPEC 4.4): sample the base model N times per question; a line is hard when no attempt is right.
 
 Prompts are the question (and choices) with the line's images, through the
-tokenizer's chat template (gapkern.prompts); attempts come from the patched,
+tokenizer's chat template (gapkern.data.prompts); attempts come from the patched,
 batched generate, each line's drawn with seeds derived from --seed and its
 id; answers are judged by gapkern.evaluate. OUT gets every input line (image
 paths absolute) plus "attempts", "n_correct" and "hard". Results are appended
@@ -57,8 +57,8 @@ def _prepare(model, tokenizer):
 
 def run(args) -> int:
     from .. import distributed
-    from ..curate import ResumeError, curate
-    from ..models.prompt import image_settings
+    from ..stages.curate import ResumeError, curate
+    from ..data.images import image_settings
 
     _check(args)
     samples = read_samples(args.samples)

@@ -49,8 +49,8 @@ def _check(args) -> None:
 
 
 def run(args) -> int:
-    from ..diagnose import diagnose, diagnosis_table, write_diagnosis
-    from ..models.prompt import image_settings
+    from ..stages.diagnose import diagnose, diagnosis_table, write_diagnosis
+    from ..data.images import image_settings
     from ._common import load_model, load_tokenizer
     from ._gap import prepare
 

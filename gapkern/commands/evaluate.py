@@ -143,8 +143,8 @@ def _evaluate_all(args, runs, head, samples, place) -> dict:
 
 
 def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) -> dict:
-    from ..evaluate import evaluate, score
-    from ..models.prompt import image_settings
+    from ..stages.evaluate import evaluate, score
+    from ..data.images import image_settings
     from ..resumable import ResumeError
     from ._gap import head_name
 
@@ -164,7 +164,7 @@ def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) 
 
 
 def _report(args, scores: dict) -> None:
-    from ..evaluate import score_table, write_scores
+    from ..stages.evaluate import score_table, write_scores
 
     json_path, md_path = write_scores(args.out, scores)
     print(score_table(scores), end="")

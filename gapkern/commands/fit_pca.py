@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from . import UsageError
-from ._common import (add_model_arguments, checkpoint_config, fraction, hidden_size, load_model, positive_int,
+from ._common import (add_model_arguments, checkpoint_config, fraction, hidden_size, load_vision, positive_int,
                       read_samples, start)
 
 NAME = "fit-pca"
@@ -38,8 +38,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from .. import distributed
     from ..data import sample_images
-    from ..models.prompt import image_settings
-    from ..pca import fit_images
+    from ..data.images import image_settings
+    from ..stages.pca import fit_images
 
     fraction(args.variance, "--variance")
     if args.rank is not None:
@@ -53,7 +53,7 @@ def run(args) -> int:
         raise UsageError(f"--samples: {args.samples!r} names no image to fit on")
     place = start(args)
     try:
-        model = load_model(args.model, place)
+        model = load_vision(args.model, place)
         stats = fit_images(model, images, settings=image_settings(args.model), batch_images=args.batch_images)
         if place.rank == 0:
             try:
@@ -68,7 +68,7 @@ def run(args) -> int:
 
 def _write(args, stats, head, n_images, world) -> None:
     """Rank 0: the three files, then the summary."""
-    from ..pca import write_fit_summary
+    from ..stages.pca import write_fit_summary
 
     paths = [os.path.join(args.out, name) for name in ("head.safetensors", "pca.json", "pca.png")]
     head.save(paths[0])

@@ -18,7 +18,7 @@ from ._common import checkpoint_config, from_pretrained, load_tokenizer, positiv
 
 NAME = "train"
 HELP = "teacher-forced GAP training (transformers.Trainer): text CE + latent coefficient MSE"
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, metavar="B", help="rows per device per step (default 1)")
     parser.add_argument("--grad-accum", type=int, default=1, metavar="N", help="gradient accumulation steps")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the weights' dtype (default float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="the weights' dtype, trained and saved (default auto: the checkpoint's own, so a "
+                             "bfloat16 checkpoint stays bfloat16; float32 when config.json names none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-steps", type=int, default=500, metavar="N", help="a checkpoint every N steps")
     parser.add_argument("--logging-steps", type=int, default=10, metavar="N", help="log every N steps (default 10)")
@@ -53,7 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the vision tower frozen (the default)")
     vision.add_argument("--train-vision", dest="train_vision", action="store_true", help="train the vision tower")
     parser.set_defaults(train_vision=False)  # not store_false's implied True
-    parser.add_argument("--freeze-lm", action="store_true", help="train only the head (and what --train-vision adds)")
+    parser.add_argument("--keep-checkpoints", type=int, default=1, metavar="N",
+                        help="keep the last N checkpoint-STEP folders (full copies, what --resume restarts from; "
+                             "default 1); 0: remove them once training has finished, so --out holds one copy")
+    parser.add_argument("--freeze-lm", action="store_true",
+                        help="train only the head (and what --train-vision adds); the head is also written alone to "
+                             "OUT/head.safetensors: the language model is the base's, so keeping that file is "
+                             "enough (gapkern eval --model BASE --head OUT/head.safetensors) when the base "
+                             "tokenizer has the profile's tokens or room for them (Qwen2.5-VL's 152064 rows do)")
     parser.add_argument("--lora", type=int, metavar="R", help="LoRA of rank R on the language model "
                                                               "(needs peft: pip install 'gapkern[lora]')")
     parser.add_argument("--latent-loss-weight", type=float, default=1.0, metavar="W",
@@ -65,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args) -> list[str]:
     for name in ("batch", "grad_accum", "save_steps", "logging_steps"):
         positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+    if args.keep_checkpoints < 0:
+        raise UsageError(f"--keep-checkpoints: expected 0 or a positive number, got {args.keep_checkpoints}")
     if args.max_steps == 0 or args.max_steps < -1:
         raise UsageError(f"--max-steps: expected a positive number of steps, got {args.max_steps}")
     if not args.epochs > 0:
@@ -79,7 +90,7 @@ def _check(args) -> list[str]:
 
 def _data(args):
     """The build-data folder, and its samples with ``hard`` from --curated when given."""
-    from ..build import load_build
+    from ..stages.build import load_build
     from ..train import apply_curation
 
     try:
@@ -107,7 +118,7 @@ def _model(args, build):
                          "(gapkern fit-pca) or --no-head")
     head = read_head(args.head) if args.head else None if args.no_head else KEEP_HEAD
     tokenizer = load_tokenizer(args.model)
-    model = from_pretrained(args.model, getattr(torch, args.dtype), gap_class=True)
+    model = from_pretrained(args.model, getattr(torch, _dtype(args)), gap_class=True)
     try:
         attach_gap(model, tokenizer, head, profile=args.profile or build.settings.get("profile"),
                    latent_budget=build.settings.get("K"))
@@ -116,8 +127,18 @@ def _model(args, build):
     return model, tokenizer
 
 
+def _dtype(args) -> str:
+    """--dtype, auto resolved to the checkpoint's saved dtype (config.json ``dtype``, or ``torch_dtype`` of older
+    transformers), float32 when it names none or a dtype training does not take."""
+    if args.dtype != "auto":
+        return args.dtype
+    config = checkpoint_config(args.model)
+    saved = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return saved if saved in DTYPES else "float32"
+
+
 def run(args) -> int:
-    from ..models.prompt import image_settings
+    from ..data.images import image_settings
     from ..train import train, training_arguments
 
     extra = _check(args)
@@ -125,7 +146,8 @@ def run(args) -> int:
         targs = training_arguments(
             args.out, extra, num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr,
             per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,
-            seed=args.seed, save_steps=args.save_steps, logging_steps=args.logging_steps)
+            seed=args.seed, save_steps=args.save_steps, logging_steps=args.logging_steps,
+            save_total_limit=max(args.keep_checkpoints, 1))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     build, samples = _data(args)
@@ -139,8 +161,19 @@ def run(args) -> int:
         raise UsageError(str(exc)) from None
     if summary["main"]:
         _copy_image_settings(args.model, args.out)
+        if args.freeze_lm and model.gap.head is not None:
+            model.gap.head.save(os.path.join(args.out, "head.safetensors"))
+        if args.keep_checkpoints == 0:
+            _remove_checkpoints(args.out)
         print(_summary(summary))
     return 0
+
+
+def _remove_checkpoints(out: str) -> None:
+    """The checkpoint-STEP folders of a finished run: full copies of weights the final model already holds."""
+    for name in os.listdir(out):
+        if name.startswith("checkpoint-") and os.path.isdir(os.path.join(out, name)):
+            shutil.rmtree(os.path.join(out, name))
 
 
 def _copy_image_settings(model: str, out: str) -> None:

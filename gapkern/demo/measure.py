@@ -36,7 +36,7 @@ def evaluate_all(run) -> tuple[dict, str]:
     from itertools import groupby
 
     from ..data import load_samples
-    from ..evaluate import evaluate, score, write_scores
+    from ..stages.evaluate import evaluate, score, write_scores
     from .stages import load, settings
 
     samples = load_samples(run.eval_file())
@@ -71,7 +71,7 @@ def _norms(run, model, tokenizer, samples, calibration: str, starts: dict) -> di
     norm: the same greedy generate as the eval (same batches, same start target), traced."""
     import dataclasses
 
-    from ..diagnose import latent_norms
+    from ..stages.diagnose import latent_norms
     from ..sampling import ema_start
     from .stages import settings
 
@@ -101,7 +101,7 @@ DIAGNOSED = {"gap": "GAP model (PCA head)", "oai": "output-as-input model (no he
 def diagnose_all(run) -> tuple[dict, str]:
     """SPEC 4.7 on the first eval lines for the GAP model and the output-as-input arm."""
     from ..data import load_samples
-    from ..diagnose import diagnose, diagnosis_table, write_diagnosis
+    from ..stages.diagnose import diagnose, diagnosis_table, write_diagnosis
     from .stages import load, settings
 
     samples = load_samples(run.eval_file())[:run.plan.diagnose_lines]

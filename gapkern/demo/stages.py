@@ -33,14 +33,14 @@ class Run:
 
 def load(path: str):
     """A gapkern checkpoint (or a plain one, as the Gap class without its parts) and its tokenizer, eval mode."""
-    from ..commands._common import from_pretrained, load_tokenizer
+    from ..loaders import from_pretrained, load_tokenizer
 
     return from_pretrained(path, gap_class=True).eval(), load_tokenizer(path)
 
 
 def settings(run: Run) -> dict:
     """The image settings of every checkpoint of the demo (they all come from ``init``: the processor's defaults)."""
-    from ..models.prompt import image_settings
+    from ..data.images import image_settings
 
     return image_settings(run.folder("init"))
 
@@ -113,7 +113,7 @@ def make_base(run: Run) -> tuple[dict, str]:
 def fit_pca(run: Run) -> tuple[dict, str]:
     """Two heads from one fit: ``head.safetensors`` keeps ``plan.variance`` (GAP), ``head-full`` every direction."""
     from ..data import load_samples, sample_images
-    from ..pca import fit_images, write_fit_summary
+    from ..stages.pca import fit_images, write_fit_summary
 
     model, _ = load(run.folder("base"))
     images = sample_images(load_samples(run.train_file()), latent=True)
@@ -131,7 +131,7 @@ def fit_pca(run: Run) -> tuple[dict, str]:
 
 
 def curate_train(run: Run) -> tuple[dict, str]:
-    from ..curate import curate
+    from ..stages.curate import curate
     from ..data import load_samples
 
     model, tokenizer = load(run.folder("base"))
@@ -156,7 +156,7 @@ def curate_train(run: Run) -> tuple[dict, str]:
 
 
 def _build(run: Run, samples, folder: str, source: str) -> dict:
-    from ..build import build_data
+    from ..stages.build import build_data
 
     model, _ = load(run.folder("base"))
     summary = build_data(model, samples, run.folder(folder), g=run.plan.grid, profile="gap",
@@ -184,7 +184,7 @@ ARMS = {"text-only": ("text", "data", None), "output-as-input": ("oai", "data-al
 
 
 def train_arm(run: Run, arm: str) -> tuple[dict, str]:
-    from ..build import load_build
+    from ..stages.build import load_build
     from ..head import PCALatentHead
     from ..train import attach_gap
 

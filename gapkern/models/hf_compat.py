@@ -122,7 +122,13 @@ def visual_features(model, model_kwargs: dict, kind: str) -> torch.Tensor | None
     encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get(kind)
     pixels = model_kwargs.pop("pixel_values" if kind == "image" else "pixel_values_videos", None)
     grid = model_kwargs.pop(f"{kind}_grid_thw", None)
-    if encoded is None and pixels is not None:
-        encode = model.model.get_image_features if kind == "image" else model.model.get_video_features
-        encoded = encode(pixels, grid)
-    return None if encoded is None else torch.cat(tuple(encoded.pooler_output))
+    if encoded is not None:
+        return torch.cat(tuple(encoded.pooler_output))
+    return None if pixels is None else torch.cat(merger_outputs(model, pixels, grid, kind))
+
+
+def merger_outputs(model, pixels: torch.Tensor, grid_thw: torch.Tensor, kind: str = "image") -> tuple:
+    """The merger outputs of each image (or video) of ``pixels``: one ``(tokens, D)`` tensor each, in order
+    (``get_image_features(...).pooler_output``): the one place gapkern runs the vision tower."""
+    encode = model.model.get_image_features if kind == "image" else model.model.get_video_features
+    return tuple(encode(pixels, grid_thw).pooler_output)

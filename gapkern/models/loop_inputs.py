@@ -121,12 +121,18 @@ def check_continuation(model, prompt: Prompt) -> None:
                          "its latent is not in input_ids (a span cut off by max_new_tokens cannot be continued)")
 
 
+def row_norms(norms: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's mean visual-embedding norm (rows,) float32, 0 for a row without image: ``norms`` (N,) in
+    prompt order, ``image_mask`` (rows, L) where they sit. The rms target's per-row image norm, once."""
+    sums = torch.zeros(image_mask.shape, dtype=torch.float32, device=norms.device)
+    return sums.masked_scatter(image_mask, norms.float()).sum(1) / image_mask.sum(1).clamp_min(1)
+
+
 def own_norms(norms, image_mask, rows, device):
     """Each row's mean visual-embedding norm, 0 for a row without image: rms's target, kept with the cache."""
     if norms is None:
         return torch.zeros(rows, dtype=torch.float32, device=device)
-    sums = torch.zeros(image_mask.shape, dtype=torch.float32, device=norms.device)
-    return sums.masked_scatter(image_mask, norms.float()).sum(1) / image_mask.sum(1).clamp_min(1)
+    return row_norms(norms, image_mask)
 
 
 def targets(gap, prompt: Prompt, norms, image_mask, rows):

@@ -23,6 +23,7 @@ from .._io import atomic_folder
 from ..config import GapConfig
 from ..head import PCALatentHead
 from .generate import gap_generate
+from .loop_inputs import row_norms
 
 MODEL_TYPE = "qwen2_5_vl"
 _BOUND = ("generate", "save_pretrained")  # instance attributes patch() binds
@@ -156,10 +157,7 @@ class GapState(nn.Module):
         ema = self.tau_ema.expand(rows)
         if mode == "ema" or norms is None:
             return ema.clone()
-        counts = image_mask.sum(1)
-        sums = torch.zeros(image_mask.shape, dtype=torch.float32, device=norms.device)
-        sums = sums.masked_scatter(image_mask, norms.float()).sum(1)
-        return torch.where(counts > 0, sums / counts.clamp_min(1), ema)
+        return torch.where(image_mask.any(1), row_norms(norms, image_mask), ema)
 
 
 def _check_model(model):

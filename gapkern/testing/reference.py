@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList
 
+from ..models.hf_compat import merger_outputs
+
 
 def latent_step64(hidden, head=None, tau=None, eps=1e-6):
     """SPEC section 2 for one row, in float64: ``hidden`` (D,) -> latent (D,)."""
@@ -72,7 +74,7 @@ def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: i
     pad_id, eos = model.generation_config.pad_token_id or 0, _eos_ids(model)
     embeds = embed(input_ids)
     if "pixel_values" in batch:
-        feats = torch.cat(model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
+        feats = torch.cat(merger_outputs(model, batch["pixel_values"], batch["image_grid_thw"]))
         embeds = embeds.masked_scatter((input_ids == model.config.image_token_id)[..., None], feats.to(embeds.dtype))
     if prompt_latents is not None:
         embeds = _place_latents(embeds, input_ids == gap_config.latent_pad_id, prompt_latents)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor
 
 from ..config import GapConfig
 from ..head import PCALatentHead
@@ -184,29 +183,3 @@ def tiny_prompts(ids: TinyIds, rows, seed: int = 0, patch_size: int = 14, merge_
         batch["pixel_values"] = torch.cat(pixels)
         batch["image_grid_thw"] = torch.tensor(grids)
     return {k: v.to(device) if device is not None else v for k, v in batch.items()}
-
-
-class ForceTokens(LogitsProcessor):
-    """A logits processor that scripts latent spans on random weights.
-
-    ``schedule`` maps ``(row, i)`` to the token that row must emit at its
-    ``i``-th new position (counting latent positions, as ``max_new_tokens``
-    does); every other choice of a ``banned`` token (the latent start, by
-    default none) is masked out, so random weights never open a span unasked.
-    Pure: the same call gives the same scores, so a cached loop and a naive
-    recomputing loop see identical choices.
-    """
-
-    def __init__(self, prompt_len: int, schedule: dict, banned=()):
-        self.prompt_len, self.schedule, self.banned = prompt_len, dict(schedule), list(banned)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        i = input_ids.shape[1] - self.prompt_len
-        scores = scores.clone()
-        if self.banned:
-            scores[:, self.banned] = float("-inf")
-        for (row, at), token in self.schedule.items():
-            if at == i:
-                scores[row] = float("-inf")
-                scores[row, token] = 0.0
-        return scores

@@ -1,6 +1,6 @@
 """Samples -> training batches: chat prompt + teacher response, labels, images and latent targets (SPEC 4.4, 4.5).
 
-The prompt is the one curation and evaluation ask (``gapkern.prompts``: the
+The prompt is the one curation and evaluation ask (``gapkern.data.prompts``: the
 images, then ``gapkern.data.question_text``). A line that trains with latents
 (``gapkern.data.uses_latents``: hard, or not curated) keeps its latent steps
 and its targets fill the latent slots; an easy line trains on the plain-text
@@ -13,8 +13,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ..data import image_inputs, teacher_response, uses_latents
-from ..models.prompt import image_settings as default_image_settings
-from ..prompts import expand_images, prompt_messages, prompt_text, visual_tokens
+from ..data.images import image_settings as default_image_settings
+from ..data.prompts import expand_images, prompt_messages, prompt_text, visual_tokens
 
 __all__ = ["GapCollator"]
 
@@ -27,7 +27,7 @@ class GapCollator:
     ``model_config`` is the Qwen2.5-VL config (image token, vision settings,
     hidden size), ``gap_config`` the GapConfig (profile tokens, K), ``targets``
     a ``TargetReader`` (needed as soon as a hard line has a latent step),
-    ``image_settings`` as from ``gapkern.models.prompt.image_settings``.
+    ``image_settings`` as from ``gapkern.data.images.image_settings``.
 
     The batch: ``input_ids``, ``attention_mask``, ``labels``,
     ``mm_token_type_ids`` (B, L), right-padded with the tokenizer's pad id

@@ -1,4 +1,4 @@
-"""The sample file, teacher responses, latent targets and their shards (SPEC 4.1, 4.2, 4.4).
+"""The sample file (SPEC 4.1, 4.4): its schema, the teacher response and the question of a line.
 
 - ``load_samples``: reads a JSONL sample file, validates every line, and
   resolves image paths against the file's folder; a bad line is an error
@@ -6,16 +6,9 @@
 - ``teacher_response``: ``<think>`` + steps + ``</think><answer>`` + answer
   + ``</answer>``, a latent step being start + K x pad + end + open + parser
   + close in the profile's tokens (``latent=False`` drops latent steps whole).
-- ``pool_targets``: merged-grid embeddings adaptive-average-pooled to g x g.
-- ``image_inputs``: an image file (or a crop of it) as the model's pixel inputs.
-- ``visual_embeddings`` / ``image_embeddings``: the merger outputs (visual
-  input embeddings) of images, per image, in row-major merged-grid order.
 - ``question_text``: the user turn's text of a sample; every prompt of the
   GAP path (curation, training, evaluation) is built from it.
 - ``uses_latents``: whether a line trains with its latent steps (SPEC 4.4).
-- ``TargetWriter`` / ``TargetReader``: targets in safetensors shards keyed
-  ``"{id}/{step}"`` (step = the index in ``steps``), with a JSON index
-  (``gapkern.targets``, re-exported here).
 """
 from __future__ import annotations
 
@@ -23,14 +16,10 @@ import json
 import math
 import os
 
-import torch
+from ..config import PROFILES
 
-from .config import PROFILES
-from .targets import TargetReader, TargetWriter, latent_keys  # the shards live in their own module
-
-__all__ = ["SampleError", "load_samples", "teacher_response", "latent_keys", "pool_targets", "image_inputs",
-           "merged_grid", "visual_embeddings", "image_embeddings", "sample_images", "question_text", "uses_latents",
-           "TargetWriter", "TargetReader"]
+__all__ = ["SampleError", "CATEGORIES", "load_samples", "teacher_response", "question_text", "ANSWER_FORMAT",
+           "uses_latents"]
 
 CATEGORIES = ("perception", "reasoning")
 
@@ -187,123 +176,6 @@ def teacher_response(sample: dict, config, *, latent: bool = True) -> str:
         elif latent:
             parts.append(start + pad * config.latent_budget + end + open_ + step["parser"] + close)
     return f"<think>{chr(10).join(parts)}</think><answer>{sample['answer']}</answer>"
-
-
-def pool_targets(embeds: torch.Tensor, grid, g: int) -> torch.Tensor:
-    """``embeds (h*w, D)`` in row-major merged-grid order -> ``(g*g, D)``, adaptive-average-pooled, row-major.
-
-    Cell (i, j) averages rows ``floor(i*h/g) .. ceil((i+1)*h/g) - 1`` and
-    columns ``floor(j*w/g) .. ceil((j+1)*w/g) - 1`` (adaptive pooling's bins,
-    which overlap when g does not divide the grid). Accumulates in float32 at
-    least; returns ``embeds``' dtype.
-    """
-    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 2 or not embeds.is_floating_point():
-        raise ValueError(f"embeds: expected a float tensor (h*w, D), got {getattr(embeds, 'shape', embeds)!r}")
-    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
-        raise ValueError(f"grid: expected (h, w), two positive ints, got {grid!r}")
-    h, w = grid
-    if h * w != embeds.shape[0]:
-        raise ValueError(f"grid: {h}x{w} = {h * w} cells, but embeds has {embeds.shape[0]} rows")
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-        raise ValueError(f"g: expected a positive int (K = g*g targets), got {g!r}")
-    dim = embeds.shape[1]
-    compute = torch.promote_types(embeds.dtype, torch.float32)
-    cells = embeds.to(compute).T.reshape(1, dim, h, w)
-    pooled = torch.nn.functional.adaptive_avg_pool2d(cells, g)
-    return pooled.reshape(dim, g * g).T.contiguous().to(embeds.dtype)
-
-
-def image_inputs(path: str, vision_config, *, box=None, settings: dict | None = None) -> dict:
-    """An image file, or its pixel crop ``box = [x0, y0, x1, y1]``, as ``pixel_values`` / ``image_grid_thw``.
-
-    Resized as Qwen2.5-VL's processor does (``smart_resize`` to multiples of
-    patch x merge within ``settings``' min / max pixels; ``settings`` from
-    ``gapkern.models.prompt.image_settings``, defaults without). Needs Pillow.
-    """
-    from .models.prompt import image_settings, pixel_inputs, read_image, smart_resize
-
-    settings = settings or image_settings(None)
-    factor = vision_config.patch_size * vision_config.spatial_merge_size
-    bounds = settings["min_pixels"], settings["max_pixels"]
-    if box is None:
-        image = read_image(path, factor, *bounds)
-    else:
-        image = _read_crop(path, box, factor, *bounds, smart_resize)
-    return pixel_inputs(image, vision_config, settings["mean"], settings["std"])
-
-
-def _read_crop(path, box, factor, min_pixels, max_pixels, smart_resize) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as img:
-        x0, y0, x1, y1 = (round(v) for v in box)
-        if not (0 <= x0 < x1 <= img.width and 0 <= y0 < y1 <= img.height):
-            raise ValueError(f"box: {list(box)!r} is not a crop of the {img.width}x{img.height} image {path!r}")
-        crop = img.convert("RGB").crop((x0, y0, x1, y1))
-    h, w = smart_resize(crop.height, crop.width, factor, min_pixels, max_pixels)
-    crop = crop.resize((w, h), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float() / 255
-
-
-def merged_grid(image_grid_thw: torch.Tensor, vision_config) -> tuple[int, int]:
-    """(h, w) of one image's merged patch grid: the layout of its visual input embeddings."""
-    _, gh, gw = (int(v) for v in image_grid_thw.reshape(-1, 3)[0])
-    merge = vision_config.spatial_merge_size
-    return gh // merge, gw // merge
-
-
-def visual_embeddings(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """The visual input embeddings of each image: one ``(h*w, D)`` tensor per image, row-major on its merged grid.
-
-    They are the merger outputs the language model consumes at the image's
-    token positions (``model.model.get_image_features(...).pooler_output``),
-    for a Qwen2.5-VL ``...ForConditionalGeneration``. Inputs move to the
-    vision tower's device and dtype; no gradient is kept.
-    """
-    visual = model.model.visual
-    param = next(visual.parameters())
-    with torch.no_grad():
-        out = model.model.get_image_features(pixel_values.to(param.device, param.dtype),
-                                             image_grid_thw.to(param.device))
-    return list(out.pooler_output)
-
-
-def image_embeddings(model, images, *, settings: dict | None = None, batch_images: int = 8):
-    """Yields ``(embeds (h*w, D), (h, w))`` for each ``(path, box)`` of ``images``, in order.
-
-    ``batch_images`` images go through the vision tower at once (it keeps
-    images apart: one call for several equals one call each, up to rounding).
-    """
-    if isinstance(batch_images, bool) or not isinstance(batch_images, int) or batch_images < 1:
-        raise ValueError(f"batch_images: expected a positive int, got {batch_images!r}")
-    vision = model.config.vision_config
-    for start in range(0, len(images), batch_images):
-        inputs = [image_inputs(path, vision, box=box, settings=settings)
-                  for path, box in images[start:start + batch_images]]
-        grids = torch.cat([i["image_grid_thw"] for i in inputs])
-        embeds = visual_embeddings(model, torch.cat([i["pixel_values"] for i in inputs]), grids)
-        for one, grid in zip(embeds, grids):
-            yield one, merged_grid(grid, vision)
-
-
-def sample_images(samples: list[dict], *, latent: bool = False) -> list[tuple[str, list | None]]:
-    """Every distinct image input of ``samples`` as ``(path, box)``, in first-seen order.
-
-    The images of each line (``box`` None); with ``latent`` also each latent
-    step's image or crop (a crop is its own input: the model sees it at its
-    own resolution).
-    """
-    seen = {}
-    for sample in samples:
-        items = [(path, None) for path in sample.get("images", [])]
-        if latent:
-            items += [(s["latent"]["image"], s["latent"].get("box")) for s in sample.get("steps") or []
-                      if "latent" in s]
-        for path, box in items:
-            seen.setdefault((path, None if box is None else tuple(box)), (path, box))
-    return list(seen.values())
 
 
 ANSWER_FORMAT = {  # the last line of every question: where the answer goes (what evaluate.extract_answer reads)

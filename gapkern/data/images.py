@@ -85,17 +85,32 @@ def pixel_inputs(image: torch.Tensor, vision_config, mean=CLIP_MEAN, std=CLIP_ST
             "image_grid_thw": torch.tensor([[1, gh, gw]])}
 
 
-def chat_inputs(model, tokenizer, prompt: str, image: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> dict:
-    """One row: the chat template around ``prompt`` and one image, ready for ``model.generate``."""
-    from ..prompts import expand_images, image_mask, visual_tokens
+def image_inputs(path: str, vision_config, *, box=None, settings: dict | None = None) -> dict:
+    """An image file, or its pixel crop ``box = [x0, y0, x1, y1]``, as ``pixel_values`` / ``image_grid_thw``.
 
-    image_id = model.config.image_token_id
-    pixels = pixel_inputs(image, model.config.vision_config, mean, std)
-    counts = visual_tokens(pixels["image_grid_thw"], model.config.vision_config)
-    image_token = tokenizer.convert_ids_to_tokens(image_id)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    input_ids = tokenizer(expand_images(text, image_token, counts), return_tensors="pt")["input_ids"]
-    mask = image_mask(input_ids, image_id, image_token, sum(counts))
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-            "mm_token_type_ids": mask.long(), **pixels}
+    Resized as Qwen2.5-VL's processor does (``smart_resize`` to multiples of
+    patch x merge within ``settings``' min / max pixels; ``settings`` from
+    :func:`image_settings`, defaults without). Needs Pillow.
+    """
+    settings = settings or image_settings(None)
+    factor = vision_config.patch_size * vision_config.spatial_merge_size
+    bounds = settings["min_pixels"], settings["max_pixels"]
+    if box is None:
+        image = read_image(path, factor, *bounds)
+    else:
+        image = _read_crop(path, box, factor, *bounds)
+    return pixel_inputs(image, vision_config, settings["mean"], settings["std"])
+
+
+def _read_crop(path, box, factor, min_pixels, max_pixels) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        x0, y0, x1, y1 = (round(v) for v in box)
+        if not (0 <= x0 < x1 <= img.width and 0 <= y0 < y1 <= img.height):
+            raise ValueError(f"box: {list(box)!r} is not a crop of the {img.width}x{img.height} image {path!r}")
+        crop = img.convert("RGB").crop((x0, y0, x1, y1))
+    h, w = smart_resize(crop.height, crop.width, factor, min_pixels, max_pixels)
+    crop = crop.resize((w, h), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float() / 255

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from .data import image_inputs, question_text
+from .images import CLIP_MEAN, CLIP_STD, image_inputs, pixel_inputs
+from .samples import question_text
 
-__all__ = ["prompt_messages", "prompt_text", "prompt_batch", "visual_tokens", "expand_images", "image_mask", "to_model"]
+__all__ = ["prompt_messages", "prompt_text", "prompt_batch", "visual_tokens", "expand_images", "image_mask", "to_model",
+           "chat_inputs"]
 
 
 def prompt_messages(sample: dict) -> list[dict]:
@@ -79,3 +81,17 @@ def prompt_batch(model, tokenizer, samples: list[dict], *, settings: dict | None
         batch["pixel_values"] = torch.cat([i["pixel_values"] for i in pixels])
         batch["image_grid_thw"] = torch.cat([i["image_grid_thw"] for i in pixels])
     return batch
+
+
+def chat_inputs(model, tokenizer, prompt: str, image: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> dict:
+    """One row: the chat template around ``prompt`` and one image, ready for ``model.generate``."""
+    image_id = model.config.image_token_id
+    pixels = pixel_inputs(image, model.config.vision_config, mean, std)
+    counts = visual_tokens(pixels["image_grid_thw"], model.config.vision_config)
+    image_token = tokenizer.convert_ids_to_tokens(image_id)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    input_ids = tokenizer(expand_images(text, image_token, counts), return_tensors="pt")["input_ids"]
+    mask = image_mask(input_ids, image_id, image_token, sum(counts))
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": mask.long(), **pixels}

@@ -1,7 +1,7 @@
 """The aligned training data (SPEC 4.1, 4.2) in one folder, everything ``gapkern train`` needs:
 
     DIR/samples.jsonl   the validated samples (image paths absolute, ``image`` given as ``images``), file order
-    DIR/targets/        the latent targets: ``gapkern.targets`` shards + ``index.json``, keyed ``"{id}/{step}"``
+    DIR/targets/        the latent targets: ``gapkern.data.targets`` shards + ``index.json``, keyed ``"{id}/{step}"``
     DIR/build.json      the settings: model, samples (the source file), g, K = g*g, profile, dim, line counts
 
 Targets are computed for the lines that train with latents
@@ -16,10 +16,10 @@ import json
 import os
 from dataclasses import dataclass
 
-from . import distributed
-from ._io import atomic_write_json, atomic_write_text, read_json
-from .data import image_embeddings, latent_keys, load_samples, pool_targets, uses_latents
-from .targets import TargetReader, TargetWriter
+from .. import distributed
+from .._io import atomic_write_json, atomic_write_text, read_json
+from ..data import image_embeddings, latent_keys, load_samples, pool_targets, uses_latents
+from ..data.targets import TargetReader, TargetWriter
 
 __all__ = ["BUILD", "SAMPLES", "TARGETS", "build_data", "load_build", "Build"]
 

@@ -17,8 +17,8 @@ Each output line is the validated input line (image paths absolute) plus
 from __future__ import annotations
 
 from .evaluate import is_correct
-from .resumable import ResumeError, read_lines, run_lines, samples_digest
-from .sampling import SeededSampler, derive_seed, generate_responses
+from ..resumable import ResumeError, read_lines, run_lines, samples_digest
+from ..sampling import SeededSampler, derive_seed, generate_responses
 
 __all__ = ["derive_seed", "SeededSampler", "sample_attempts", "judge", "curate", "ResumeError"]
 

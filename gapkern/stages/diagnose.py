@@ -19,8 +19,8 @@ import os
 
 import torch
 
-from . import distributed
-from ._io import atomic_write, atomic_write_json
+from .. import distributed
+from .._io import atomic_write, atomic_write_json
 
 __all__ = ["hidden_norms", "latent_norms", "diagnose", "write_diagnosis", "diagnosis_table", "FORCED_SPAN_AT"]
 
@@ -65,7 +65,7 @@ def hidden_norms(model, tokenizer, samples: list[dict], *, batch: int = 8, setti
     every prompt position of that kind (padding excluded); ``visual`` None when no prompt has an image."""
     from tqdm import tqdm
 
-    from .prompts import prompt_batch, to_model
+    from ..data.prompts import prompt_batch, to_model
 
     lm = model.model.language_model
     means, captured = _Means(lm.config.num_hidden_layers + 2, ("text", "visual")), {}
@@ -103,8 +103,8 @@ def latent_norms(model, tokenizer, samples: list[dict], *, batch: int = 8, max_n
     as fed back, and of the prompts' visual input embeddings (None where there is nothing to average)."""
     from tqdm import tqdm
 
-    from .models import StepTrace
-    from .sampling import generate_responses
+    from ..models import StepTrace
+    from ..sampling import generate_responses
 
     raw, fed, visual = [], [], []
     for chunk in tqdm(_chunks(samples, batch), desc=desc, unit="batch", disable=distributed.bar_disable(progress)):
@@ -143,7 +143,7 @@ def diagnose(model, tokenizer, samples: list[dict], *, calibrations=("none", "rm
     target (:func:`gapkern.sampling.ema_start`), as ``gapkern eval`` does. The model's GapConfig and running
     target are restored at the end. Raises ValueError when no sample has an image.
     """
-    from .sampling import ema_start
+    from ..sampling import ema_start
 
     norms = hidden_norms(model, tokenizer, samples, batch=batch, settings=settings, progress=progress)
     visual_in, text_in = norms["input"]["visual"], norms["input"]["text"]

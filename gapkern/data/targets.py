@@ -21,9 +21,9 @@ import os
 import torch
 from safetensors import safe_open
 
-from ._io import atomic_save_file, atomic_write_json, read_json
+from .._io import atomic_save_file, atomic_write_json, read_json
 
-__all__ = ["latent_keys", "TargetWriter", "TargetReader", "INDEX"]
+__all__ = ["latent_keys", "TargetWriter", "TargetReader", "INDEX", "pool_targets"]
 
 INDEX = "index.json"
 _HEADER = "gapkern_targets"
@@ -159,3 +159,28 @@ class TargetReader:
 
     def __getstate__(self):
         return {**self.__dict__, "_open": {}}  # open handles stay in the process that opened them
+
+
+def pool_targets(embeds: torch.Tensor, grid, g: int) -> torch.Tensor:
+    """``embeds (h*w, D)`` in row-major merged-grid order -> ``(g*g, D)``, adaptive-average-pooled, row-major.
+
+    Cell (i, j) averages rows ``floor(i*h/g) .. ceil((i+1)*h/g) - 1`` and
+    columns ``floor(j*w/g) .. ceil((j+1)*w/g) - 1`` (adaptive pooling's bins,
+    which overlap when g does not divide the grid). Accumulates in float32 at
+    least; returns ``embeds``' dtype.
+    """
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 2 or not embeds.is_floating_point():
+        raise ValueError(f"embeds: expected a float tensor (h*w, D), got {getattr(embeds, 'shape', embeds)!r}")
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
+        raise ValueError(f"grid: expected (h, w), two positive ints, got {grid!r}")
+    h, w = grid
+    if h * w != embeds.shape[0]:
+        raise ValueError(f"grid: {h}x{w} = {h * w} cells, but embeds has {embeds.shape[0]} rows")
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"g: expected a positive int (K = g*g targets), got {g!r}")
+    dim = embeds.shape[1]
+    compute = torch.promote_types(embeds.dtype, torch.float32)
+    cells = embeds.to(compute).T.reshape(1, dim, h, w)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(cells, g)
+    return pooled.reshape(dim, g * g).T.contiguous().to(embeds.dtype)

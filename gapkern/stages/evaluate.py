@@ -26,7 +26,7 @@ import os
 import re
 import string
 
-from .data import CATEGORIES  # the sample file's categories (SPEC 4.1)
+from ..data import CATEGORIES  # the sample file's categories (SPEC 4.1)
 
 __all__ = ["extract_answer", "is_correct", "score", "parse_number", "choice_letter", "prediction", "evaluate",
            "score_table", "write_scores"]
@@ -179,15 +179,15 @@ def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: st
     greedy; above, each line draws with a seed derived from ``seed`` and its id. Calibration ``rms`` / ``ema``:
     every batch starts from one running target (:func:`gapkern.sampling.ema_start`), so a resumed run, or N
     ranks, answer as one uninterrupted run; the model's own target is left as it was. ``settings``: the image
-    settings (``gapkern.models.prompt.image_settings``). ``suppress`` / ``span_at``: as
+    settings (``gapkern.data.images.image_settings``). ``suppress`` / ``span_at``: as
     :func:`gapkern.sampling.generate_responses`. ``identity`` (e.g. the model path) joins the GapConfig, the
     head's shape, the samples (a digest) and the options in what a resumed run must match; ``keep_settings``:
     a file that keeps them after the run (:func:`gapkern.resumable.run_lines`). ``starts``: a dict shared by
     the runs of one loaded model (several calibration modes): the start target is computed once for it and
     these samples, batch and settings, and reused (the model's own target is restored after every run).
     """
-    from .resumable import read_lines, run_lines, samples_digest
-    from .sampling import ema_start, generate_responses
+    from ..resumable import read_lines, run_lines, samples_digest
+    from ..sampling import ema_start, generate_responses
 
     gap = model.gap
     config, saved, start = gap.config, gap.tau_ema.detach().clone(), []
@@ -246,7 +246,7 @@ def score_table(scores: dict[str, dict]) -> str:
 
 def write_scores(folder: str, scores: dict[str, dict]) -> tuple[str, str]:
     """``folder/scores.json`` (``scores``) and ``folder/scores.md`` (:func:`score_table`), atomically; their paths."""
-    from ._io import atomic_write_json, atomic_write_text
+    from .._io import atomic_write_json, atomic_write_text
 
     json_path, md_path = os.path.join(folder, "scores.json"), os.path.join(folder, "scores.md")
     atomic_write_json(json_path, scores, ensure_ascii=False)

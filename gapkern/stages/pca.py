@@ -22,9 +22,9 @@ import os
 
 import torch
 
-from . import distributed
-from ._io import atomic_save_file, atomic_write, atomic_write_json, read_safetensors
-from .head import PCALatentHead
+from .. import distributed
+from .._io import atomic_save_file, atomic_write, atomic_write_json, read_safetensors
+from ..head import PCALatentHead
 
 __all__ = ["PCAStats", "fit_images", "write_fit_summary"]
 
@@ -223,7 +223,7 @@ def fit_images(model, images, *, settings: dict | None = None, batch_images: int
     """
     from tqdm import tqdm
 
-    from .data import image_embeddings
+    from ..data import image_embeddings
 
     rank, world = distributed.rank_world()
     stats = PCAStats(model.config.text_config.hidden_size)
