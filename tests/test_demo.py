@@ -17,9 +17,10 @@ from gapkern.demo import task
 from gapkern.demo.model import demo_tokenizer
 from gapkern.demo.plan import PLANS
 from gapkern.demo.stages import STAGES
-from gapkern.prompts import prompt_text
+from gapkern.data.prompts import prompt_text
 
-TRAININGS = ("base", "text", "gap")
+TRAININGS = ("base", "text", "oai", "pca-all", "gap", "full")
+LATENT = ("oai", "pca-all", "gap", "full")
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +66,15 @@ def test_lines_say_what_their_images_show(split):
         letter = sample["answer"]
         picked = sample["choices"][ord(letter) - ord("A")]
         if sample["task"] == "colour":
-            asked = sample["question"].split()[-2]  # "What colour is the large square?"
-            assert (picked, task.SIZES[asked]) in whole and len(latent) == 1
+            asked = sample["question"].split()[-2]  # "What colour is the small square?"
+            assert asked == "small" and len(latent) == 1 and len(whole) == 3  # two large distractors
+            assert (picked, task.SIZES[asked]) in whole
         else:
             assert sample["task"] == "count" and sample["category"] == "reasoning"
-            large = sum(side == task.SIZES["large"] for _, side in whole) if len(whole) == 3 else None
-            assert len(latent) == int(picked)  # one latent step per large square
-            if large is not None:  # three different colours: each square countable from the pixels
-                assert large == int(picked)
+            small = sum(side == task.SIZES["small"] for _, side in whole) if len(whole) == 4 else None
+            assert len(latent) == int(picked)  # one latent step per small square
+            if small is not None:  # four different colours: each square countable from the pixels
+                assert small == int(picked)
 
 
 def test_both_tasks_are_balanced_multiple_choice(split):
@@ -100,18 +102,17 @@ def test_the_small_demo_runs_every_stage(small):
     out, result, lines = small
     assert result["state"] == "new" and list(result["record"]["stages"]) == list(STAGES)
     assert len([line for line in lines if line.startswith("[")]) == len(STAGES)
-    half, steps = PLANS["small"].steps // 2, PLANS["small"].steps
-    files = ["demo.json", "report.md", "losses.png", "task/train.jsonl", "task/eval.jsonl", "init/config.json",
-             "init/tokenizer.json", "base/model.safetensors", "pca/head.safetensors", "pca/pca.json", "pca/pca.png",
-             "curate/curated.jsonl", "data/build.json", "gap/model.safetensors", "text/model.safetensors",
-             "eval/scores.json", "eval/scores.md",
-             "eval/base/predictions.jsonl", f"eval/gap-ema-step-{half}/predictions.jsonl",
-             f"gap/checkpoint-{half}/model.safetensors", f"text/checkpoint-{half}/model.safetensors",
-             "diagnose/gap/diagnosis.png", "diagnose/base/diagnosis.json", "diagnose/base/table.txt"]
+    files = ["demo.json", "report.md", "losses.png", "accuracy.png", "task/train.jsonl", "task/eval.jsonl",
+             "init/config.json", "init/tokenizer.json", "base/model.safetensors", "pca/head.safetensors",
+             "pca/head-full.safetensors", "pca/pca.json", "pca/pca.png", "curate/curated.jsonl", "data/build.json",
+             "data-all/build.json", *(f"{name}/model.safetensors" for name in TRAININGS),
+             "eval/scores.json", "eval/scores.md", "eval/base/predictions.jsonl",
+             "eval/output-as-input-ema/predictions.jsonl", "eval/full-dim-head-none/predictions.jsonl",
+             "diagnose/gap/diagnosis.png", "diagnose/oai/diagnosis.json", "diagnose/oai/table.txt"]
     for name in files:
         assert os.path.getsize(out / name) > 0, name
-    assert not os.path.exists(out / "gap" / f"checkpoint-{steps}")  # the final model, kept once
-    for name in ("losses.png", "pca/pca.png", "diagnose/gap/diagnosis.png", "diagnose/base/diagnosis.png"):
+    for name in ("losses.png", "accuracy.png", "pca/pca.png", "diagnose/gap/diagnosis.png",
+                 "diagnose/oai/diagnosis.png"):
         with PIL.Image.open(out / name) as img:
             assert img.format == "PNG" and min(img.size) > 100
 
@@ -128,27 +129,92 @@ def test_the_small_demo_losses_are_finite_and_decrease(small, name):
     assert len(history) >= 3
     text = [e["text_loss"] for e in history]
     assert all(math.isfinite(v) for v in text) and text[-1] < text[0]
-    if name == "gap":  # the hard lines train their latent spans
-        assert result["record"]["stages"]["build-data"]["latent_lines"] >= 8
+    if name in LATENT:  # the arms with latent lines train their latent spans
+        assert result["record"]["stages"]["build-data"]["all"]["latent_lines"] >= 8
         latent = [e["latent_loss"] for e in history]  # one log a step; 0 for a batch without a latent slot
         assert all(math.isfinite(v) and v >= 0 for v in latent)
         trained = [v for v in latent if v > 0]
-        assert len(trained) >= 6 and sum(trained[-3:]) < sum(trained[:3])
+        if name in ("oai", "pca-all"):  # every line with a latent step trains its spans
+            assert len(trained) >= 6 and sum(trained[-3:]) < sum(trained[:3])
+        else:  # the hard lines only: as many logs with latent slots as the curation left hard lines
+            assert bool(trained) == (result["record"]["stages"]["build-data"]["hard"]["latent_lines"] > 0)
     else:
         assert all(e["latent_loss"] == 0 for e in history)
 
 
-def test_the_report_holds_the_score_table(small):
+def test_the_report_holds_every_arm_and_calibration(small):
     out, result, _ = small
     scores = json.loads((out / "eval" / "scores.json").read_text())
-    steps = PLANS["small"].steps
-    assert list(scores) == ["base", *(f"{model}, step {step}" for step in (steps // 2, steps)
-                                      for model in ("text-only", "GAP none", "GAP ema"))]
+    arms = ["output-as-input", "PCA, all latent", "GAP", "full-dim head"]
+    assert list(scores) == ["base", "text-only", *(f"{arm}, {mode}" for arm in arms for mode in ("none", "ema"))]
+    record = json.loads((out / "demo.json").read_text())["stages"]["eval"]["scores"]
     report = (out / "report.md").read_text()
-    assert result["table"] in report and "Avg-P" in result["table"] and "chance (" in result["table"]
+    assert result["table"] in report and "Avg-P" in result["table"] and "Dimensionality ablation" in report
     for name, one in scores.items():
-        assert set(one["tasks"]) == set(task.TASKS)
+        assert record[name] == one and set(one["tasks"]) == set(task.TASKS)
+        lines = [json.loads(line) for line in (out / "eval" / one["predictions"]).read_text().splitlines()]
+        opened = sum(line["latents"] > 0 for line in lines)
+        assert one["span_rate"] == opened / len(lines) and one["span_lines"] == opened
+        assert one["latents_per_line"] == sum(line["latents"] for line in lines) / len(lines)
+        assert (one["norms"] is None) == (opened == 0)
+        if name in ("base", "text-only"):
+            assert opened == 0
+        if one["norms"]:  # measured at the spans that opened: one norm per latent written
+            assert one["norms"]["count"] == sum(line["latents"] for line in lines)
         assert f"| {name} | {100 * one['tasks']['colour']:.1f} | {100 * one['tasks']['count']:.1f} |" in report
+        if one["span_lines"]:  # the report names the arms that opened spans, with their rate
+            assert f"{name} {100 * one['span_rate']:.1f}%" in report.split("Spans at inference: ")[1].split("\n")[0]
+
+
+def test_demo_json_holds_every_configuration_for_a_script(small):
+    """demo.json's ``configurations``: every arm x calibration with its scores and span rate; where a span opened,
+    the norm ratios at those spans (and none where none opened)."""
+    out, result, _ = small
+    record = json.loads((out / "demo.json").read_text())
+    scores = record["stages"]["eval"]["scores"]
+    table = record["configurations"]
+    arms = ["output-as-input", "PCA, all latent", "GAP", "full-dim head"]
+    assert list(table) == ["base", "text-only", *(f"{arm}, {mode}" for arm in arms for mode in ("none", "ema"))]
+    for name, row in table.items():
+        one = scores[name]
+        assert row["tasks"] == one["tasks"] and row["span_rate"] == one["span_rate"]
+        assert (row["avg_p"], row["avg_r"], row["latents_per_line"]) == (one["avg_p"], one["avg_r"],
+                                                                         one["latents_per_line"])
+        n = one["counts"]["colour"]
+        assert row["avg_p_se"] == pytest.approx(math.sqrt(one["avg_p"] * (1 - one["avg_p"]) / n))
+        assert row["calibration"] == ("none" if name in ("base", "text-only") else name.rsplit(", ", 1)[1])
+        if one["span_lines"]:
+            assert row["norm_ratio"] == {"before": one["norms"]["before_ratio"], "after": one["norms"]["after_ratio"]}
+        else:
+            assert row["norm_ratio"] is None
+    assert table["output-as-input, ema"]["norm_ratio"]["after"] == pytest.approx(1.0, rel=0.05)
+
+
+def test_the_all_latent_arms_open_spans_and_ema_moves_the_norm(small):
+    """Trained with a span on every line that has a latent step, output-as-input opens spans at greedy decoding,
+    and ema brings its latents to the visual input norm (calibration none leaves them where the hidden state is)."""
+    _, result, _ = small
+    scores = result["record"]["stages"]["eval"]["scores"]
+    none, ema = scores["output-as-input, none"], scores["output-as-input, ema"]
+    assert none["span_rate"] > 0 and ema["span_rate"] > 0
+    assert ema["norms"]["after_ratio"] == pytest.approx(1.0, rel=0.05)
+    assert none["norms"]["after_ratio"] == pytest.approx(none["norms"]["before_ratio"])
+    assert abs(none["norms"]["after_ratio"] - 1.0) > 0.05
+
+
+def test_binomial_errors_and_the_difficulty_rule():
+    from gapkern.demo.difficulty import check
+    from gapkern.demo.report import se
+
+    one = {"tasks": {"colour": 0.5, "count": 0.9}, "counts": {"colour": 100, "count": 400},
+           "categories": {"colour": "perception", "count": "reasoning"}}
+    assert se(one, "avg_p") == pytest.approx(0.05) and se(one, "avg_r") == pytest.approx(0.015)
+    text = dict(one, tasks={"colour": 0.95, "count": 0.9})
+    assert check({"base": one, "text-only": text}, "colour") == {
+        "base 30-60% on perception": True, "text-only < 90% on perception": False, "no configuration at 100%": True}
+    full = dict(one, tasks={"colour": 0.2, "count": 1.0})
+    assert check({"base": full, "text-only": full}, "colour") == {
+        "base 30-60% on perception": False, "text-only < 90% on perception": True, "no configuration at 100%": False}
 
 
 def test_a_rerun_resumes_without_redoing_a_stage(small):
@@ -203,3 +269,41 @@ def test_train_without_log_lines_prints_no_log(tmp_path, capsys, one_thread, log
     assert ("'text_loss'" in printed.out + printed.err) == log_lines
     with open(os.path.join(out, "trainer_state.json")) as f:
         assert len([e for e in json.load(f)["log_history"] if "loss" in e]) == 3
+
+
+def test_the_record_keeps_its_own_keys(tmp_path):
+    from gapkern.demo.folder import Folder
+
+    folder = Folder(str(tmp_path / "out"), {"size": "small"})
+    folder.open()
+    folder.put("configurations", {"base": {"span_rate": 0.0}})
+    assert json.loads((tmp_path / "out" / "demo.json").read_text())["configurations"] == {"base": {"span_rate": 0.0}}
+    with pytest.raises(ValueError, match="'stages' is the record's own"):
+        folder.put("stages", {})
+
+
+def test_spread_is_mean_and_standard_deviation():
+    from gapkern.demo.seeds import spread
+
+    runs = [{"GAP, none": {"avg_p": 0.5, "avg_r": 0.25, "span_rate": 0.0}},
+            {"GAP, none": {"avg_p": 0.7, "avg_r": 0.25, "span_rate": 0.5}}]
+    found = spread(runs)["GAP, none"]
+    assert found["avg_p"]["mean"] == pytest.approx(0.6) and found["avg_p"]["sd"] == pytest.approx(math.sqrt(0.02))
+    assert found["avg_r"] == {"mean": 0.25, "sd": 0.0, "values": [0.25, 0.25]}
+    assert spread(runs[:1])["GAP, none"]["span_rate"]["sd"] == 0.0
+
+
+def test_the_command_runs_seeds_and_refuses_no_seed(tmp_path, capsys, one_thread):
+    assert main(["demo", "--out", str(tmp_path / "none"), "--size", "small", "--seeds", "0"]) == 2
+    assert "--seeds: expected a count of at least 1, got 0" in capsys.readouterr().err
+    out = tmp_path / "seeds"
+    assert main(["demo", "--out", str(out), "--size", "small", "--seed", "5", "--seeds", "2"]) == 0
+    found = json.loads((out / "seeds.json").read_text())
+    assert found["seeds"] == [5, 6] and sorted(os.listdir(out)) == ["seed-5", "seed-6", "seeds.json", "seeds.md"]
+    for s in (5, 6):
+        assert json.loads((out / f"seed-{s}" / "demo.json").read_text())["settings"]["seed"] == s
+    each = [json.loads((out / f"seed-{s}" / "demo.json").read_text())["configurations"] for s in (5, 6)]
+    assert list(found["scores"]) == list(each[0])
+    for name, keys in found["scores"].items():
+        assert keys["span_rate"]["values"] == [run[name]["span_rate"] for run in each]
+    assert "| GAP, none |" in (out / "seeds.md").read_text()

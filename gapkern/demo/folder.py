@@ -65,5 +65,12 @@ class Folder:
         self.record["stages"][stage] = summary
         self._write()
 
+    def put(self, key: str, value) -> None:
+        """A top-level entry of the record besides the settings and the stages (the report's tables)."""
+        if key in ("format", "settings", "stages"):
+            raise ValueError(f"key: {key!r} is the record's own; expected another name")
+        self.record[key] = value
+        self._write()
+
     def _write(self) -> None:
         atomic_write_json(self(RECORD), self.record)

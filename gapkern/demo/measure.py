@@ -10,17 +10,18 @@ __all__ = ["configurations", "CHANCE", "evaluate_all", "diagnose_all"]
 CHANCE = 0.25  # four choices on every line
 
 
-def configurations(plan) -> dict:
-    """Name in the score table -> (checkpoint folder in the demo folder, calibration or None: the checkpoint's own).
+def configurations() -> dict:
+    """Name in the score table -> (arm, checkpoint folder in the demo folder, calibration).
 
-    Each fine-tune is scored halfway (its checkpoint) and at the end, GAP with calibration none and ema.
+    Every arm trained with latents is scored with calibration none and ema; base and text-only never open a
+    span, so their calibration changes nothing.
     """
-    half = max(plan.steps // 2, 1)
-    out = {"base": ("base", None)}
-    for step, where in ((half, f"checkpoint-{half}"), (plan.steps, "")):
-        out[f"text-only, step {step}"] = (os.path.join("text", where), None)
-        for mode in ("none", "ema"):
-            out[f"GAP {mode}, step {step}"] = (os.path.join("gap", where), mode)
+    from .stages import ARMS
+
+    out = {"base": ("base", "base", "none")}
+    for arm, (folder, _, head) in ARMS.items():
+        for mode in ("none",) if arm == "text-only" else ("none", "ema"):
+            out[arm if arm == "text-only" else f"{arm}, {mode}"] = (arm, folder, mode)
     return out
 
 
@@ -30,7 +31,8 @@ def _slug(name: str) -> str:
 
 def evaluate_all(run) -> tuple[dict, str]:
     """Every configuration on the eval split, greedy, into ``eval/`` as ``gapkern eval`` lays it out:
-    NAME/predictions.jsonl per configuration, scores.json, scores.md."""
+    NAME/predictions.jsonl per configuration, scores.json, scores.md; per configuration also its span rate
+    (the share of lines where a span opened), latents per line and the latents' norms at the spans that opened."""
     from itertools import groupby
 
     from ..data import load_samples
@@ -38,25 +40,53 @@ def evaluate_all(run) -> tuple[dict, str]:
     from .stages import load, settings
 
     samples = load_samples(run.eval_file())
-    scores, latents = {}, {}
-    runs = [(name, os.path.normpath(folder), calibration)
-            for name, (folder, calibration) in configurations(run.plan).items()]
-    for folder, group in groupby(runs, key=lambda one: one[1]):  # a folder's configurations follow each other
+    scores = {}
+    runs = [(name, *one) for name, one in configurations().items()]
+    for folder, group in groupby(runs, key=lambda one: one[2]):  # a folder's configurations follow each other
         model, tokenizer = load(run.folder(folder))  # once for its configurations, as gapkern eval does
         # base and text-only never trained on a latent span: they must not open one (gapkern eval does the same)
-        suppress = [model.gap.config.latent_start_id] if model.gap.head is None else []
-        for name, _, calibration in group:
+        trained = folder not in ("base", "text")
+        suppress = [] if trained else [model.gap.config.latent_start_id]
+        starts = {}
+        for name, arm, _, calibration in group:
             predictions = os.path.join(_slug(name), "predictions.jsonl")  # the layout of gapkern eval's --out
             lines = evaluate(model, tokenizer, samples, run.folder("eval", predictions), calibration=calibration,
                              batch=16, max_new_tokens=run.plan.max_new_tokens, settings=settings(run),
-                             suppress=suppress, identity={"model": folder}, desc=name, progress=run.progress)
-            scores[name] = {**score(lines), "model": folder, "calibration": calibration, "predictions": predictions,
-                            "latent_lines": sum(line["latents"] > 0 for line in lines)}
-            latents[name] = sum(line["latents"] for line in lines) / len(lines) / run.plan.grid ** 2
+                             suppress=suppress, identity={"model": folder}, desc=name, progress=run.progress,
+                             starts=starts)
+            opened = sum(line["latents"] > 0 for line in lines)
+            scores[name] = {**score(lines), "arm": arm, "model": folder, "calibration": calibration,
+                            "predictions": predictions, "lines": len(lines), "span_lines": opened,
+                            "span_rate": opened / len(lines),
+                            "latents_per_line": sum(line["latents"] for line in lines) / len(lines),
+                            "norms": _norms(run, model, tokenizer, samples, calibration, starts) if opened else None}
     write_scores(run.folder("eval"), scores)
-    means = ", ".join(f"{name} {100 * _mean(result):.0f}%" for name, result in scores.items())
-    return {"scores": scores, "spans_per_line": latents}, (
-        f"{len(samples)} lines, mean accuracy over the tasks (chance {100 * CHANCE:.0f}%): {means}")
+    means = ", ".join(f"{name} {100 * _mean(result):.0f}% (spans {100 * result['span_rate']:.0f}%)"
+                      for name, result in scores.items())
+    return {"scores": scores}, f"{len(samples)} lines, mean accuracy (chance {100 * CHANCE:.0f}%): {means}"
+
+
+def _norms(run, model, tokenizer, samples, calibration: str, starts: dict) -> dict:
+    """The latents' mean L2 norm before and after calibration at the spans that opened, over the visual input
+    norm: the same greedy generate as the eval (same batches, same start target), traced."""
+    import dataclasses
+
+    from ..stages.diagnose import latent_norms
+    from ..sampling import ema_start
+    from .stages import settings
+
+    gap = model.gap
+    config, saved = gap.config, gap.tau_ema.detach().clone()
+    try:
+        gap.config = dataclasses.replace(config, calibration=calibration)
+        tau = None if calibration == "none" else ema_start(model, samples, batch=16, settings=settings(run))
+        found = latent_norms(model, tokenizer, samples, batch=16, max_new_tokens=run.plan.max_new_tokens,
+                             settings=settings(run), tau_ema=tau, desc="norms", progress=run.progress)
+    finally:
+        gap.config = config
+        gap.tau_ema.copy_(saved)
+    visual = found["visual"]
+    return {**found, "before_ratio": found["before"] / visual, "after_ratio": found["after"] / visual}
 
 
 def _mean(result: dict) -> float:
@@ -65,11 +95,11 @@ def _mean(result: dict) -> float:
 
 
 # the models diagnosed: folder -> title of the picture
-DIAGNOSED = {"gap": "GAP model (PCA head)", "base": "base model used output-as-input (no head)"}
+DIAGNOSED = {"gap": "GAP model (PCA head)", "oai": "output-as-input model (no head, trained with latents)"}
 
 
 def diagnose_all(run) -> tuple[dict, str]:
-    """SPEC 4.7 on the first eval lines for the GAP model and for the base model as output-as-input."""
+    """SPEC 4.7 on the first eval lines for the GAP model and the output-as-input arm."""
     from ..data import load_samples
     from ..stages.diagnose import diagnose, diagnosis_table, write_diagnosis
     from .stages import load, settings
@@ -78,9 +108,8 @@ def diagnose_all(run) -> tuple[dict, str]:
     found = {}
     for folder, title in DIAGNOSED.items():
         model, tokenizer = load(run.folder(folder))
-        suppress = [model.gap.config.latent_start_id] if model.gap.head is None else []
         result = diagnose(model, tokenizer, samples, calibrations=("none", "rms", "ema"), batch=16,
-                          max_new_tokens=run.plan.max_new_tokens, suppress=suppress, settings=settings(run),
+                          max_new_tokens=run.plan.max_new_tokens, settings=settings(run),
                           progress=run.progress)
         write_diagnosis(result, run.folder("diagnose", folder), title=f"Norm gap: {title}")
         atomic_write_text(run.folder("diagnose", folder, "table.txt"), diagnosis_table(result))

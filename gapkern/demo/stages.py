@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 
 from .folder import Folder
 from .plan import Plan
@@ -77,16 +78,11 @@ def _train(run: Run, model, tokenizer, samples, name: str, steps: int, targets=N
     from ..train import train, training_arguments
 
     out = run.folder(name)
-    # one checkpoint halfway (eval scores it too: how fast each fine-tune learns, not only where it ends)
     args = training_arguments(out, max_steps=steps, learning_rate=run.plan.lr, seed=run.seed,
                               per_device_train_batch_size=run.plan.batch, logging_steps=run.plan.logging_steps,
-                              save_strategy="steps", save_steps=max(steps // 2, 1), use_cpu=True,
-                              disable_tqdm=run.progress is False)
+                              save_strategy="no", use_cpu=True, disable_tqdm=run.progress is False)
     summary = train(model, tokenizer, samples, out, targets=targets, args=args, image_settings=settings(run),
                     log_lines=False)
-    last = os.path.join(out, f"checkpoint-{summary['steps']}")
-    if steps > 1 and os.path.isdir(last):  # the same weights as the final model in out
-        shutil.rmtree(last)
     first, last = summary["first"] or {}, summary["last"] or {}  # the first and the last logged losses
     return {"steps": summary["steps"], "lines": summary["samples"], "latent_lines": summary["latent_lines"],
             "first": {k: first.get(k) for k in ("text_loss", "latent_loss")},
@@ -115,6 +111,7 @@ def make_base(run: Run) -> tuple[dict, str]:
 # ---- the GAP path ----------------------------------------------------------------------------------------
 
 def fit_pca(run: Run) -> tuple[dict, str]:
+    """Two heads from one fit: ``head.safetensors`` keeps ``plan.variance`` (GAP), ``head-full`` every direction."""
     from ..data import load_samples, sample_images
     from ..stages.pca import fit_images, write_fit_summary
 
@@ -124,12 +121,13 @@ def fit_pca(run: Run) -> tuple[dict, str]:
     head = stats.fit(run.plan.variance, whiten=run.plan.whiten)
     out = run.folder("pca")
     head.save(os.path.join(out, "head.safetensors"))
+    stats.fit(rank=stats.dim, whiten=run.plan.whiten).save(os.path.join(out, "head-full.safetensors"))
     fit = write_fit_summary(stats, head.rank, os.path.join(out, "pca.json"), os.path.join(out, "pca.png"),
                             variance=run.plan.variance)
     summary = {"images": len(images), "embeddings": stats.count, "dim": stats.dim, "d": head.rank,
                "explained": fit["explained_at_d"], "whitened": run.plan.whiten}
     return summary, (f"head d={head.rank} of D={stats.dim} keeps {fit['explained_at_d']:.1%} of the variance "
-                     f"of {stats.count} visual embeddings ({len(images)} images and crops)")
+                     f"of {stats.count} visual embeddings ({len(images)} images and crops); full head d={stats.dim}")
 
 
 def curate_train(run: Run) -> tuple[dict, str]:
@@ -157,49 +155,59 @@ def curate_train(run: Run) -> tuple[dict, str]:
                      f"{parts}; the base model's samples are right {summary['base_sample_accuracy']:.1%} of the time")
 
 
-def build(run: Run) -> tuple[dict, str]:
+def _build(run: Run, samples, folder: str, source: str) -> dict:
     from ..stages.build import build_data
-    from ..data import load_samples
 
     model, _ = load(run.folder("base"))
+    summary = build_data(model, samples, run.folder(folder), g=run.plan.grid, profile="gap",
+                         model_path=run.folder("base"), source=source, settings=settings(run), progress=run.progress)
+    return {k: summary[k] for k in ("lines", "latent_lines", "latent_steps", "K", "dim")}
+
+
+def build(run: Run) -> tuple[dict, str]:
+    """Targets for the hard lines (``data/``: GAP, full-dim) and for every line (``data-all/``: the all-latent arms)."""
+    from ..data import load_samples
+
     source = run.folder("curate", "curated.jsonl")
-    summary = build_data(model, load_samples(source), run.folder("data"), g=run.plan.grid, profile="gap",
-                         model_path=run.folder("base"), source=source, settings=settings(run),
-                         progress=run.progress)
-    keep = {k: summary[k] for k in ("lines", "latent_lines", "latent_steps", "K", "dim")}
-    return keep, (f"{summary['latent_steps']} latent targets (K={summary['K']} x D={summary['dim']}) for the "
-                  f"{summary['latent_lines']} hard lines with a latent step")
+    curated = load_samples(source)
+    hard = _build(run, curated, "data", source)
+    every = _build(run, [dict(s, hard=True) for s in curated], "data-all", source)
+    return {"hard": hard, "all": every}, (
+        f"{hard['latent_steps']} latent targets (K={hard['K']} x D={hard['dim']}) for the {hard['latent_lines']} hard "
+        f"lines with a latent step; {every['latent_steps']} for all {every['latent_lines']} lines with one")
 
 
-def train_gap(run: Run) -> tuple[dict, str]:
+# arm -> (training folder, build folder, head file in pca/ or None: output-as-input), each from the base model
+ARMS = {"text-only": ("text", "data", None), "output-as-input": ("oai", "data-all", None),
+        "PCA, all latent": ("pca-all", "data-all", "head.safetensors"), "GAP": ("gap", "data", "head.safetensors"),
+        "full-dim head": ("full", "data", "head-full.safetensors")}
+
+
+def train_arm(run: Run, arm: str) -> tuple[dict, str]:
     from ..stages.build import load_build
     from ..head import PCALatentHead
     from ..train import attach_gap
 
-    data = load_build(run.folder("data"))
+    name, data_folder, head_file = ARMS[arm]
+    data = load_build(run.folder(data_folder))
     model, tokenizer = load(run.folder("base"))
-    head = PCALatentHead.load(run.folder("pca", "head.safetensors"))
-    attach_gap(model, tokenizer, head, latent_budget=data.settings["K"])
-    summary = _train(run, model.train(), tokenizer, data.samples, "gap", run.plan.steps, targets=data.targets)
+    samples, targets = data.samples, data.targets
+    if arm == "text-only":  # every line as plain text: the control
+        samples, targets = [dict(s, hard=False) for s in samples], None
+    else:
+        head = None if head_file is None else PCALatentHead.load(run.folder("pca", head_file))
+        attach_gap(model, tokenizer, head, latent_budget=data.settings["K"])
+    summary = _train(run, model.train(), tokenizer, samples, name, run.plan.steps, targets=targets)
     return summary, (f"{summary['steps']} steps, {summary['latent_lines']} of {summary['lines']} lines with "
-                     f"latents: {_losses(summary, True)}")
-
-
-def train_text(run: Run) -> tuple[dict, str]:
-    from ..stages.build import load_build
-
-    data = load_build(run.folder("data"))
-    model, tokenizer = load(run.folder("base"))
-    samples = [dict(s, hard=False) for s in data.samples]  # every line as plain text: the control
-    summary = _train(run, model.train(), tokenizer, samples, "text", run.plan.steps)
-    return summary, f"{summary['steps']} steps, every line as plain text (the control): {_losses(summary, False)}"
+                     f"latents: {_losses(summary, targets is not None)}")
 
 
 def _fresh(run: Run, name: str) -> None:
     """A stage that did not finish left a partial folder: start it over (curate resumes by itself)."""
-    path = run.folder(name)
-    if name != "curate" and os.path.isdir(path):
-        shutil.rmtree(path)
+    for folder in (name, "data-all") if name == "data" else (name,):
+        path = run.folder(folder)
+        if name != "curate" and os.path.isdir(path):
+            shutil.rmtree(path)
 
 
 def measure(run: Run) -> tuple[dict, str]:
@@ -222,8 +230,7 @@ STAGES = {
     "fit-pca": ("pca", fit_pca),
     "curate": ("curate", curate_train),
     "build-data": ("data", build),
-    "train-gap": ("gap", train_gap),
-    "train-text": ("text", train_text),
+    **{f"train-{folder}": (folder, partial(train_arm, arm=arm)) for arm, (folder, _, _) in ARMS.items()},
     "eval": ("eval", measure),
     "diagnose": ("diagnose", diagnose),
 }

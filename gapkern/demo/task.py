@@ -2,15 +2,16 @@
 
 Each image is 84 x 84 pixels, 3 x 3 cells of 28 pixels: one merged visual
 token per cell for Qwen2.5-VL (14-pixel patches, merged 2 x 2). A square is
-LARGE (22 px) or SMALL (6 px), centred in its cell, in one of four colours;
+LARGE (22 px) or SMALL (4 px), centred in its cell, in one of four colours;
 size is an attribute a tiny model can learn to read in minutes, where
 position binding and fine shape differences are not (DEMO_NOTES).
 
-- ``colour`` (perception): two squares, one large and one small, of two
-  colours. "What colour is the large square?" (or the small one); choices
-  red, green, blue, yellow.
-- ``count`` (reasoning): three squares, each large or small.
-  "How many large squares are there?"; choices 0, 1, 2, 3.
+- ``colour`` (perception): one small square and two large ones, three
+  different colours. "What colour is the small square?"; choices red, green,
+  blue, yellow. The small square is a faint part of its cell's one merged
+  token; the latent step's crop of that cell (2 x 2 merged tokens) holds it.
+- ``count`` (reasoning): four squares, each large or small, at least one
+  large. "How many small squares are there?"; choices 0, 1, 2, 3.
 
 The teacher's steps look at the evidence: a latent step per square that
 answers the question, its ``box`` the square's cell and its ``parser`` a
@@ -28,7 +29,7 @@ from .._io import atomic_write_text
 __all__ = ["COLOURS", "CELL", "GRID", "TASKS", "make_line", "write_split", "texts"]
 
 COLOURS = {"red": (230, 30, 30), "green": (30, 190, 40), "blue": (40, 70, 230), "yellow": (235, 220, 40)}
-SIZES = {"large": 22, "small": 6}
+SIZES = {"large": 22, "small": 4}
 CELL, GRID = 28, 3
 BACKGROUND = (128, 128, 128)
 COUNTS = ("0", "1", "2", "3")
@@ -41,10 +42,10 @@ def _box(cell: int) -> list[int]:
 
 
 def _colour_line(rng: random.Random):
-    cells = rng.sample(range(GRID * GRID), 2)
-    colours = rng.sample(list(COLOURS), 2)
-    squares = [(cells[0], colours[0], "large"), (cells[1], colours[1], "small")]
-    asked = rng.choice(squares)
+    cells = rng.sample(range(GRID * GRID), 3)
+    colours = rng.sample(list(COLOURS), 3)
+    squares = [(cells[0], colours[0], "small"), (cells[1], colours[1], "large"), (cells[2], colours[2], "large")]
+    asked = squares[0]
     _, colour, size = asked
     line = {"question": f"What colour is the {size} square?", "choices": list(COLOURS),
             "answer": chr(ord("A") + list(COLOURS).index(colour)),
@@ -53,15 +54,15 @@ def _colour_line(rng: random.Random):
 
 
 def _count_line(rng: random.Random):
-    cells = sorted(rng.sample(range(GRID * GRID), 3))  # reading order: the steps visit the squares in it
-    large = rng.randrange(4)
-    sizes = ["large"] * large + ["small"] * (3 - large)
+    cells = sorted(rng.sample(range(GRID * GRID), 4))  # reading order: the steps visit the squares in it
+    small = rng.randrange(4)
+    sizes = ["small"] * small + ["large"] * (4 - small)
     rng.shuffle(sizes)
     squares = [(cell, rng.choice(list(COLOURS)), size) for cell, size in zip(cells, sizes)]
-    found = [s for s in squares if s[2] == "large"]
-    end = "There is none." if not found else f"That makes {large}."
-    line = {"question": "How many large squares are there?", "choices": list(COUNTS), "answer": "ABCD"[large],
-            "steps": [{"text": "Look for the large squares."}, *(_latent(s) for s in found), {"text": end}]}
+    found = [s for s in squares if s[2] == "small"]
+    end = "There is none." if not found else f"That makes {small}."
+    line = {"question": "How many small squares are there?", "choices": list(COUNTS), "answer": "ABCD"[small],
+            "steps": [{"text": "Look for the small squares."}, *(_latent(s) for s in found), {"text": end}]}
     return squares, line
 
 
@@ -120,7 +121,7 @@ def write_split(folder: str, name: str, per_task: int, seed: int) -> str:
 def texts() -> list[str]:
     """Every question, choice and step text the task can produce (the demo tokenizer's vocabulary comes from them)."""
     out = [f"What colour is the {size} square?" for size in SIZES]
-    out += ["How many large squares are there?", "Look for the large squares.", "There is none."]
+    out += ["How many small squares are there?", "Look for the small squares.", "There is none."]
     out += [f"Find the {size} square." for size in SIZES] + [f"It is {c}." for c in COLOURS]
     out += [f"That makes {n}." for n in COUNTS[1:]] + list(COLOURS) + list(COUNTS)
     out += [f"a {size} {colour} square" for size in SIZES for colour in COLOURS]
