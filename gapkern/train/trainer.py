@@ -226,6 +226,11 @@ def training_arguments(out: str, extra=(), **fields) -> TrainingArguments:
         raise ValueError(f"trainer_args: not valid TrainingArguments flags ({reason[0]})") from None
     if unknown:
         raise ValueError(f"trainer_args: not TrainingArguments flags: {' '.join(unknown)}")
+    if args.fsdp and not device:
+        # accelerate would quietly run DDP on CPU ranks (FSDP2) or stop in sync_module_states (FSDP1)
+        raise ValueError("trainer_args: --fsdp needs an accelerator (CUDA) to shard on and none is available "
+                         "here (on CPU ranks accelerate would run plain DDP); drop --fsdp, or shard with "
+                         "--deepspeed and a ZeRO config")
     return args
 
 
