@@ -198,3 +198,16 @@ def test_train_prints_its_help(capsys):
     assert info.value.code == 0 and out.startswith("usage: gapkern train ")
     for option in ("--model PATH", "--data DIR", "--out DIR", "--head FILE", "--no-head", "--lora R", "--resume"):
         assert option in out
+
+
+def test_fsdp_without_an_accelerator_is_refused(task, tmp_path, capsys, monkeypatch):
+    """On CPU ranks accelerate runs plain DDP for ``--fsdp`` (FSDP2; FSDP1 stops in sync_module_states): refused
+    instead, before anything is written."""
+    monkeypatch.setattr("torch.accelerator.is_available", lambda: False)
+    out = tmp_path / "fsdp"
+    assert main(args(task, out, "--max-steps", "1", "--", "--fsdp", "full_shard auto_wrap")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("gapkern train: error: trainer_args: --fsdp needs an accelerator (CUDA) to shard on and none is "
+                   "available here (on CPU ranks accelerate would run plain DDP); drop --fsdp, or shard with "
+                   "--deepspeed and a ZeRO config")
+    assert not out.exists()

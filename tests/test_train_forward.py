@@ -193,6 +193,38 @@ def test_no_slot_batch_has_zero_latent_loss_in_the_graph(tiny):
     model.zero_grad(set_to_none=True)
 
 
+def test_batches_with_and_without_slots_accumulate_gradients_in_the_same_order(tiny):
+    """DeepSpeed ZeRO-2 fills its reduce bucket in the order the gradients accumulate and reduces it
+    elementwise across ranks (deepspeed/runtime/zero/stage_1_and_2.py, 0.19.8,
+    ``reduce_independent_p_g_buckets_and_remove_grads`` line 1414, ``average_tensor`` line 1590): a rank
+    whose batch has no latent slot must reach the head's weight and bias in the same order as one whose
+    batch has, or ZeRO-2 averages one's weight gradient with the other's bias gradient
+    (scripts/zero2_hook_order_repro.py shows it without gapkern). The order was bias, weight without slots."""
+    model, ids = tiny
+    model.set_gap(tiny_head(model, rank=8), ids.gap_config(latent_budget=K))
+    order = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
+             for name, p in model.named_parameters() if p.requires_grad]
+    seen = []
+    try:
+        for with_slots in (True, False):
+            batch = _batch(ids)
+            if not with_slots:
+                batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == ids.latent_pad,
+                                                                    ids.first_text)
+            targets = _targets(model, batch, ids)
+            model.zero_grad(set_to_none=True)
+            order.clear()
+            model(**batch, latent_targets=targets).loss.backward()
+            seen.append(list(order))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.zero_grad(set_to_none=True)
+    assert seen[0][:2] == ["gap.head.weight", "gap.head.bias"]
+    assert seen[0] == seen[1]
+
+
 def test_forward_without_latent_arguments_is_the_base_forward(tiny):
     model, ids = tiny
     model.set_gap(tiny_head(model, rank=8), ids.gap_config(latent_budget=K))

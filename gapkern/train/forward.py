@@ -89,16 +89,20 @@ def latent_loss(hidden: torch.Tensor, slots: torch.Tensor, targets: torch.Tensor
 
     ``hidden (B, L, D)`` final-normed, ``slots (B, L)`` bool, ``targets (S, D)``.
     Without a head (output-as-input) the hidden state itself is compared with
-    the target, a mean over D. Computed in float32. No slot: an exact 0 that
-    still reaches the hidden state and the head (DDP sees every parameter used). ``positions``:
+    the target, a mean over D. Computed in float32. No slot: an exact 0 with zero gradients that still
+    reaches the hidden state and the head through the same ops as a batch with slots (DDP sees every
+    parameter used; DeepSpeed ZeRO-2 sees the head's gradients in the same order on every rank). ``positions``:
     ``slots.nonzero(as_tuple=True)`` when the caller has it (found here otherwise: it waits for the device).
     """
     rows, cols = slots.nonzero(as_tuple=True) if positions is None else positions  # row-major: targets' order
     if rows.numel() == 0:
-        zero = hidden[:, :0].float().sum()
-        if head is not None:
-            zero = zero + head.weight[:0].float().sum() + head.bias[:0].float().sum()
-        return zero
+        if head is None:
+            return hidden[:, :0].float().sum()
+        # the same graph as with slots (DeepSpeed ZeRO-2 needs every rank to reach the head's weight and bias
+        # in the same order, scripts/zero2_hook_order_repro.py): the first state, against its own coefficients
+        rows = cols = torch.zeros(1, dtype=torch.long, device=hidden.device)
+        coeffs = ops.pca_project(hidden[rows, cols].to(head.weight.dtype), head.weight, head.bias)
+        return (coeffs.float() - coeffs.detach().float()).pow(2).mean()
     before = hidden[rows, cols - 1]  # the state that generate turns into latent j
     if head is None:
         return (before.float() - targets.float()).pow(2).mean()

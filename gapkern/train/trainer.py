@@ -89,8 +89,18 @@ class GapTrainer(Trainer):
 
     def _save(self, output_dir=None, state_dict=None):
         model = self.accelerator.unwrap_model(self.model)
-        if self.hub_layout or not isinstance(model, PreTrainedModel):
+        if not isinstance(model, PreTrainedModel):
             return super()._save(output_dir, state_dict)
+        if self.hub_layout:
+            # Under ZeRO-3 from_pretrained leaves its legacy renamings on the model too, and reverting their
+            # PrefixChange on save wrote the language model as "model.model.*": save with the default mapping,
+            # the one a plain load keeps (the same file as without ZeRO-3).
+            kept = model.__dict__.get("_weight_conversions")
+            model._weight_conversions = None
+            try:
+                return super()._save(output_dir, state_dict)
+            finally:
+                model._weight_conversions = kept
         model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_original_format=False)
         try:
             return super()._save(output_dir, state_dict)
@@ -251,7 +261,28 @@ def training_arguments(out: str, extra=(), **fields) -> TrainingArguments:
         raise ValueError(f"trainer_args: not valid TrainingArguments flags ({reason[0]})") from None
     if unknown:
         raise ValueError(f"trainer_args: not TrainingArguments flags: {' '.join(unknown)}")
+    if args.fsdp and not device:
+        # accelerate would quietly run DDP on CPU ranks (FSDP2) or stop in sync_module_states (FSDP1)
+        raise ValueError("trainer_args: --fsdp needs an accelerator (CUDA) to shard on and none is available "
+                         "here (on CPU ranks accelerate would run plain DDP); drop --fsdp, or shard with "
+                         "--deepspeed and a ZeRO config")
+    if args.deepspeed:
+        _prepare_deepspeed(args, device)
     return args
+
+
+def _prepare_deepspeed(args: TrainingArguments, device: bool) -> None:
+    """ZeRO-3's saves always hold the whole model (its 16-bit weights gathered onto rank 0: a checkpoint
+    every gapkern command loads, instead of shards for zero_to_fp32.py), and on CPU ranks DeepSpeed's own
+    comm sits on the gloo group accelerate made (``use_cpu`` leaves it unset, so ZeRO-3's model loading
+    took the world size for 1 and refused the Trainer's batch sizes)."""
+    zero = args.hf_deepspeed_config.config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if not device and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 @holds_out(folder=True)
