@@ -38,15 +38,30 @@ def _reconstruct(coeffs32, basis, mean, sigma):
 
 
 def _calibrate(z32, tau, eps):
-    """z' = z * tau / max(||z||, eps); rows with tau <= 0 stay as they are.
+    """z' = z * tau / max(||z||, eps); rows with tau <= 0 stay as they are."""
+    return z32 * _norm_factor(z32, tau, eps)[:, None]
 
-    The plain norm when it is exact, checked on the host (free on CPU); on other devices, and in
-    traced code (torch.compile traces the step's backward), always the scaled one: no sync.
+
+def _norm_factor(z32, tau, eps, out=None):
+    """tau / max(||z||, eps) per row, 1 where tau <= 0, in z's dtype (into ``out``, a float32 (B,)
+    buffer, for float32 rows outside autograd): no host sync, no scalar ``where``.
+
+    float32 rows: the norm accumulated in float64, where the square of every float32 (subnormals
+    to the largest) is a normal number and D of them cannot overflow: the plain norm, exact. float64
+    rows (references, gradcheck): the plain norm when it is exact, checked on the host (CPU only),
+    else LAPACK's scaling (:func:`_scaled_factor`).
     """
+    if z32.dtype == torch.float32 and z32.device.type != "mps":  # mps has no float64
+        norm = torch.linalg.vector_norm(z32, dim=1, dtype=torch.float64)
+        if out is None:
+            return (tau / norm.clamp_min(eps)).masked_fill_(tau <= 0, 1.0).to(torch.float32)
+        return torch.div(tau, norm.clamp_min_(eps), out=out).masked_fill_(tau <= 0, 1.0)
+    if z32.device.type != "cpu" or torch.compiler.is_compiling():
+        return _scaled_factor(z32, tau, eps)
     norm = torch.linalg.vector_norm(z32, dim=1)
-    if z32.device.type != "cpu" or torch.compiler.is_compiling() or not _plain_norms_exact(norm):
-        return z32 * _scaled_factor(z32, tau, eps)[:, None]
-    return z32 * torch.where(tau > 0, tau / norm.clamp_min(eps), 1.0)[:, None]
+    if not _plain_norms_exact(norm):
+        return _scaled_factor(z32, tau, eps)
+    return torch.where(tau > 0, tau / norm.clamp_min(eps), 1.0).to(z32.dtype)
 
 
 # Plain norms in this range had no square overflow (inf) or fall below the normal range (lost bits).
@@ -56,7 +71,7 @@ _EXACT_NORMS = {dt: (torch.finfo(dt).tiny ** 0.5 * 2 ** 10, torch.finfo(dt).max)
 
 def _plain_norms_exact(norm) -> bool:
     low, high = _EXACT_NORMS[norm.dtype]
-    if norm.numel() == 1:  # one row, a decode step at batch 1: one read, no reduction
+    if norm.numel() == 1:  # one row: one read, no reduction
         return low < norm.item() < high  # NaN: False
     smallest, largest = torch.aminmax(norm)
     return low < smallest.item() and largest.item() < high
@@ -66,7 +81,7 @@ def _scaled_factor(z32, tau, eps):
     """tau / max(||z||, eps) per row (1 where tau <= 0) without overflow or underflow.
 
     ||z|| = m ||z / m|| with m = max |z_i| (LAPACK's nrm2 scaling), and tau / ||z|| taken as
-    (tau / m) / ||z / m||: ||z|| itself may exceed the largest float32.
+    (tau / m) / ||z / m||: ||z|| itself may exceed the largest float.
     """
     m = z32.abs().amax(dim=1)
     root = torch.linalg.vector_norm(z32 / torch.where(m > 0, m, 1.0)[:, None], dim=1)
@@ -94,11 +109,13 @@ def ema_update(tau_state, observed, decay):
     tau_state.copy_(torch.where(fresh, m, decay * tau_state + (1.0 - decay) * m))
 
 
-def _write_rows(out, rows, latent_mask):
-    if latent_mask is None:
+def _write_rows(out, rows, selected):
+    """out[b] = rows[b] where ``selected`` (latent_mask[:, None], or None: every row), in place."""
+    rows = rows.to(out.dtype)
+    if selected is None:
         out.copy_(rows)
     else:
-        out.copy_(torch.where(latent_mask[:, None], rows, out))
+        torch.where(selected, rows, out, out=out)
 
 
 def reembed(token_ids, latents, latent_mask, embed_weight, out):
@@ -117,8 +134,31 @@ def latents(hidden, weight, bias, basis, mean, sigma, tau, eps):
 
 
 def bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
-    del workspace  # the reference allocates its intermediates
+    del workspace  # the buffers below belong to this step
+    selected = None if latent_mask is None else latent_mask[:, None]  # views: in-place updates show
+    if out.dtype != torch.float32:  # half types (float32 copies of the head each call), float64
+        def kernel(hidden):
+            _write_rows(out, latents(hidden, weight, bias, basis, mean, sigma, tau, eps), selected)
+        return kernel
+
+    # float32: the same operations as latents(), written into buffers made once, the scale into the rows.
+    basis_t = None if basis is None else basis.T
+    coeffs = None if weight is None else out.new_empty(out.shape[0], weight.shape[1])
+    z, scale = out.new_empty(out.shape), out.new_empty(out.shape[0])
 
     def kernel(hidden):
-        _write_rows(out, latents(hidden, weight, bias, basis, mean, sigma, tau, eps).to(out.dtype), latent_mask)
+        rows = hidden
+        if weight is not None:
+            c = torch.mm(hidden, weight, out=coeffs) if bias is None else torch.addmm(bias, hidden, weight, out=coeffs)
+            if sigma is not None:
+                c.mul_(sigma)
+            rows = torch.mm(c, basis_t, out=z) if mean is None else torch.addmm(mean, c, basis_t, out=z)
+        if tau is None:
+            _write_rows(out, rows, selected)
+            return
+        factor = _norm_factor(rows, tau, eps, scale)[:, None]
+        if selected is None:
+            torch.mul(rows, factor, out=out)
+        else:
+            torch.where(selected, torch.mul(rows, factor, out=z), out, out=out)
     return kernel
