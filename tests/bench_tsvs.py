@@ -11,8 +11,14 @@ import PIL.Image
 
 
 def png64(colour, size=(28, 28)):
+    """A base64 PNG of ``colour`` with a seeded speckle: images that vary across their patches, as fit-pca needs
+    (uniform images span no direction, which it refuses as rounding noise)."""
+    import numpy as np
+
+    pixels = np.full((size[1], size[0], 3), colour, dtype=np.int16)
+    pixels += np.random.default_rng(sum(colour)).integers(-40, 41, pixels.shape, dtype=np.int16)
     buf = io.BytesIO()
-    PIL.Image.new("RGB", size, colour).save(buf, format="PNG")
+    PIL.Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 

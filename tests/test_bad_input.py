@@ -312,7 +312,8 @@ def test_fit_images_names_a_bad_model_or_images(folder):
 
 @pytest.fixture(scope="module")
 def damaged_models(folder, tmp_path_factory):
-    """Copies of the tiny checkpoint: config.json wider than the weights; preprocessor settings of a wrong type."""
+    """Copies of the tiny checkpoint: config.json wider than the weights (the language model's MLP; the vision
+    tower's); preprocessor settings of a wrong type."""
     import json
     import shutil
 
@@ -321,6 +322,10 @@ def damaged_models(folder, tmp_path_factory):
     config = json.loads((root / "config" / "config.json").read_text())
     config["text_config"]["intermediate_size"] *= 2
     (root / "config" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(folder / "model", root / "vision")  # fit-pca and build-data load only the vision tower
+    config = json.loads((root / "vision" / "config.json").read_text())
+    config["vision_config"]["intermediate_size"] *= 2
+    (root / "vision" / "config.json").write_text(json.dumps(config))
     shutil.copytree(folder / "model", root / "pre")
     (root / "pre" / "preprocessor_config.json").write_text(json.dumps({"min_pixels": "many", "image_std": 0.5}))
     return root
@@ -337,6 +342,8 @@ def test_a_model_folder_that_disagrees_with_itself_is_one_line(capsys, folder, d
     import re
 
     argv = stage_argv(folder, command, str(tmp_path / "out"))
+    if damage == "config" and command in ("fit-pca", "build-data"):
+        damage = "vision"  # they load the vision tower alone: the language model's shapes are not read
     argv[argv.index("--model") + 1] = str(damaged_models / damage)
     err = one_line_error(capsys, argv, "--model")
     assert re.search(match, err), err

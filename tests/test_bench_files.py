@@ -14,6 +14,8 @@ line 224 (the system prompt).
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 
@@ -48,7 +50,8 @@ def test_choices_answers_and_images_follow_vlmevalkit(tmp_path):
     hr = load_tsv(write_tsv(tmp_path, "HRBench4K"), images=str(tmp_path / "c"))
     assert hr[0]["choices"] == ["red", "blue", "green", "white"] and hr[1]["answer"] == "B"
     assert hr[1]["images"] == hr[0]["images"]  # row 1's image field "0" is row 0's image
-    assert PIL.Image.open(hr[0]["images"][0]).getpixel((3, 3)) == (255, 0, 0)
+    decoded = PIL.Image.open(hr[0]["images"][0])
+    assert decoded.tobytes() == PIL.Image.open(io.BytesIO(base64.b64decode(RED))).tobytes()  # the row's own image
     mme = load_tsv(write_tsv(tmp_path, "MME-RealWorld-Lite"), images=str(tmp_path / "c"))
     assert [os.path.basename(p) for p in mme[0]["images"]] == ["7_0.png", "7_1.png"]
     assert len(mme[0]["choices"]) == 5

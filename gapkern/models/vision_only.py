@@ -95,6 +95,14 @@ def load_vision_tower(path: str, dtype=None, device=None) -> VisionTower:
         visual = Qwen2_5_VisionTransformerPretrainedModel(vision_config)
     finally:
         torch.set_default_dtype(default)
+    own = visual.state_dict()
+    mismatched = sorted((k, list(v.shape), list(own[k].shape)) for k, v in tensors.items()
+                        if k in own and v.shape != own[k].shape)
+    if mismatched:
+        key, saved, wanted = mismatched[0]
+        raise ValueError(f"{os.path.join(path, 'config.json')!r} disagrees with the weights in {path!r}: "
+                         f"{len(mismatched)} tensor(s) of other shapes (first: visual.{key} is {saved} in the "
+                         f"weights, {wanted} by the config); fix config.json or use the checkpoint it was saved with")
     result = visual.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path!r}: the vision tower's weights do not match its config (missing "
