@@ -20,6 +20,7 @@ import torch
 import gapkern
 from gapkern.testing.real import real_checkpoint, real_tokenizer
 
+from bench_tsvs import write_tsv
 from stages import images, line, read_jsonl, write_jsonl
 
 BF16 = ("--device", "cpu", "--dtype", "bfloat16")
@@ -112,3 +113,13 @@ def test_every_command_runs_on_the_7b_shaped_checkpoint(real, tmp_path):
                 "--max-new-tokens", 8, "--limit", 2, *BF16)
     gapkern_cli("generate", "--model", gap, "--image", real / "img" / "0.png", "--span-at", 1,
                 "--max-new-tokens", 8, *BF16)
+    # the monet layout on the same checkpoint (Monet's runner: the start position takes the first latent)
+    printed = gapkern_cli("generate", "--model", gap, "--image", real / "img" / "0.png", "--span-at", 1,
+                          "--span-layout", "monet", "--max-new-tokens", 14, *BF16)
+    assert "monet layout" in printed
+    # a benchmark's own file: a VLMEvalKit TSV, judged by VLMEvalKit's rules
+    tsv = write_tsv(tmp_path, "HRBench4K")
+    gapkern_cli("eval", "--model", gap, "--samples", tsv, "--rules", "vlmevalkit", "--out", tmp_path / "tsv",
+                "--max-new-tokens", 6, *BF16)
+    scores = json.loads(next((tmp_path / "tsv").rglob("scores.json")).read_text())
+    assert "HRBench4K" in json.dumps(scores)

@@ -138,7 +138,8 @@ def bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, ou
     selected = None if latent_mask is None else latent_mask[:, None]  # views: in-place updates show
     if out.dtype != torch.float32:  # half types (float32 copies of the head each call), float64
         def kernel(hidden):
-            _write_rows(out, latents(hidden, weight, bias, basis, mean, sigma, tau, eps), selected)
+            with torch.no_grad():
+                _write_rows(out, latents(hidden, weight, bias, basis, mean, sigma, tau, eps), selected)
         return kernel
 
     # float32: the same operations as latents(), written into buffers made once, the scale into the rows.
@@ -147,6 +148,10 @@ def bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, ou
     z, scale = out.new_empty(out.shape), out.new_empty(out.shape[0])
 
     def kernel(hidden):
+        with torch.no_grad():  # a decode-time write into buffers (out= records no graph): differentiate latent_step
+            _float32_step(hidden)
+
+    def _float32_step(hidden):
         rows = hidden
         if weight is not None:
             c = torch.mm(hidden, weight, out=coeffs) if bias is None else torch.addmm(bias, hidden, weight, out=coeffs)
