@@ -72,3 +72,13 @@ def torchrun(*argv, ranks=2, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
            "-m", "gapkern.cli", *argv]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def stage_folder(folder, lines: int):
+    """``folder`` with the stage tests' images, a plain checkpoint (``model``), a gap one (``gap``, K = 4) and
+    ``train.jsonl`` of ``lines`` sample lines: what the bad-input and fault tests run every stage on."""
+    images(folder)
+    checkpoint(folder / "model")
+    checkpoint(folder / "gap", gap_budget=4)
+    write_jsonl(folder / "train.jsonl", [line(i) for i in range(lines)])
+    return folder

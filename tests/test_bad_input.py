@@ -13,7 +13,7 @@ from gapkern.data import load_samples
 from gapkern.stages.diagnose import diagnose
 from gapkern.testing import tiny_qwen2_5_vl, tiny_tokenizer
 
-from stages import checkpoint, images, line, write_jsonl
+from stages import stage_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,11 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    folder = images(tmp_path_factory.mktemp("bad"))
-    checkpoint(folder / "model")
-    checkpoint(folder / "gap", gap_budget=4)
-    write_jsonl(folder / "train.jsonl", [line(i) for i in range(3)])
-    return folder
+    return stage_folder(tmp_path_factory.mktemp("bad"), 3)
 
 
 def one_line_error(capsys, argv, option):

@@ -13,7 +13,7 @@ import pytest
 
 from gapkern.cli import main
 
-from stages import checkpoint, images, line, write_jsonl
+from stages import stage_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,11 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    folder = images(tmp_path_factory.mktemp("faults"))
-    checkpoint(folder / "model")
-    checkpoint(folder / "gap", gap_budget=4)
-    write_jsonl(folder / "train.jsonl", [line(i) for i in range(4)])
-    return folder
+    return stage_folder(tmp_path_factory.mktemp("faults"), 4)
 
 
 def argv(folder, command, out):
