@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
     def train(name, *extra, trainer=(), steps=STEPS):
         out = str(folder / name)
         done = torchrun("train", "--model", base, "--data", data, "--head", head, "--out", out, "--lr", "1e-3",
-                        "--batch", "2", "--max-steps", str(steps), "--logging-steps", "1", "--save-steps", "2",
+                        "--batch", "2", "--max-steps", str(steps), "--logging-steps", "1", "--save-steps", "2", "--keep-checkpoints", "2",
                         *extra, "--", "--lr_scheduler_type", "constant", *trainer, timeout=900)
         assert done.returncode == 0, (name, done.stderr[-3000:])
         return out

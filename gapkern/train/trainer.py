@@ -275,14 +275,22 @@ def _prepare_deepspeed(args: TrainingArguments, device: bool) -> None:
     """ZeRO-3's saves always hold the whole model (its 16-bit weights gathered onto rank 0: a checkpoint
     every gapkern command loads, instead of shards for zero_to_fp32.py), and on CPU ranks DeepSpeed's own
     comm sits on the gloo group accelerate made (``use_cpu`` leaves it unset, so ZeRO-3's model loading
-    took the world size for 1 and refused the Trainer's batch sizes)."""
+    took the world size for 1 and refused the Trainer's batch sizes).
+
+    On CPU ranks DeepSpeed's comm also compiles, on its first run on a machine, a shared-memory all-reduce
+    (``build_shm_op`` in ``deepspeed/comm/torch.py``: gcc over torch's headers, 90-200 s seen here) that only
+    its inference / tensor-parallel all-reduce calls, never ZeRO training; it is marked not compatible, so gloo
+    does all the reducing (``deepspeed.ops.__compatible_ops__`` is one module dict that keeps such edits)."""
     zero = args.hf_deepspeed_config.config.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if not device and torch.distributed.is_initialized():
+    if not device:
         import deepspeed
+        import deepspeed.ops
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="gloo")
 
 
 @holds_out(folder=True)
