@@ -2,7 +2,7 @@
 
 The input at latent slot ``j`` (a ``latent_pad_id`` position) is the target
 ``t_j``; the final-normed hidden state at the position before the slot goes
-through the head (``gapkern.ops.pca_project``, with its fused backward), the
+through the head (its forward, ``gapkern.ops.pca_project`` with its fused backward), the
 same position rule as ``generate``. ``loss = text_loss + latent_loss_weight *
 latent_loss``; ``text_loss`` is the model's own causal-LM cross-entropy with
 the slots' labels set to -100.
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .. import ops
 
 __all__ = ["GapCausalLMOutput", "gap_forward", "latent_loss"]
 
@@ -101,12 +100,12 @@ def latent_loss(hidden: torch.Tensor, slots: torch.Tensor, targets: torch.Tensor
         # the same graph as with slots (DeepSpeed ZeRO-2 needs every rank to reach the head's weight and bias
         # in the same order, scripts/zero2_hook_order_repro.py): the first state, against its own coefficients
         rows = cols = torch.zeros(1, dtype=torch.long, device=hidden.device)
-        coeffs = ops.pca_project(hidden[rows, cols].to(head.weight.dtype), head.weight, head.bias)
+        coeffs = head(hidden[rows, cols].to(head.weight.dtype))
         return (coeffs.float() - coeffs.detach().float()).pow(2).mean()
     before = hidden[rows, cols - 1]  # the state that generate turns into latent j
     if head is None:
         return (before.float() - targets.float()).pow(2).mean()
-    coeffs = ops.pca_project(before.to(head.weight.dtype), head.weight, head.bias)
+    coeffs = head(before.to(head.weight.dtype))  # its forward: FSDP gathers a head that is its own unit
     return (coeffs.float() - head.target_coeffs(targets)).pow(2).mean()
 
 

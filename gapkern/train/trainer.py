@@ -30,6 +30,7 @@ from ..outputs import holds_out
 from ..data import latent_keys, uses_latents
 from ..models.tokens import add_latent_tokens
 from .collate import GapCollator
+from .fsdp import use_gap_wrap
 
 __all__ = ["GapTrainer", "train", "attach_gap", "apply_curation", "check_targets", "choose_trainable",
            "merge_lora", "training_arguments", "finite_number", "KEEP_HEAD"]
@@ -317,6 +318,7 @@ def train(model, tokenizer, samples: list[dict], out: str, *, targets=None, args
         args.ddp_find_unused_parameters = train_vision
     check_targets(samples, targets, model.config.text_config.hidden_size)
     trainable = choose_trainable(model, train_vision=train_vision, freeze_lm=freeze_lm, lora=lora)
+    use_gap_wrap(args, model)  # --fsdp: the decoder layers, vision blocks and the head each a unit
     collator = GapCollator(tokenizer, model.config, model.gap.config, targets=targets, image_settings=image_settings)
     trainer = GapTrainer(model=model, args=args, train_dataset=samples, data_collator=collator,
                          processing_class=tokenizer, latent_loss_weight=latent_loss_weight)
