@@ -21,7 +21,8 @@ TRANSFORMER_BASED_WRAP = "TRANSFORMER_BASED_WRAP"  # accelerate's FSDP_AUTO_WRAP
 def wrap_classes(model: nn.Module) -> list[str]:
     """The class names that get a unit of their own: the model's ``_no_split_modules`` it holds, and its head's."""
     present = {type(m).__name__ for m in model.modules()}
-    names = [name for name in getattr(model, "_no_split_modules", None) or () if name in present]
+    # sorted: transformers builds _no_split_modules as a set, and the names are saved with the arguments
+    names = sorted(name for name in getattr(model, "_no_split_modules", None) or () if name in present)
     state = model._modules.get("gap")
     head = None if state is None else state.head
     if head is not None and type(head).__name__ not in names:
