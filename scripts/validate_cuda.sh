@@ -2,7 +2,7 @@
 # Validate the CUDA backend on a GPU machine: build, GPU tests, memcheck, benchmarks.
 #
 #   bash scripts/validate_cuda.sh                 # every step, in this order
-#   bash scripts/validate_cuda.sh build tests     # some steps (build memcheck bench tests)
+#   bash scripts/validate_cuda.sh build tests     # some steps (build tests fsdp memcheck bench)
 #
 # The lent GPU machines reach no package index: the build uses what is installed there
 # (torch, setuptools, pybind11, cmake, ninja), hence --no-build-isolation --no-deps.
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(build tests memcheck bench)
+[ ${#steps[@]} -gt 0 ] || steps=(build tests fsdp memcheck bench)
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '-' || true)
 results="benchmarks/results/cuda-${gpu:-gpu}-$(date +%Y%m%d-%H%M%S).json"
@@ -36,6 +36,22 @@ for step in "${steps[@]}"; do
     tests)
       "$PY" -m pytest -q -m gpu tests
       ;;
+    fsdp)
+      # README's FSDP recipe on one GPU: a tiny checkpoint and data, 4 steps with the Gap units, then generate.
+      work=$(mktemp -d)
+      "$PY" - "$work" <<'EOF'
+import sys
+sys.path.insert(0, "tests")
+from train_data import make_checkpoint, make_data
+base, head = make_checkpoint(sys.argv[1])
+make_data(sys.argv[1], base, n=8, g=2)
+EOF
+      "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m gapkern.cli train --model "$work/base" \
+          --data "$work/data" --head "$work/head.safetensors" --out "$work/fsdp" --lr 1e-3 --batch 2 \
+          --max-steps 4 --logging-steps 1 --save-steps 2 -- --fsdp "full_shard auto_wrap"
+      "$PY" -m gapkern.cli generate --model "$work/fsdp" --max-new-tokens 6 --span-at 1
+      rm -rf "$work"
+      ;;
     memcheck)
       compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q tests/test_ops.py -k cuda
       ;;
@@ -46,7 +62,7 @@ for step in "${steps[@]}"; do
       echo "benchmark results: $results (raw, not committed) and its summary beside it"
       ;;
     *)
-      echo "unknown step '$step' (build, tests, memcheck, bench)" >&2
+      echo "unknown step '$step' (build, tests, fsdp, memcheck, bench)" >&2
       exit 2
       ;;
   esac
