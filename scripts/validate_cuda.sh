@@ -39,6 +39,7 @@ for step in "${steps[@]}"; do
     fsdp)
       # README's FSDP recipe on one GPU: a tiny checkpoint and data, 4 steps with the Gap units, then generate.
       work=$(mktemp -d)
+      trap 'rm -rf "$work"' EXIT
       "$PY" - "$work" <<'EOF'
 import sys
 sys.path.insert(0, "tests")
@@ -50,7 +51,6 @@ EOF
           --data "$work/data" --head "$work/head.safetensors" --out "$work/fsdp" --lr 1e-3 --batch 2 \
           --max-steps 4 --logging-steps 1 --save-steps 2 -- --fsdp "full_shard auto_wrap"
       "$PY" -m gapkern.cli generate --model "$work/fsdp" --max-new-tokens 6 --span-at 1
-      rm -rf "$work"
       ;;
     memcheck)
       compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q tests/test_ops.py -k cuda
