@@ -67,7 +67,8 @@ def test_output_as_input_has_no_head_unit():
 ])
 def test_the_units_reach_accelerates_wrap_policy(gap_model, tmp_path, config, want):
     """``use_gap_wrap`` on the Trainer's arguments (what ``gapkern train`` does before the Trainer is built), then
-    accelerate's own FSDP2 policy (accelerate/utils/fsdp_utils.py, fsdp2_prepare_auto_wrap_policy) selects them."""
+    accelerate's own FSDP2 policy selects them (accelerate 1.16, accelerate/utils/fsdp_utils.py:940,
+    fsdp2_prepare_auto_wrap_policy)."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 

@@ -279,9 +279,10 @@ def _prepare_deepspeed(args: TrainingArguments, device: bool) -> None:
     took the world size for 1 and refused the Trainer's batch sizes).
 
     On CPU ranks DeepSpeed's comm also compiles, on its first run on a machine, a shared-memory all-reduce
-    (``build_shm_op`` in ``deepspeed/comm/torch.py``: gcc over torch's headers, 90-200 s seen here) that only
-    its inference / tensor-parallel all-reduce calls, never ZeRO training; it is marked not compatible, so gloo
-    does all the reducing (``deepspeed.ops.__compatible_ops__`` is one module dict that keeps such edits)."""
+    (``build_shm_op``, deepspeed 0.19 ``deepspeed/comm/torch.py:47``, called at :207: gcc over torch's headers,
+    90-200 s seen here) that only its inference / tensor-parallel all-reduce calls, never ZeRO training; it is
+    marked not compatible, so gloo does all the reducing (``deepspeed.ops.__compatible_ops__`` is one module
+    dict that keeps such edits)."""
     zero = args.hf_deepspeed_config.config.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
