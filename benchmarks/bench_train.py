@@ -107,3 +107,26 @@ def test_head(measure, benchmark, setup, impl):
 
     moved = 3 * _bytes([head.weight]) + 2 * info["slots"] * info["D"] * hidden.element_size()
     measure(part, moved, inner=1, op="train_head", impl=impl, **info)
+
+
+def test_train_step_hf(measure, benchmark, setup):
+    """Hugging Face's own step on the same weights and batch: the unpatched Qwen2.5-VL class, text loss only
+    (the latent slots' targets dropped; its forward builds the positions itself). The baseline of issue 20's
+    "train step <= 1.1x HF": ratio ``train_step`` gapkern / hf (``python -m benchmarks.report``)."""
+    model, batch, info = setup
+    benchmark.group = "train_step"
+    shape = SLICE_7B if ON_GPU else {}
+    hf, _ = tiny_qwen2_5_vl(seed=0, dtype=DTYPE, device=DEVICE, init_std=0.02, **shape)
+    missing, _ = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    hf.model.visual.requires_grad_(False)
+    hf.train()
+    plain = {k: v for k, v in batch.items() if k != "latent_targets"}
+
+    def step():
+        hf.zero_grad(set_to_none=True)
+        hf(**plain).loss.backward()
+
+    trainable = [p for p in hf.parameters() if p.requires_grad]
+    seconds = measure(step, 3 * _bytes(trainable), inner=1, op="train_step", impl="hf", **info)
+    benchmark.extra_info["tokens_per_s"] = round(ROWS * LENGTH / seconds, 1)

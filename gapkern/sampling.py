@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -58,40 +59,73 @@ class ForceTokens(LogitsProcessor):
         return scores
 
 
-class SeededSampler(LogitsProcessor):
-    """Draws row ``b``'s token from ``softmax(scores / temperature)`` with noise seeded by ``(seeds[b], step)``.
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment: 2**64 / the golden ratio, odd
+_M64 = 2 ** 64 - 1
 
-    Gumbel-max: ``argmax(scores / T + G)``, ``G = -log(-log(U))``, is a sample
-    of that softmax. ``U`` is a function of the row's seed and its new position
-    only: not of the other rows (``do_sample``'s multinomial draws the whole
-    batch from one stream), nor of how many steps sampled before (the patched
-    generate samples no token while every row writes latents). The returned
-    scores are 0 at the drawn token and -inf elsewhere, so ``do_sample`` and
-    any warper after this one can only pick it. ``temperature=0``: greedy.
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer (S. Vigna) on uint64 arrays: a bijection of [0, 2**64) whose output bits each depend
+    on every input bit. uint64 arithmetic wraps modulo 2**64 by definition, as the mixer needs."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def row_keys(seeds) -> np.ndarray:
+    """Each seed's key for :func:`counter_uniform`: the seeds (ints in [0, 2**64)) mixed once."""
+    return _mix64(np.asarray([int(s) & _M64 for s in seeds], dtype=np.uint64))
+
+
+def counter_uniform(keys: np.ndarray, counter: int) -> torch.Tensor:
+    """One float64 uniform in (0, 1) per key (:func:`row_keys`) at ``counter`` (a non-negative int, the new
+    position): SplitMix64's ``counter``-th output of the stream the key starts, ``mix(key + (counter + 1) *
+    golden)``, so a pure function of (seed, counter), drawn for all rows at once (no generator, no per-row work)
+    and the same on every machine. 52 random bits per draw."""
+    z = _mix64(keys + np.uint64(((counter + 1) * _GOLDEN) & _M64))
+    return torch.from_numpy(((z >> np.uint64(12)).astype(np.float64) + 0.5) * 2.0 ** -52)  # (0, 1): 52 bits + 0.5 exact
+
+
+class SeededSampler(LogitsProcessor):
+    """Draws row ``b``'s token from ``softmax(scores / temperature)`` with a uniform seeded by ``(seeds[b], step)``.
+
+    Inverse-CDF sampling: ``u = counter_uniform(seed, step)`` picks the token whose interval of the row's
+    cumulative weights ``cumsum(exp((scores - max) / T))`` holds ``u * total``: one uniform per row, drawn
+    for all rows at once by a counter-based generator (SplitMix64 keyed by the seed), then one exp, one cumsum and one search
+    over the batch. ``u`` is a function of the row's seed and its new position only: not of the other rows
+    (``do_sample``'s multinomial draws the whole batch from one stream), nor of how many steps sampled
+    before (the patched generate samples no token while every row writes latents). Every op is row-wise
+    (the max is exact in any order, the cumulative sum runs along the row), so a row draws the same token
+    in any batch. The returned scores are 0 at the drawn token and -inf elsewhere, so ``do_sample`` and any
+    warper after this one can only pick it. ``temperature=0``: greedy.
     """
 
     def __init__(self, seeds: list[int], prompt_len: int, temperature: float = 1.0):
         if not temperature >= 0:
             raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
         self.seeds, self.prompt_len, self.temperature = list(seeds), prompt_len, float(temperature)
+        self._keys = row_keys(self.seeds)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != len(self.seeds):
             raise ValueError(f"scores: expected {len(self.seeds)} rows (one per seed), got {scores.shape[0]}")
         logits = scores.float()
         if self.temperature > 0:
-            step = input_ids.shape[1] - self.prompt_len
-            noise = torch.stack([self.uniform(derive_seed(s, step), scores.shape[1], scores.device)
-                                 for s in self.seeds])
-            logits = logits / self.temperature - torch.log(-torch.log(noise))
+            picks = self.draw(logits, input_ids.shape[1] - self.prompt_len)
+        else:
+            picks = logits.argmax(-1)
         picked = torch.full_like(scores, float("-inf"))
-        return picked.scatter_(1, logits.argmax(-1, keepdim=True), 0.0)
+        return picked.scatter_(1, picks[:, None], 0.0)
 
-    @staticmethod
-    def uniform(seed: int, n: int, device) -> torch.Tensor:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        u = torch.rand(n, generator=generator, device=device)
-        return u.clamp_min(torch.finfo(u.dtype).tiny)  # u = 0 would give the token -inf noise
+    def draw(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The drawn token of each row at new position ``step``: (B,) int64."""
+        weights = logits - logits.max(-1, keepdim=True).values
+        weights = weights.div_(self.temperature).exp_()  # in [0, 1], 1 at the row's top token
+        cdf = torch.cumsum(weights, -1, dtype=torch.float64)
+        total = cdf[:, -1]
+        # u < 1, but u * total may round up to the total: keep the target below it, so the first cdf above the
+        # target exists and its token has positive weight (a masked token adds nothing to the cdf: never drawn)
+        target = torch.minimum(counter_uniform(self._keys, step).to(logits.device) * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
 
 
 class Response(NamedTuple):

@@ -290,3 +290,31 @@ def test_model_without_gap_state_is_refused():
     batch = _batch(ids)
     with pytest.raises(ValueError, match=r"model: no GapConfig attached; call model.set_gap"):
         model(**batch, latent_targets=torch.zeros(9, 64))
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left", "no mask"])
+def test_text_positions_are_get_rope_index_on_a_batch_without_vision(tiny, padding):
+    """The forward's vectorized positions for a batch with no image or video equal transformers' own
+    ``get_rope_index`` (modeling_qwen2_5_vl.py, ``Qwen2_5_VLModel.get_rope_index``: the per-row loop that gives a
+    text run ``arange`` over the attended tokens and leaves padding at 0), token for token, for right, left and
+    no padding; and the forward's logits are those of the explicit ``get_rope_index`` positions."""
+    from gapkern.train.forward import text_positions
+
+    model, ids = tiny
+    model.set_gap(tiny_head(model, rank=8), ids.gap_config(latent_budget=K))
+    g = torch.Generator().manual_seed(3)
+    input_ids = ids.first_text + torch.randint(ids.vocab_size - ids.first_text, (3, 12), generator=g)
+    mask = torch.ones_like(input_ids)
+    if padding == "right":
+        mask[0, 9:], mask[2, 5:] = 0, 0
+    elif padding == "left":
+        mask[0, :3], mask[1, :7] = 0, 0
+    types = torch.zeros_like(input_ids)
+    attention = None if padding == "no mask" else mask
+    expected, _ = model.model.get_rope_index(input_ids, types, attention_mask=attention)
+    got = text_positions(input_ids, attention)
+    assert got.shape == expected.shape and got.dtype == expected.dtype and torch.equal(got, expected)
+    with torch.no_grad():
+        ours = gap_forward(model, input_ids, attention_mask=attention)
+        explicit = gap_forward(model, input_ids, attention_mask=attention, position_ids=expected)
+    assert torch.equal(ours.logits, explicit.logits)
