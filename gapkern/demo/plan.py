@@ -24,6 +24,7 @@ class Plan:
     max_new_tokens: int = 64  # the longest teacher response is 40 tokens
     logging_steps: int = 10
     diagnose_lines: int = 32
+    small_square: int = 4  # the small squares' side in px (gapkern.demo.task; sized by gapkern.demo.difficulty)
 
     def to_dict(self) -> dict:
         return asdict(self)
