@@ -77,6 +77,20 @@ def test_lines_say_what_their_images_show(split):
                 assert small == int(picked)
 
 
+@pytest.mark.parametrize("side", [1, 2, 3])
+def test_the_plan_sizes_the_small_square(tmp_path, side):
+    """``Plan.small_square`` (what the difficulty rule's version 2 moves) is the small squares' side in the images the
+    task writes, and the latent crop still holds the square its step names."""
+    samples = load_samples(task.write_split(str(tmp_path), "train", 6, seed=3, small=side))
+    colour = [s for s in samples if s["task"] == "colour"]
+    for sample in colour:
+        whole = dict((c, n) for c, n in _squares(_pixels(sample["images"][0])))
+        asked = sample["choices"][ord(sample["answer"]) - ord("A")]
+        assert whole[asked] == side and sorted(whole.values()) == [side, task.SIZES["large"], task.SIZES["large"]]
+        step, = [s for s in sample["steps"] if "latent" in s]
+        assert _squares(_pixels(step["latent"]["image"], step["latent"]["box"])) == [(asked, side)]
+
+
 def test_both_tasks_are_balanced_multiple_choice(split):
     for name, category in task.TASKS.items():
         lines = [s for s in split if s["task"] == name]

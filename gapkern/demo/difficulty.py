@@ -13,10 +13,22 @@ scored. The rule, on the full plan, seed 0:
 
 :func:`check` says, for a finished run, which parts hold; the report prints it
 whatever comes out (a run that misses the rule is reported, not tuned).
+
+Version 1 (commit 57a0102) sized the small square at 6 px then 4 px, with 100 base steps and 300 arm steps. Its
+full run at 4 px missed parts 2 and 3: text-only reached 100% on colour.
+
+Version 2 (2026-12-06), written after that run and before any run of it: the rule's three parts unchanged; the
+plan (lines, steps, model, every other setting) unchanged; only the small square's side (``Plan.small_square``)
+moves, down the fixed list :data:`SIZING` = 3, 2, 1 px. For each side in turn, one run of the stages up to the
+text-only arm (task, init, base, fit-pca, curate, build-data, train-text) and the eval of **base and text-only
+only** (``scripts/demo_sizing.py``); the first side at which parts 1 and 2 both hold is taken; if none does, the
+last one tried. Then one full run at that side, reported whatever comes out, and nothing changed after it.
 """
 from __future__ import annotations
 
-__all__ = ["RULE", "check"]
+__all__ = ["RULE", "SIZING", "check"]
+
+SIZING = (3, 2, 1)  # version 2: the small square's sides tried, in this order
 
 RULE = ("base between 30% and 60% on perception; text-only below 90% on perception at the end of its steps; "
         "no configuration at 100% on any task")

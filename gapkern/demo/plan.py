@@ -24,13 +24,15 @@ class Plan:
     max_new_tokens: int = 64  # the longest teacher response is 40 tokens
     logging_steps: int = 10
     diagnose_lines: int = 32
+    small_square: int = 4  # the small squares' side in px (gapkern.demo.task; sized by gapkern.demo.difficulty)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 PLANS = {
-    "full": Plan("full", train_per_task=300, eval_per_task=200, base_steps=100, steps=300),
+    # small_square=1: the difficulty rule's version 2 (gapkern.demo.difficulty) sized it
+    "full": Plan("full", train_per_task=300, eval_per_task=200, base_steps=100, steps=300, small_square=1),
     # CI's: every stage on a few lines, a smaller model, a few steps
     "small": Plan("small", train_per_task=40, eval_per_task=4, base_steps=8, steps=24, batch=8,
                   logging_steps=2, diagnose_lines=4),

@@ -52,8 +52,9 @@ def make_task(run: Run) -> tuple[dict, str]:
     from . import task
 
     folder = run.folder("task")
-    train = load_samples(task.write_split(folder, "train", run.plan.train_per_task, run.seed))
-    evals = load_samples(task.write_split(folder, "eval", run.plan.eval_per_task, run.seed))
+    small = run.plan.small_square
+    train = load_samples(task.write_split(folder, "train", run.plan.train_per_task, run.seed, small))
+    evals = load_samples(task.write_split(folder, "eval", run.plan.eval_per_task, run.seed, small))
     tasks = ", ".join(f"{name} ({category})" for name, category in task.TASKS.items())
     summary = {"train": len(train), "eval": len(evals), "tasks": task.TASKS}
     return summary, f"{len(train)} train + {len(evals)} eval lines, tasks {tasks}, 84x84 PNGs, 4 choices each"

@@ -74,15 +74,15 @@ def _latent(square) -> dict:
 MAKERS = {"colour": _colour_line, "count": _count_line}
 
 
-def draw(squares) -> "PIL.Image.Image":  # noqa: F821
-    """The 84 x 84 RGB image of ``squares``: (cell, colour, size) each."""
+def draw(squares, small: int = SIZES["small"]) -> "PIL.Image.Image":  # noqa: F821
+    """The 84 x 84 RGB image of ``squares``: (cell, colour, size) each; a small square's side is ``small`` px."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (GRID * CELL, GRID * CELL), BACKGROUND)
     pen = ImageDraw.Draw(img)
     for cell, colour, size in squares:
         x0, y0, _, _ = _box(cell)
-        side = SIZES[size]
+        side = small if size == "small" else SIZES[size]
         off = (CELL - side) // 2
         pen.rectangle([x0 + off, y0 + off, x0 + off + side - 1, y0 + off + side - 1], fill=COLOURS[colour])
     return img
@@ -97,8 +97,9 @@ def make_line(task: str, index: int, rng: random.Random, image: str):
     return squares, {"id": f"{task}-{index}", "image": image, "category": TASKS[task], "task": task, **line}
 
 
-def write_split(folder: str, name: str, per_task: int, seed: int) -> str:
-    """``per_task`` lines of each task into ``folder/NAME.jsonl``, their images under ``folder/img/NAME/``.
+def write_split(folder: str, name: str, per_task: int, seed: int, small: int = SIZES["small"]) -> str:
+    """``per_task`` lines of each task into ``folder/NAME.jsonl``, their images under ``folder/img/NAME/``;
+    ``small``: the small squares' side in pixels (the plan's ``small_square``).
 
     Lines alternate between the tasks. Returns the sample file's path. The
     images are written first, the sample file last and atomically.
@@ -110,7 +111,7 @@ def write_split(folder: str, name: str, per_task: int, seed: int) -> str:
         for task in TASKS:
             image = f"img/{name}/{task}-{i}.png"
             squares, line = make_line(task, i, rng, image)
-            draw(squares).save(os.path.join(folder, image))
+            draw(squares, small).save(os.path.join(folder, image))
             lines.append(line)
     path = os.path.join(folder, f"{name}.jsonl")
     text = "".join(json.dumps(line) + "\n" for line in lines)
