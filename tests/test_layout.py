@@ -29,7 +29,7 @@ def test_force_tokens_is_product_code():
 
 
 def test_row_norms_is_the_mean_norm_of_each_rows_images():
-    from gapkern.models.loop_inputs import own_norms, row_norms
+    from gapkern.models.qwen2_5_vl.state import own_norms, row_norms
 
     mask = torch.tensor([[True, False, True], [False, False, False], [False, True, False]])
     norms = torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)  # row 0: 1, 3; row 2: 5

@@ -16,6 +16,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import ops
+from ..models.qwen2_5_vl import hf_compat as hf
 
 __all__ = ["GapCausalLMOutput", "gap_forward", "latent_loss"]
 
@@ -63,8 +64,8 @@ def gap_forward(model, input_ids=None, *, attention_mask=None, labels=None, pixe
         mm_token_type_ids = (input_ids == model.config.image_token_id).long()
         mm_token_type_ids[input_ids == model.config.video_token_id] = 2
     if position_ids is None:  # M-RoPE over the whole sequence, padding-aware
-        position_ids, _ = model.model.get_rope_index(
-            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask,
+        position_ids, _ = hf.rope_index(
+            model, input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask,
             video_grid_thw=kwargs.get("video_grid_thw"), second_per_grid_ts=kwargs.get("second_per_grid_ts"))
     # input_ids beside inputs_embeds: the model scatters the image features at the image tokens it finds there
     outputs = model.model(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,

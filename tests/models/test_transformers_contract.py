@@ -1,4 +1,4 @@
-"""What the latent-aware generate relies on in transformers beyond its public API (gapkern.models.hf_compat).
+"""What the latent-aware generate relies on in transformers beyond its public API (gapkern.models.qwen2_5_vl.hf_compat).
 
 Each test pins one behaviour of the installed release; a release that changes it fails here, by name,
 instead of generating wrong tokens. CI runs this file on the floor (5.17) and on the latest release.
@@ -11,13 +11,13 @@ import transformers
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
-from gapkern.models import hf_compat as hf, loop_inputs
+from gapkern.models.qwen2_5_vl import hf_compat as hf, inputs
 from gapkern.testing import tiny_prompts, tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VERSION = f"transformers {transformers.__version__}"
 ROWS = [(4, None), (2, (56, 56)), (3, (56, 84))]
-KNOWN = {"attention_mask", "position_ids", "cache", "past_key_values", *loop_inputs.VISUAL, *loop_inputs.IGNORED}
+KNOWN = {"attention_mask", "position_ids", "cache", "past_key_values", *inputs.VISUAL, *inputs.IGNORED}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_loop_receives_only_keywords_decode_handles(tiny, rows):
     seen = loop_call(model, **tiny_prompts(ids, rows, seed=1))
     new = set(seen) - KNOWN - {"input_ids", "generation_config"}
     assert not new, (f"{VERSION} hands custom decoding loops new keywords {sorted(new)}: make "
-                     "gapkern.models.loop_inputs.take_prompt use them (or list them in IGNORED if they change nothing)")
+                     "gapkern.models.qwen2_5_vl.inputs.take_prompt use them (or list them in IGNORED if they change nothing)")
     caches = [seen[k] for k in ("cache", "past_key_values") if seen.get(k) is not None]
     assert len(caches) == 1 and isinstance(caches[0], Cache) and caches[0].get_seq_length() == 0, (
         f"{VERSION}: the loop no longer gets one fresh cache as 'cache' or 'past_key_values' ({caches})")
@@ -77,7 +77,7 @@ def test_attention_mask_reaches_the_loop_whole_or_as_none_when_all_ones(tiny):
     assert mask is None or torch.equal(mask, full["attention_mask"]), f"{VERSION} changed an all-ones mask: {mask}"
     assert seen["position_ids"].shape[-1] == full["input_ids"].shape[1]
     seen.pop("generation_config")
-    prompt = loop_inputs.take_prompt(model, seen.pop("input_ids"), seen)
+    prompt = inputs.take_prompt(model, seen.pop("input_ids"), seen)
     assert torch.equal(prompt.attention_mask, full["attention_mask"])  # and decode reads what it got
 
 
@@ -144,7 +144,7 @@ def test_continuation_positions_come_from_the_kept_rope_deltas(tiny):
     seen = loop_call(model, input_ids=whole, attention_mask=mask, **{hf.OUTPUT_CACHE: cache})
     want, _ = model.model.get_rope_index(whole, (whole == ids.image_pad).long(),
                                          image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
-    got = loop_inputs.mrope(seen["position_ids"])
+    got = inputs.mrope(seen["position_ids"])
     held = cache.get_seq_length()
     assert torch.equal(got[..., held:], want[..., held:]), f"{VERSION}: continuation positions moved"
 
@@ -155,7 +155,7 @@ def test_decode_refuses_keywords_it_does_not_know(tiny):
     seen = loop_call(model, **batch)
     seen.pop("generation_config")
     with pytest.raises(NotImplementedError, match="new_thing reached the decoding loop"):
-        loop_inputs.take_prompt(model, seen.pop("input_ids"), {**seen, "new_thing": 1})
+        inputs.take_prompt(model, seen.pop("input_ids"), {**seen, "new_thing": 1})
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside the exporters
@@ -179,7 +179,7 @@ def test_exporters_record_generate_through_forward_and_a_patched_model_refuses(t
         gapkern.unpatch(model)
     cause = failed.value.__cause__
     assert isinstance(cause, NotImplementedError) and "torch.export (transformers.exporters)" in str(cause), (
-        f"{VERSION}: the exporters reach generate another way; gapkern.models.hf_compat.exporting "
+        f"{VERSION}: the exporters reach generate another way; gapkern.models.qwen2_5_vl.hf_compat.exporting "
         f"must follow ({failed.value!r}, caused by {cause!r})")
 
 

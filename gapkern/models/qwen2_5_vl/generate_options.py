@@ -8,7 +8,7 @@ static caches and ``compile_config``. Refused (``NotImplementedError`` naming
 the option): what needs another decoding loop (beam search, assisted
 decoding, contrastive search, DoLa) or the model run on token ids the loop does
 not have (classifier-free guidance), and what the loop does not collect.
-README's "Patch a model" has the table; tests/test_generate_options.py walks
+README's "Patch a model" has the table; tests/models/test_generate_options.py walks
 every GenerationConfig field, so a new one is classified before it is used.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gapkern
-from gapkern.models import generate as G
+from gapkern.models.qwen2_5_vl import generate as G
 from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.testing import naive_generate
 

@@ -9,7 +9,7 @@ import torch
 from transformers import StaticCache
 
 import gapkern
-from gapkern.models import hf_compat
+from gapkern.models.qwen2_5_vl import hf_compat
 from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.testing import naive_generate
 
