@@ -371,8 +371,10 @@ def _output(run: DecodeRun, hidden):
     rows, dec = seq.shape[0], run.dec
     stacked = torch.stack(run.snapshots) if run.snapshots else hidden.new_zeros(0, rows, hidden.shape[-1])
     latents = tuple(stacked[w, b].float() for b, w in enumerate(run.written))
-    cache = None if dec.static else dec.cache  # a static cache is the kept decoder's: the next call rewrites it
-    if cache is not None and run.prompt.past is None:
+    # A static cache is the kept decoder's, returned as HF returns its own (which its next call reuses too):
+    # the next static generate resets and rewrites it.
+    cache = dec.cache
+    if run.prompt.past is None:
         keep_own_norms(cache, *run.visual, rows, seq.device)
     scores = {} if run.scores is None else run.scores.output()
     return GapGenerateOutput(sequences=seq, latents=latents, **scores, **{hf.OUTPUT_CACHE: cache})
@@ -389,8 +391,9 @@ def gap_generate(self, inputs=None, generation_config=None, logits_processor=Non
     too). ``trace=StepTrace()`` (opt-in: it synchronises every step) records
     per-step times and latent norms. With ``return_dict_in_generate=True`` the
     output carries ``latents``, HF's ``scores`` / ``logits`` when asked for
-    (forced-token rows at latent and end positions), and (dynamic cache) the
-    cache to continue the conversation with: ``past_key_values=out.past_key_values``
+    (forced-token rows at latent and end positions), and the cache it decoded
+    on (a static one, as HF's, is rewritten by the next static call); a dynamic
+    one continues the conversation: ``past_key_values=out.past_key_values``
     (``out.cache`` on transformers 5.24+) and the whole conversation as
     ``input_ids``. HF's options are honoured or refused by name
     (:mod:`.generate_options`; README has the table).

@@ -103,8 +103,9 @@ def check_continuation(model, prompt: Prompt) -> None:
         raise ValueError("inputs_embeds: continuing a conversation on past_key_values takes its tokens as input_ids "
                          "(the whole conversation)")
     if not isinstance(past, DynamicCache):
-        raise ValueError("past_key_values: continuing a conversation needs the DynamicCache an earlier generate "
-                         f"returned, got {type(past).__name__}")
+        raise ValueError("past_key_values: continuing a conversation needs the DynamicCache an earlier dynamic-cache "
+                         f"generate returned, got {type(past).__name__} (a static generate's cache is rewritten by the "
+                         "next static call: generate the turn to continue with a dynamic cache)")
     if length <= held or prompt.position_ids.shape[-1] != length:
         raise ValueError(f"input_ids: past_key_values holds {held} positions, so input_ids must be the whole "
                          f"conversation: those {held} tokens, then at least one new one (got {length} tokens)")
