@@ -101,7 +101,7 @@ class Steps:
 
     def text(self):
         self._tick()
-        self.dec.commit(G.sample(self.model, self.hidden, self.seq, self.procs, False), self.hidden)
+        self.dec.commit(G.sample(self.model, self.hidden, self.seq, self.procs, False))
         G._to_host(self.dec.tokens)
         self.hidden = self.dec.step(self.dec.max_len)
 

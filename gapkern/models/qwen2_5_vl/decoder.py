@@ -212,21 +212,24 @@ class Decoder:
         self.pad.fill_(pad_id)
         self.eos = eos
 
-    def advance(self, hidden):
-        """Write the latents and forced end tokens that follow ``hidden`` (B, D); graph-safe."""
+    def advance(self, hidden, any_latent: bool = True):
+        """Write the latents and forced end tokens that follow ``hidden`` (B, D); graph-safe. ``any_latent``
+        False (the host mirror knows no row writes a latent here) skips the latent step: it would write no row."""
         out = self.embeds[:, 0]
         latent, end, sampling, left = self.rule.advance(self.left, torch.where)
         self.latent_mask.copy_(latent)
-        self.latent_step(hidden)
+        if any_latent:
+            self.latent_step(hidden)
         out.copy_(torch.where(end[:, None], self.end_embed, out))
         self.tokens.copy_(self.rule.forced(latent, end, self.pad, torch.where))
         self.sampling.copy_(sampling)
         self.left.copy_(left)
 
-    def commit(self, sampled, hidden):
+    def commit(self, sampled):
         """Append the tokens of the rows that sampled (eager, sampling steps only); finished rows write pad.
-        Rows the rule puts into a latent now (monet layout) get the latent from ``hidden`` (B, D); ``scored``:
-        the rows that wrote the token they sampled (not one the rule replaced)."""
+        The rows the rule puts into a latent now (monet layout) are marked in ``latent_mask``: their latent is
+        :meth:`write_latents`' (the host calls it when its mirror finds such a row). ``scored``: the rows that
+        wrote the token they sampled (not one the rule replaced)."""
         sampling, out = self.sampling, self.embeds[:, 0]
         token = torch.where(self.done, self.pad, sampled)
         written, latent, left, done = self.rule.commit(self.left, self.done, sampling, token,
@@ -236,9 +239,12 @@ class Decoder:
         out.copy_(torch.where(sampling[:, None], self.embed(written), out))
         if latent is not None:
             self.latent_mask.copy_(latent)
-            self.latent_step(hidden)
         self.left.copy_(left)
         self.done.copy_(done)
+
+    def write_latents(self, hidden):
+        """The latents from ``hidden`` (B, D) of the rows :meth:`commit` marked (eager)."""
+        self.latent_step(hidden)
 
     def stop(self, stopped):
         """Rows ``stopped`` (B,) bool ended by a stopping criterion (eager)."""
@@ -253,20 +259,21 @@ class Decoder:
                       use_cache=True, **{hf.CACHE_KEYWORD: self.cache})
         return out.last_hidden_state[:, -1]
 
-    def forward_step(self, kv_len: int):
+    def forward_step(self, kv_len: int, any_latent: bool = True):
         """Forward the pending input, then advance; returns the final-normed hidden (B, D). What a CUDA
         graph captures (``kv_len``: the cache positions the dynamic cache holds after it)."""
         self.valid.index_fill_(1, self.cache_pos, True)
         hidden = self.forward(self.valid if self.static else self.valid[:, :kv_len])
         self.pos += 1
         self.cache_pos += 1
-        self.advance(hidden)
+        self.advance(hidden, any_latent)
         return hidden
 
-    def step(self, kv_len: int):
-        """One decode step: the captured graph's replay, else :meth:`forward_step`."""
+    def step(self, kv_len: int, any_latent: bool = True):
+        """One decode step: the captured graph's replay (its latent step always runs: one graph serves text
+        and latent steps), else :meth:`forward_step`."""
         if self.graph is None:
-            return self.forward_step(kv_len)
+            return self.forward_step(kv_len, any_latent)
         return self.graph.replay()
 
     def step_state(self) -> list[torch.Tensor]:

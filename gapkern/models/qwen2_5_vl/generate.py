@@ -271,11 +271,14 @@ def capture_once(run: DecodeRun) -> None:
         run.dec.graph = step_graph.capture(run.dec)
 
 
-def begin(run: DecodeRun, hidden) -> None:
-    """Start the loop after prefill: the trace, and the first position's inputs decided without a sample."""
+def begin(run: DecodeRun, hidden) -> list[bool]:
+    """Start the loop after prefill: the trace, and the first position's inputs decided without a sample.
+    Returns which rows feed a latent there."""
     if run.trace is not None:
         run.trace.begin(run.prompt.input_ids.shape[0], *run.visual)
-    run.dec.advance(hidden)
+    fed_latent = run.host.advance()
+    run.dec.advance(hidden, any(fed_latent))
+    return fed_latent
 
 
 def _keep_latents(run: DecodeRun, fed_latent: list[bool]) -> None:
@@ -286,12 +289,12 @@ def _keep_latents(run: DecodeRun, fed_latent: list[bool]) -> None:
         run.snapshots.append(run.dec.embeds[:, 0].clone())
 
 
-def write_position(run: DecodeRun, hidden) -> bool:
-    """Write every row's token at the next position (the device already wrote the inputs decided without a
-    sample); returns whether it was a text step: some live row sampled there, and not every live row feeds
-    a latent next (the monet layout samples inside a span too)."""
+def write_position(run: DecodeRun, hidden, fed_latent: list[bool]) -> bool:
+    """Write every row's token at the next position (the device and the host mirror already advanced to it:
+    the inputs decided without a sample, ``fed_latent`` the rows that feed a latent there); returns whether
+    it was a text step: some live row sampled there, and not every live row feeds a latent next (the monet
+    layout samples inside a span too)."""
     dec, host = run.dec, run.host
-    fed_latent = host.advance()
     if run.trace is not None:
         run.trace.wrote(hidden, fed_latent, run.model.gap.head, dec.embeds[:, 0])
     sampling = host.any_live_sampling()
@@ -300,9 +303,10 @@ def write_position(run: DecodeRun, hidden) -> bool:
     if sampling or (run.scores is not None and any(host.sampling)):
         logits, scores = head_scores(run.model, hidden, run.seq[:, :run.length], run.logits_processor)
     if sampling:
-        dec.commit(choose(scores, run.do_sample), hidden)
+        dec.commit(choose(scores, run.do_sample))
         after_sample = host.commit(_to_host(dec.tokens))  # the monet layout's latents, chosen by the sampled token
         if any(after_sample):
+            dec.write_latents(hidden)
             if run.trace is not None:
                 run.trace.record(hidden, after_sample, run.model.gap.head, dec.embeds[:, 0])
             fed_latent = [a or b for a, b in zip(fed_latent, after_sample)]
@@ -329,13 +333,15 @@ def _stop(run: DecodeRun) -> None:
         run.host.stop(flags)
 
 
-def decode_positions(run: DecodeRun, hidden):
-    """Step until every row is done or the sequences are full; returns the last hidden (B, D)."""
+def decode_positions(run: DecodeRun, hidden, fed_latent: list[bool]):
+    """Step until every row is done or the sequences are full; returns the last hidden (B, D). The host
+    mirror advances before each step, so a step where no row feeds a latent skips the latent step (eager)."""
     while True:
-        text_step = write_position(run, hidden)
+        text_step = write_position(run, hidden, fed_latent)
         if run.finished():
             return hidden
-        hidden = run.dec.step(run.length + run.offset)
+        fed_latent = run.host.advance()
+        hidden = run.dec.step(run.length + run.offset, any(fed_latent))
         if run.trace is not None:
             run.trace.stepped(text_step, hidden.device)
 
@@ -355,8 +361,8 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     hidden = prefill_prompt(run, generation_config.prefill_chunk_size)
     calibrate(run)
     capture_once(run)
-    begin(run, hidden)
-    hidden = decode_positions(run, hidden)
+    fed_latent = begin(run, hidden)
+    hidden = decode_positions(run, hidden, fed_latent)
     if streamer is not None:
         streamer.end()
     return _output(run, hidden)
