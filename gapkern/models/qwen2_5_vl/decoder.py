@@ -180,6 +180,7 @@ class Decoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_len) if static else None
         self.use_graph, self.graph = graph, None  # a graph.StepGraph, captured after the first prefill
         self.forward, self.compiled_with = self._forward, None  # graph.compile_step sets them
+        self.collect, self.outputs = {}, None  # output_hidden_states / _attentions; the last step's model output
         self.made_for = self.key(model, rows, max_len, static)
 
     @staticmethod
@@ -189,12 +190,13 @@ class Decoder:
         gap = model.gap
         return rows, max_len, static, hf.attention_kind(model), id(gap.head), tuple(gap.config.to_dict().values())
 
-    def start(self, last, attention_mask, position_ids, pad_id, eos, past=None):
+    def start(self, last, attention_mask, position_ids, pad_id, eos, past=None, collect=None):
         """Reset the state for a new batch whose prompt the next prefill writes.
 
         ``last`` (B,) each prompt's last token id, ``attention_mask`` (B, P) over its P positions, ``eos``
         (n,) the EOS ids (empty: none); ``past``: a caller's DynamicCache holding the conversation's start
-        (dynamic decoders only).
+        (dynamic decoders only); ``collect``: ``output_hidden_states`` / ``output_attentions`` for the
+        language model (eager steps only), whose output each step then keeps in ``outputs``.
         """
         length = attention_mask.shape[1]
         if past is not None:
@@ -211,6 +213,7 @@ class Decoder:
         self.done.zero_()
         self.pad.fill_(pad_id)
         self.eos = eos
+        self.collect, self.outputs = dict(collect or {}), None
 
     def advance(self, hidden, any_latent: bool = True):
         """Write the latents and forced end tokens that follow ``hidden`` (B, D); graph-safe. ``any_latent``
@@ -256,7 +259,11 @@ class Decoder:
         """The language model on the pending inputs; the final-normed hidden (B, D)."""
         mask = hf.prebuilt_mask(self.attention, valid, self.embeds.dtype)
         out = self.lm(inputs_embeds=self.embeds, attention_mask=mask, position_ids=self.pos,
-                      use_cache=True, **{hf.CACHE_KEYWORD: self.cache})
+                      use_cache=True, **{hf.CACHE_KEYWORD: self.cache}, **self.collect)
+        if self.collect:
+            if out.hidden_states:  # the first is the input embeddings: this buffer, which the next step rewrites
+                out.hidden_states = (out.hidden_states[0].clone(), *out.hidden_states[1:])
+            self.outputs = out
         return out.last_hidden_state[:, -1]
 
     def forward_step(self, kv_len: int, any_latent: bool = True):

@@ -54,13 +54,15 @@ def _to_host(t: torch.Tensor) -> list:
 
 def prefill(model, cache, input_ids, attention_mask, position_ids, pixel_values=None, image_grid_thw=None,
             pixel_values_videos=None, video_grid_thw=None, mm_encoder_outputs=None, past=0, inputs_embeds=None,
-            chunk=None):
+            chunk=None, collect=None, kept=None):
     """Run the prompt from position ``past`` on into ``cache`` (which holds the positions before).
 
     ``inputs_embeds`` (B, P, D): fed instead of the embedded ``input_ids``, and
     the image placeholders are the positions holding the image token's
     embedding (HF's rule). ``chunk``: positions per forward pass (HF's
-    ``prefill_chunk_size``). Returns (last hidden (B, D), visual-embedding norms
+    ``prefill_chunk_size``). ``collect``: ``output_hidden_states`` /
+    ``output_attentions`` for the language model; its output (the last chunk's)
+    is appended to ``kept``. Returns (last hidden (B, D), visual-embedding norms
     (N,) in prompt order, image mask (B, P - past)).
     """
     new = input_ids[:, past:]
@@ -87,14 +89,33 @@ def prefill(model, cache, input_ids, attention_mask, position_ids, pixel_values=
     for at in range(0, length, chunk or length):
         end = min(at + (chunk or length), length)
         out = lm(inputs_embeds=embeds[:, at:end], attention_mask=attention_mask[:, :past + end],
-                 position_ids=positions[..., at:end], use_cache=True, **{hf.CACHE_KEYWORD: cache})
+                 position_ids=positions[..., at:end], use_cache=True, **{hf.CACHE_KEYWORD: cache}, **(collect or {}))
+    if kept is not None:
+        kept.append(out)
     return out.last_hidden_state[:, -1].contiguous(), norms, image_mask
+
+
+def _collected(generation_config) -> dict:
+    """The language model's ``output_hidden_states`` / ``output_attentions`` keywords HF's generate would pass
+    (it collects them only with ``return_dict_in_generate``); empty when none is asked for."""
+    gc = generation_config
+    if not gc.return_dict_in_generate:
+        return {}
+    return {k: True for k in ("output_hidden_states", "output_attentions") if getattr(gc, k)}
 
 
 def _modes(model, device, cuda_graph, static_cache, generation_config, continuing=False):
     """(static cache, CUDA graph) for this call. An explicit ``compile_config`` replaces the graph: its
-    ``mode`` decides (``reduce-overhead`` makes CUDA graphs of its own)."""
+    ``mode`` decides (``reduce-overhead`` makes CUDA graphs of its own). Hidden states or attentions asked
+    for decode eagerly: a captured or compiled step returns only its fixed buffers."""
     attention = hf.attention_kind(model)
+    if _collected(generation_config):
+        compiling = generation_config.compile_config is not None and not generation_config.disable_compile
+        if cuda_graph or compiling:
+            options.refuse("output_hidden_states / output_attentions with cuda_graph or compile_config",
+                           "a captured or compiled decode step returns only its fixed buffers, not each layer's "
+                           "states; pass cuda_graph=False and no compile_config (the default then decodes eagerly)")
+        cuda_graph = False
     if continuing:
         if cuda_graph or static_cache or generation_config.cache_implementation == "static":
             raise ValueError("past_key_values: a continued conversation decodes on the caller's DynamicCache; "
@@ -204,6 +225,7 @@ class DecodeRun:
     trace: object = None
     visual: tuple = (None, None)  # the prompt's visual-embedding norms (N,) and image mask (B, P), from prefill
     snapshots: list = field(default_factory=list)  # each latent step's fed-back inputs (B, D)
+    outputs: list | None = None  # output_hidden_states / output_attentions: the language model's output per step
     written: list = field(default_factory=list)  # per row: the snapshots holding its latents
 
     def finished(self) -> bool:
@@ -234,7 +256,8 @@ def _start(model, input_ids, logits_processor, stopping_criteria, generation_con
     static, use_graph = _modes(model, device, cuda_graph, static_cache, gc, prompt.past is not None)
     dec = _decoder(model, rows, total + offset, static, use_graph, gc.max_cache_len)
     last = last_tokens(model, prompt)
-    dec.start(last, prompt.attention_mask, prompt.position_ids, pad_id, eos, prompt.past)
+    collect = _collected(gc)
+    dec.start(last, prompt.attention_mask, prompt.position_ids, pad_id, eos, prompt.past, collect)
     _compile(model, dec, gc)
     host = HostSpans(dec.rule, _to_host(last), pad_id, set(_to_host(eos)))
     seq = torch.full((rows, total), pad_id, dtype=input_ids.dtype, device=device)
@@ -244,7 +267,7 @@ def _start(model, input_ids, logits_processor, stopping_criteria, generation_con
     if streamer is not None:
         streamer.put(input_ids.cpu())
     return DecodeRun(model, dec, prompt, host, seq, length, offset, logits_processor, others, gc.do_sample, keep,
-                     scores, streamer, trace, written=[[] for _ in range(rows)])
+                     scores, streamer, trace, written=[[] for _ in range(rows)], outputs=[] if collect else None)
 
 
 def prefill_prompt(run: DecodeRun, chunk=None):
@@ -253,7 +276,7 @@ def prefill_prompt(run: DecodeRun, chunk=None):
     model, dec, prompt = run.model, run.dec, run.prompt
     hidden, norms, image_mask = prefill(model, dec.cache, prompt.input_ids, prompt.attention_mask,
                                         prompt.position_ids, past=prompt.past_len, inputs_embeds=prompt.embeds,
-                                        chunk=chunk, **prompt.visual)
+                                        chunk=chunk, collect=dec.collect, kept=run.outputs, **prompt.visual)
     run.visual = norms, image_mask
     return hidden
 
@@ -342,6 +365,8 @@ def decode_positions(run: DecodeRun, hidden, fed_latent: list[bool]):
             return hidden
         fed_latent = run.host.advance()
         hidden = run.dec.step(run.length + run.offset, any(fed_latent))
+        if run.outputs is not None:
+            run.outputs.append(run.dec.outputs)
         if run.trace is not None:
             run.trace.stepped(text_step, hidden.device)
 
@@ -383,6 +408,10 @@ def _output(run: DecodeRun, hidden):
     if run.prompt.past is None:
         keep_own_norms(cache, *run.visual, rows, seq.device)
     scores = {} if run.scores is None else run.scores.output()
+    if run.outputs is not None:  # HF's layout: per new position, the language model's per-layer tuple
+        for name in dec.collect:
+            field_name = name.removeprefix("output_")
+            scores[field_name] = tuple(getattr(out, field_name) for out in run.outputs)
     return GapGenerateOutput(sequences=seq, latents=latents, **scores, **{hf.OUTPUT_CACHE: cache})
 
 

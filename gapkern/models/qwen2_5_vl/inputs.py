@@ -19,9 +19,10 @@ from transformers import DynamicCache
 from . import hf_compat as hf
 
 # keywords generate hands the loop that it may ignore: HF already folded them into the positions
-# (mm_token_type_ids, second_per_grid_ts), or they change nothing here (HF never forwards labels either)
+# (mm_token_type_ids, second_per_grid_ts), the loop reads them from the generation config
+# (output_attentions, output_hidden_states), or they change nothing here (HF never forwards labels either)
 IGNORED = {"use_cache", "logits_to_keep", "mm_token_type_ids", "second_per_grid_ts", "labels", "tokenizer",
-           "assistant_tokenizer"}
+           "assistant_tokenizer", "output_attentions", "output_hidden_states"}
 VISUAL = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_encoder_outputs")
 
 
