@@ -100,7 +100,8 @@ FIELDS = {  # GenerationConfig field -> cases
     "return_dict_in_generate": [same(return_dict_in_generate=False)],
     "output_scores": [same(output_scores=False)],
     "output_logits": [same(output_logits=False)],
-    "output_attentions": [same(output_attentions=True),  # sdpa: HF's empty per-layer tuples; eager: test_generate_scores
+    # sdpa returns HF's empty per-layer attention tuples; test_generate_scores compares eager attention
+    "output_attentions": [same(output_attentions=True),
                           refused("output_hidden_states / output_attentions with cuda_graph or compile_config",
                                   output_attentions=True, compile_config=eager_compile())],
     "output_hidden_states": [same(output_hidden_states=True),
