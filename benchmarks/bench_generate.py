@@ -19,7 +19,7 @@ import torch
 from transformers import LogitsProcessorList
 
 import gapkern
-from gapkern.models import generate as G
+from gapkern.models.qwen2_5_vl import generate as G
 from gapkern.testing import ForceTokens, tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.testing import naive_generate
 
@@ -80,28 +80,28 @@ class Steps:
         self.dec.start(input_ids[:, -1], mask, pos, ids.pad, torch.zeros(0, dtype=torch.long, device=DEVICE))
         hidden, norms, image_mask = G.prefill(model, self.dec.cache, input_ids, mask, pos, batch["pixel_values"],
                                               batch["image_grid_thw"])
-        self.dec.tau.copy_(model.gap.targets(norms, image_mask, rows))
+        self.dec.tau.copy_(model.gap.calibration_tau(norms, image_mask, rows))
         if ON_GPU and self.dec.graph is None:
-            self.dec.capture()
+            self.dec.graph = G.step_graph.capture(self.dec)
         if latent:  # a span that never ends
             self.dec.left.fill_(2 ** 40)
         self.dec.advance(hidden)
         self.hidden, self.seq = hidden, input_ids
         self.procs = LogitsProcessorList([ForceTokens(length, {}, banned=[ids.latent_start])])  # stay in text
-        self.saved = [t.clone() for t in self.dec._state()]
+        self.saved = [t.clone() for t in self.dec.step_state()]
         self.room, self.n = self.dec.max_len - length - 1, 0
 
     def _tick(self):
         """Rewind to just after prefill before the static cache runs out (once every ~250 steps)."""
         self.n += 1
         if self.n == self.room:
-            for t, s in zip(self.dec._state(), self.saved):
+            for t, s in zip(self.dec.step_state(), self.saved):
                 t.copy_(s)
             self.n = 1
 
     def text(self):
         self._tick()
-        self.dec.commit(G.sample(self.model, self.hidden, self.seq, self.procs, False), self.hidden)
+        self.dec.commit(G.sample(self.model, self.hidden, self.seq, self.procs, False))
         G._to_host(self.dec.tokens)
         self.hidden = self.dec.step(self.dec.max_len)
 

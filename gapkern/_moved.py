@@ -22,6 +22,14 @@ MOVED = {  # old name -> new name
     "gapkern.curate": "gapkern.stages.curate",
     "gapkern.evaluate": "gapkern.stages.evaluate",
     "gapkern.diagnose": "gapkern.stages.diagnose",
+    # the Qwen2.5-VL integration's modules, now one package (gapkern.models.qwen2_5_vl, which re-exports the
+    # old module's names itself)
+    "gapkern.models.generate": "gapkern.models.qwen2_5_vl.generate",
+    "gapkern.models.generate_options": "gapkern.models.qwen2_5_vl.generate_options",
+    "gapkern.models.decoder": "gapkern.models.qwen2_5_vl.decoder",
+    "gapkern.models.hf_compat": "gapkern.models.qwen2_5_vl.hf_compat",
+    "gapkern.models.loop_inputs": "gapkern.models.qwen2_5_vl.inputs",
+    "gapkern.models.vision_only": "gapkern.models.qwen2_5_vl.vision_only",
 }
 
 

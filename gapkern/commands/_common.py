@@ -143,11 +143,11 @@ def load_model(path: str, place: Place):
 
 
 def load_vision(path: str, place: Place):
-    """Only the checkpoint's vision tower and merger (:mod:`gapkern.models.vision_only`), at the place's dtype
-    on its device: what fit-pca and build-data run. A missing or damaged file is a UsageError."""
+    """Only the checkpoint's vision tower and merger (:mod:`gapkern.models.qwen2_5_vl.vision_only`), at the
+    place's dtype on its device: what fit-pca and build-data run. A missing or damaged file is a UsageError."""
     from safetensors import SafetensorError
 
-    from ..models.vision_only import load_vision_tower
+    from ..models.qwen2_5_vl.vision_only import load_vision_tower
 
     checkpoint_config(path)
     try:

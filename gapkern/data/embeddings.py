@@ -30,9 +30,9 @@ def visual_embeddings(model, pixel_values: torch.Tensor, image_grid_thw: torch.T
     for a Qwen2.5-VL ``...ForConditionalGeneration``. Inputs move to the
     vision tower's device and dtype; no gradient is kept.
     """
-    from ..models.hf_compat import merger_outputs
+    from ..models.qwen2_5_vl.hf_compat import merger_outputs, vision_tower
 
-    param = next(model.model.visual.parameters())
+    param = next(vision_tower(model).parameters())
     with torch.no_grad():
         return list(merger_outputs(model, pixel_values.to(param.device, param.dtype), image_grid_thw.to(param.device)))
 

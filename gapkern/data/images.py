@@ -5,7 +5,7 @@ which needs torchvision; this module rebuilds the image part with torch:
 ``smart_resize``'d pixels (Pillow, bicubic), rescaled and normalised, cut into
 the flat patch layout (``pixel_values (patches, 3 * T * P * P)``,
 ``image_grid_thw (1, 3)``), and the chat template's one image token expanded
-to one token per merged patch. tests/test_transformers_contract.py pins the
+to one token per merged patch. tests/models/test_transformers_contract.py pins the
 pixels to transformers' ``Qwen2VLImageProcessorPil`` (equal on every release
 CI tests), from the same ``preprocessor_config.json``.
 """

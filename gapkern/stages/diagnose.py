@@ -68,9 +68,11 @@ def hidden_norms(model, tokenizer, samples: list[dict], *, batch: int = 8, setti
 
     from ..data.prompts import prompt_batch, to_model
 
-    lm = model.model.language_model
+    from ..models.qwen2_5_vl import hf_compat as hf
+
+    lm = hf.language_model(model)
     means, captured = _Means(lm.config.num_hidden_layers + 2, ("text", "visual")), {}
-    hook = lm.norm.register_forward_pre_hook(lambda module, args: captured.__setitem__("last", args[0]))
+    hook = hf.final_norm(model).register_forward_pre_hook(lambda module, args: captured.__setitem__("last", args[0]))
     try:
         for chunk in tqdm(_chunks(samples, batch), desc="hidden norms", unit="batch",
                           disable=distributed.bar_disable(progress)):

@@ -1,6 +1,6 @@
 """The latent-aware generate written the obvious way: no cache, the whole sequence recomputed every step.
 
-The tests check :func:`~gapkern.models.generate.decode` against it, and the
+The tests check :func:`~gapkern.models.qwen2_5_vl.generate.decode` against it, and the
 benchmarks time the decode loop against it. Same state machine (SPEC section
 3), greedy, one row at a time; the latent step is computed in float64 here,
 apart from ``gapkern.ops``.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList
 
-from ..models.hf_compat import merger_outputs
+from ..models.qwen2_5_vl import hf_compat as hf
 
 
 def latent_step64(hidden, head=None, tau=None, eps=1e-6):
@@ -74,18 +74,18 @@ def naive_generate(model, batch: dict, gap_config, head=None, tau=None, steps: i
     latents were fed (the scores there are the forced row of the token written).
     """
     processors = LogitsProcessorList() if processors is None else processors
-    lm, embed = model.model.language_model, model.get_input_embeddings()
+    lm, embed = hf.language_model(model), model.get_input_embeddings()
     input_ids, att = batch["input_ids"], batch["attention_mask"]
     rows, device = input_ids.shape[0], input_ids.device
     pad_id, eos = model.generation_config.pad_token_id or 0, _eos_ids(model)
     embeds = embed(input_ids)
     if "pixel_values" in batch:
-        feats = torch.cat(merger_outputs(model, batch["pixel_values"], batch["image_grid_thw"]))
+        feats = torch.cat(hf.merger_outputs(model, batch["pixel_values"], batch["image_grid_thw"]))
         embeds = embeds.masked_scatter((input_ids == model.config.image_token_id)[..., None], feats.to(embeds.dtype))
     if prompt_latents is not None:
         embeds = _place_latents(embeds, input_ids == gap_config.latent_pad_id, prompt_latents)
-    pos, _ = model.model.get_rope_index(input_ids, batch["mm_token_type_ids"],
-                                        image_grid_thw=batch.get("image_grid_thw"), attention_mask=att)
+    pos, _ = hf.rope_index(model, input_ids, batch["mm_token_type_ids"],
+                          image_grid_thw=batch.get("image_grid_thw"), attention_mask=att)
     start, end, lpad = gap_config.latent_start_id, gap_config.latent_end_id, gap_config.latent_pad_id
     monet, budget = gap_config.span_layout == "monet", gap_config.latent_budget
     mode = ["latent" if t == start else "text" for t in input_ids[:, -1].tolist()]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..models.qwen2_5_vl import hf_compat as hf
 
 __all__ = ["GapCausalLMOutput", "gap_forward", "latent_loss"]
 
@@ -65,8 +66,8 @@ def gap_forward(model, input_ids=None, *, attention_mask=None, labels=None, pixe
         if image_grid_thw is None and kwargs.get("video_grid_thw") is None:
             position_ids = text_positions(input_ids, attention_mask)  # no vision input: get_rope_index's result, vectorized
         else:
-            position_ids, _ = model.model.get_rope_index(
-                input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask,
+            position_ids, _ = hf.rope_index(
+                model, input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask,
                 video_grid_thw=kwargs.get("video_grid_thw"), second_per_grid_ts=kwargs.get("second_per_grid_ts"))
     # input_ids beside inputs_embeds: the model scatters the image features at the image tokens it finds there
     outputs = model.model(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 
 import torch
@@ -28,6 +29,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from ..config import KEEP_HEAD
 from ..outputs import holds_out
 from ..data import latent_keys, uses_latents
+from ..models.qwen2_5_vl import hf_compat as hf
 from ..models.tokens import add_latent_tokens
 from .collate import GapCollator
 from .fsdp import use_gap_wrap
@@ -35,7 +37,7 @@ from .fsdp import use_gap_wrap
 __all__ = ["GapTrainer", "train", "attach_gap", "apply_curation", "check_targets", "choose_trainable",
            "merge_lora", "training_arguments", "finite_number", "KEEP_HEAD"]
 
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_TARGETS = rf".*{re.escape(hf.LANGUAGE_MODEL)}.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class GapTrainer(Trainer):
@@ -199,14 +201,14 @@ def attach_gap(model, tokenizer, head=KEEP_HEAD, *, profile: str | None = None, 
 
 def choose_trainable(model, *, train_vision: bool = False, freeze_lm: bool = False, lora: int | None = None) -> int:
     """Freeze what does not train; with ``lora`` inject LoRA adapters into the language model. Returns the count."""
-    model.model.visual.requires_grad_(train_vision)
+    hf.vision_tower(model).requires_grad_(train_vision)
     if lora is not None:
         _add_lora(model, lora)
         for name, param in model.named_parameters():
             param.requires_grad_("lora_" in name or name.startswith("gap.head.")
-                                 or (train_vision and name.startswith("model.visual.")))
+                                 or (train_vision and name.startswith(hf.VISION_TOWER)))
     elif freeze_lm:
-        model.model.language_model.requires_grad_(False)
+        hf.language_model(model).requires_grad_(False)
         model.lm_head.requires_grad_(False)
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if count == 0:

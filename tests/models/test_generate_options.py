@@ -100,8 +100,13 @@ FIELDS = {  # GenerationConfig field -> cases
     "return_dict_in_generate": [same(return_dict_in_generate=False)],
     "output_scores": [same(output_scores=False)],
     "output_logits": [same(output_logits=False)],
-    "output_attentions": [refused("output_attentions", output_attentions=True)],
-    "output_hidden_states": [refused("output_hidden_states", output_hidden_states=True)],
+    # sdpa returns HF's empty per-layer attention tuples; test_generate_scores compares eager attention
+    "output_attentions": [same(output_attentions=True),
+                          refused("output_hidden_states / output_attentions with cuda_graph or compile_config",
+                                  output_attentions=True, compile_config=eager_compile())],
+    "output_hidden_states": [same(output_hidden_states=True),
+                             refused("output_hidden_states / output_attentions with cuda_graph or compile_config",
+                                     output_hidden_states=True, cuda_graph=True)],
     # caches and compilation
     "use_cache": [refused("use_cache=False", use_cache=False)],
     "cache_implementation": [same(cache_implementation="static"), same(cache_implementation="dynamic"),
@@ -228,7 +233,7 @@ def assert_same_output(out, ref):
         assert torch.equal(out, ref), f"\n{out}\n{ref}"
         return
     assert torch.equal(out.sequences, ref.sequences), f"\n{out.sequences}\n{ref.sequences}"
-    for name in ("scores", "logits"):
+    for name in ("scores", "logits", "hidden_states", "attentions"):
         want, got = getattr(ref, name), getattr(out, name)
         assert (got is None) == (want is None), name
         if want is not None:

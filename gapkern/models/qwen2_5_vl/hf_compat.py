@@ -1,8 +1,10 @@
-"""What the decode loop relies on in transformers beyond its public API, in one place.
+"""Every transformers internal gapkern reads or writes, in one place.
 
 The latent-aware generate runs as Hugging Face's custom decoding loop and
-drives the language model itself, so it reads things that moved between the
-releases pyproject admits (tested: 5.17, the floor, and 5.24):
+drives the language model itself, training builds its own M-RoPE positions,
+and the vision-only loader runs the tower without the model, so gapkern
+reads things that moved between the releases pyproject admits (tested: 5.17,
+the floor, and 5.24):
 
 - the keyword arguments ``generate`` hands the loop: the cache (5.17 names it
   ``past_key_values``, 5.24 ``cache``), an ``attention_mask`` that 5.24 drops to
@@ -14,9 +16,19 @@ releases pyproject admits (tested: 5.17, the floor, and 5.24):
   static cache layers' ``cumulative_length`` (written in place: a captured CUDA
   graph reads it), ``get_image_features(...).pooler_output`` and the rope deltas
   HF keeps on ``model.model.rope_deltas`` between calls (a continued
-  conversation's positions come from them).
+  conversation's positions come from them);
+- Qwen2.5-VL's module layout: ``model.model.language_model`` (and its final
+  ``norm``), ``model.model.visual``, the module names LoRA targets and
+  training freezes by, ``model.model.get_rope_index``, and
+  ``Qwen2_5_VLModel.get_image_features`` reading only ``.visual`` (the
+  vision-only loader runs it on the tower alone, built with the private
+  ``_attn_implementation`` set);
+- the ``{"full_attention": mask}`` mapping the language model takes instead
+  of building its own mask (the static decode step prebuilds it);
+- the one registry write: the checkpoint key renaming registered for the Gap
+  class (transformers skips it for classes defined outside it).
 
-tests/test_transformers_contract.py checks each of these on the installed
+tests/models/test_transformers_contract.py checks each of these on the installed
 release, so a release that changes one fails there with its name, not deep in
 a decode step.
 """
@@ -132,3 +144,79 @@ def merger_outputs(model, pixels: torch.Tensor, grid_thw: torch.Tensor, kind: st
     (``get_image_features(...).pooler_output``): the one place gapkern runs the vision tower."""
     encode = model.model.get_image_features if kind == "image" else model.model.get_video_features
     return tuple(encode(pixels, grid_thw).pooler_output)
+
+
+# ---- Qwen2.5-VL's module layout ---------------------------------------------------------------------------------
+LANGUAGE_MODEL = "model.language_model."  # the language model's parameter / module names start with this
+VISION_TOWER = "model.visual."  # the vision tower's (merger included)
+
+
+def language_model(model):
+    """The text decoder (embeddings, layers, final norm) of a Qwen2.5-VL ``...ForConditionalGeneration``."""
+    return private(model.model, "language_model")
+
+
+def final_norm(model):
+    """The language model's final norm: its input is the last layer's hidden state."""
+    return private(language_model(model), "norm")
+
+
+def vision_tower(model):
+    """The vision tower with its merger (``model.model.visual``)."""
+    return private(model.model, "visual")
+
+
+def rope_index(model, input_ids, mm_token_type_ids, image_grid_thw=None, attention_mask=None, **more):
+    """(position_ids (3, B, L), rope deltas (B, 1)): Qwen2.5-VL's M-RoPE over a whole sequence, padding-aware;
+    ``more``: ``video_grid_thw``, ``second_per_grid_ts``."""
+    index = private(model.model, "get_rope_index")
+    return index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask, **more)
+
+
+def rope_deltas(model):
+    """The rope deltas HF keeps on ``model.model`` between generate calls (a continuation's positions)."""
+    return private(model.model, "rope_deltas")
+
+
+def set_rope_deltas(model, deltas) -> None:
+    private(model.model, "rope_deltas")  # a clear error if the attribute is gone, not a new one set silently
+    model.model.rope_deltas = deltas
+
+
+def tower_image_features(owner, pixels, grid_thw):
+    """``Qwen2_5_VLModel.get_image_features`` run on ``owner``, anything with a ``.visual`` tower: the
+    vision-only loader has no language model."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    return Qwen2_5_VLModel.get_image_features(owner, pixels, grid_thw)
+
+
+def new_vision_tower(vision_config):
+    """An empty Qwen2.5-VL vision tower for ``vision_config``, with sdpa attention, in the default dtype."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    vision_config._attn_implementation = "sdpa"  # a config loaded alone has no attention kernel settled
+    return Qwen2_5_VisionTransformerPretrainedModel(vision_config)
+
+
+def prebuilt_mask(attention: str, valid: torch.Tensor, dtype: torch.dtype):
+    """What the language model takes as ``attention_mask`` for ``valid`` (B, L) bool over the cache without
+    building a mask of its own (graph-safe: no host reads): ``{"full_attention": (B, 1, 1, L)}``, boolean for
+    sdpa, an additive bias for eager; other kernels get the 2-D mask (they build theirs, eager path only)."""
+    if attention == "sdpa":
+        return {"full_attention": valid[:, None, None, :]}
+    if attention == "eager":
+        bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+        return {"full_attention": bias.masked_fill(~valid, torch.finfo(dtype).min)[:, None, None, :]}
+    return valid.long()
+
+
+def register_checkpoint_layout(cls, base) -> None:
+    """Let ``cls`` (a subclass of transformers' ``base`` defined outside it) read and write ``base``'s
+    checkpoint layout (``model.layers.*``, ``visual.*``): transformers skips its key renaming for classes it
+    does not know by name. Registers ``cls`` only; ``base``'s own entry is untouched."""
+    from transformers import conversion_mapping as cm
+
+    mapping = cm.get_checkpoint_conversion_mapping(base.__name__)
+    if mapping is not None:
+        cm.register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)

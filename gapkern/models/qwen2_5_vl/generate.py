@@ -1,4 +1,4 @@
-"""The latent-aware decode loop of SPEC section 3, gpt-fast style: prefill, next_token, decode_n_tokens.
+"""The latent-aware decode loop of SPEC section 3, gpt-fast's shape: prefill, write_position, decode_positions.
 
 ``gap_generate`` keeps Hugging Face's ``generate``: HF prepares the generation
 config, the logits processors, the stopping criteria, the lengths and the
@@ -7,8 +7,8 @@ M-RoPE positions (rope deltas computed once, at prefill), then runs
 saying why, the options this loop cannot honour.
 
 The step's state and SPEC section 3's span rule live in :mod:`.decoder`: the
-device applies the rule inside the (captured) decode step, the host mirror
-applies it to Python ints, so the host knows each row's mode without reading
+device applies the rule inside the decode step (captured and replayed by
+:mod:`.graph`), the host mirror applies it to Python ints, so the host knows each row's mode without reading
 the device. Only a step where some live row is in text mode runs the LM head
 and reads the sampled tokens back: that read is the loop's one host sync, and
 a latent span has none (unless scores are kept: then the LM head also runs
@@ -16,7 +16,8 @@ where finished rows are in text mode; or the caller's stopping criteria need
 a read every step).
 
 What HF hands the loop (it differs between releases: :mod:`.hf_compat`) is
-read by :mod:`.loop_inputs`, which also continues a caller's ``past_key_values``.
+read by :mod:`.inputs`, which also continues a caller's ``past_key_values``;
+the calibration targets come from :mod:`.state`.
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from . import generate_options as options
+from . import graph as step_graph
 from . import hf_compat as hf
-from .decoder import Decoder, Rows
-from .loop_inputs import OWN_NORMS, Prompt, check_inputs, last_tokens, mrope, own_norms, take_prompt, targets
+from .decoder import Decoder, HostSpans
+from .inputs import Prompt, check_inputs, last_tokens, mrope, take_prompt
+from .state import keep_own_norms
 
 STATIC_BUCKET = 128  # static caches are sized in multiples of this, so a captured graph serves many lengths
 GRAPH_ATTENTION = ("sdpa", "eager")  # attention kernels the decode step can take a prebuilt mask for
@@ -51,13 +54,15 @@ def _to_host(t: torch.Tensor) -> list:
 
 def prefill(model, cache, input_ids, attention_mask, position_ids, pixel_values=None, image_grid_thw=None,
             pixel_values_videos=None, video_grid_thw=None, mm_encoder_outputs=None, past=0, inputs_embeds=None,
-            chunk=None):
+            chunk=None, collect=None, kept=None):
     """Run the prompt from position ``past`` on into ``cache`` (which holds the positions before).
 
     ``inputs_embeds`` (B, P, D): fed instead of the embedded ``input_ids``, and
     the image placeholders are the positions holding the image token's
     embedding (HF's rule). ``chunk``: positions per forward pass (HF's
-    ``prefill_chunk_size``). Returns (last hidden (B, D), visual-embedding norms
+    ``prefill_chunk_size``). ``collect``: ``output_hidden_states`` /
+    ``output_attentions`` for the language model; its output (the last chunk's)
+    is appended to ``kept``. Returns (last hidden (B, D), visual-embedding norms
     (N,) in prompt order, image mask (B, P - past)).
     """
     new = input_ids[:, past:]
@@ -80,19 +85,37 @@ def prefill(model, cache, input_ids, attention_mask, position_ids, pixel_values=
         embeds = embeds.masked_scatter(mask[..., None], feats)
         if kind == "image":
             norms, image_mask = torch.linalg.vector_norm(feats.float(), dim=-1), mask
-    positions, length = mrope(position_ids)[..., past:], embeds.shape[1]
+    positions, length, lm = mrope(position_ids)[..., past:], embeds.shape[1], hf.language_model(model)
     for at in range(0, length, chunk or length):
         end = min(at + (chunk or length), length)
-        out = model.model.language_model(inputs_embeds=embeds[:, at:end], attention_mask=attention_mask[:, :past + end],
-                                         position_ids=positions[..., at:end], use_cache=True,
-                                         **{hf.CACHE_KEYWORD: cache})
+        out = lm(inputs_embeds=embeds[:, at:end], attention_mask=attention_mask[:, :past + end],
+                 position_ids=positions[..., at:end], use_cache=True, **{hf.CACHE_KEYWORD: cache}, **(collect or {}))
+    if kept is not None:
+        kept.append(out)
     return out.last_hidden_state[:, -1].contiguous(), norms, image_mask
+
+
+def _collected(generation_config) -> dict:
+    """The language model's ``output_hidden_states`` / ``output_attentions`` keywords HF's generate would pass
+    (it collects them only with ``return_dict_in_generate``); empty when none is asked for."""
+    gc = generation_config
+    if not gc.return_dict_in_generate:
+        return {}
+    return {k: True for k in ("output_hidden_states", "output_attentions") if getattr(gc, k)}
 
 
 def _modes(model, device, cuda_graph, static_cache, generation_config, continuing=False):
     """(static cache, CUDA graph) for this call. An explicit ``compile_config`` replaces the graph: its
-    ``mode`` decides (``reduce-overhead`` makes CUDA graphs of its own)."""
+    ``mode`` decides (``reduce-overhead`` makes CUDA graphs of its own). Hidden states or attentions asked
+    for decode eagerly: a captured or compiled step returns only its fixed buffers."""
     attention = hf.attention_kind(model)
+    if _collected(generation_config):
+        compiling = generation_config.compile_config is not None and not generation_config.disable_compile
+        if cuda_graph or compiling:
+            options.refuse("output_hidden_states / output_attentions with cuda_graph or compile_config",
+                           "a captured or compiled decode step returns only its fixed buffers, not each layer's "
+                           "states; pass cuda_graph=False and no compile_config (the default then decodes eagerly)")
+        cuda_graph = False
     if continuing:
         if cuda_graph or static_cache or generation_config.cache_implementation == "static":
             raise ValueError("past_key_values: a continued conversation decodes on the caller's DynamicCache; "
@@ -131,7 +154,8 @@ def _compile(model, dec, generation_config) -> None:
     not ``disable_compile``); HF logs why when it would not."""
     config = generation_config.compile_config
     wanted = config is not None and not generation_config.disable_compile
-    dec.compile(config.to_dict() if wanted and hf.compiles(model, generation_config, dec.cache) else None)
+    step_graph.compile_step(dec, config.to_dict() if wanted and hf.compiles(model, generation_config, dec.cache)
+                            else None)
 
 
 def head_scores(model, hidden, seq, logits_processor):
@@ -182,15 +206,15 @@ class Scores:
 
 
 @dataclass
-class _Loop:
+class DecodeRun:
     """One generate call on the host: the decoder, its host mirror, the sequences and what the output collects."""
 
     model: object
     dec: Decoder
     prompt: Prompt
-    rows: Rows
+    host: HostSpans
     seq: torch.Tensor  # (B, total): the prompt's ids, then one token per new position
-    new: int  # the next position of seq to write
+    length: int  # seq's columns written so far: the next position to write
     offset: int  # the KV cache's positions minus seq's (an inputs_embeds prompt without ids)
     logits_processor: object
     criteria: object  # stopping criteria besides max length and EOS (evaluated every step), or None
@@ -201,10 +225,11 @@ class _Loop:
     trace: object = None
     visual: tuple = (None, None)  # the prompt's visual-embedding norms (N,) and image mask (B, P), from prefill
     snapshots: list = field(default_factory=list)  # each latent step's fed-back inputs (B, D)
+    outputs: list | None = None  # output_hidden_states / output_attentions: the language model's output per step
     written: list = field(default_factory=list)  # per row: the snapshots holding its latents
 
     def finished(self) -> bool:
-        return self.new == self.seq.shape[1] or self.rows.finished()
+        return self.length == self.seq.shape[1] or self.host.finished()
 
 
 def _criteria(stopping_criteria, generation_config, device):
@@ -219,7 +244,7 @@ def _criteria(stopping_criteria, generation_config, device):
 
 
 def _start(model, input_ids, logits_processor, stopping_criteria, generation_config, cuda_graph, static_cache,
-           trace, streamer, model_kwargs) -> _Loop:
+           trace, streamer, model_kwargs) -> DecodeRun:
     """The decoder for this batch, reset for its prompt, and the host's side of the loop."""
     (rows, length), device, gc = input_ids.shape, input_ids.device, generation_config
     total, eos, others = _criteria(stopping_criteria, gc, device)
@@ -228,113 +253,122 @@ def _start(model, input_ids, logits_processor, stopping_criteria, generation_con
     pad_id = hf.pad_id(gc)
     prompt = take_prompt(model, input_ids, model_kwargs)
     offset = prompt.length - length
-    static, graph = _modes(model, device, cuda_graph, static_cache, gc, prompt.past is not None)
-    dec = _decoder(model, rows, total + offset, static, graph, gc.max_cache_len)
+    static, use_graph = _modes(model, device, cuda_graph, static_cache, gc, prompt.past is not None)
+    dec = _decoder(model, rows, total + offset, static, use_graph, gc.max_cache_len)
     last = last_tokens(model, prompt)
-    dec.start(last, prompt.attention_mask, prompt.position_ids, pad_id, eos, prompt.past)
+    collect = _collected(gc)
+    dec.start(last, prompt.attention_mask, prompt.position_ids, pad_id, eos, prompt.past, collect)
     _compile(model, dec, gc)
-    host = Rows(dec.rule, _to_host(last), pad_id, set(_to_host(eos)))
+    host = HostSpans(dec.rule, _to_host(last), pad_id, set(_to_host(eos)))
     seq = torch.full((rows, total), pad_id, dtype=input_ids.dtype, device=device)
     seq[:, :length] = input_ids
     keep = gc.return_dict_in_generate
     scores = Scores(gc, model.lm_head.weight.shape[0]) if keep and (gc.output_scores or gc.output_logits) else None
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    return _Loop(model, dec, prompt, host, seq, length, offset, logits_processor, others, gc.do_sample, keep, scores,
-                 streamer, trace, written=[[] for _ in range(rows)])
+    return DecodeRun(model, dec, prompt, host, seq, length, offset, logits_processor, others, gc.do_sample, keep,
+                     scores, streamer, trace, written=[[] for _ in range(rows)], outputs=[] if collect else None)
 
 
-def prefill_prompt(loop: _Loop, chunk=None):
+def prefill_prompt(run: DecodeRun, chunk=None):
     """Prefill the prompt into the decoder's cache; returns the last hidden (B, D) and keeps the prompt's
-    visual-embedding norms on the loop."""
-    model, dec, prompt = loop.model, loop.dec, loop.prompt
+    visual-embedding norms on the run."""
+    model, dec, prompt = run.model, run.dec, run.prompt
     hidden, norms, image_mask = prefill(model, dec.cache, prompt.input_ids, prompt.attention_mask,
                                         prompt.position_ids, past=prompt.past_len, inputs_embeds=prompt.embeds,
-                                        chunk=chunk, **prompt.visual)
-    loop.visual = norms, image_mask
+                                        chunk=chunk, collect=dec.collect, kept=run.outputs, **prompt.visual)
+    run.visual = norms, image_mask
     return hidden
 
 
-def calibrate(loop: _Loop) -> None:
+def calibrate(run: DecodeRun) -> None:
     """Set the decoder's calibration targets (SPEC section 2) from the prompt just prefilled."""
-    dec, prompt = loop.dec, loop.prompt
+    dec, prompt = run.dec, run.prompt
     if dec.tau is not None:
-        dec.tau.copy_(targets(loop.model.gap, prompt, *loop.visual, prompt.input_ids.shape[0]))
+        dec.tau.copy_(run.model.gap.calibration_tau(*run.visual, prompt.input_ids.shape[0], past=prompt.past))
 
 
-def capture_once(loop: _Loop) -> None:
+def capture_once(run: DecodeRun) -> None:
     """Capture the decode step's CUDA graph, once per kept decoder (after the first prefill: the cache exists)."""
-    if loop.dec.use_graph and loop.dec.graph is None:
-        loop.dec.capture()
+    if run.dec.use_graph and run.dec.graph is None:
+        run.dec.graph = step_graph.capture(run.dec)
 
 
-def begin(loop: _Loop, hidden) -> None:
-    """Start the loop after prefill: the trace, and the first position's inputs decided without a sample."""
-    if loop.trace is not None:
-        loop.trace.begin(loop.prompt.input_ids.shape[0], *loop.visual)
-    loop.dec.advance(hidden)
+def begin(run: DecodeRun, hidden) -> list[bool]:
+    """Start the loop after prefill: the trace, and the first position's inputs decided without a sample.
+    Returns which rows feed a latent there."""
+    if run.trace is not None:
+        run.trace.begin(run.prompt.input_ids.shape[0], *run.visual)
+    fed_latent = run.host.advance()
+    run.dec.advance(hidden, any(fed_latent))
+    return fed_latent
 
 
-def _keep_latents(loop: _Loop, wrote: list[bool]) -> None:
+def _keep_latents(run: DecodeRun, fed_latent: list[bool]) -> None:
     """Remember which rows fed back a latent at this position (return_dict_in_generate)."""
-    if loop.keep and any(wrote):
-        for b in (b for b, w in enumerate(wrote) if w):
-            loop.written[b].append(len(loop.snapshots))
-        loop.snapshots.append(loop.dec.embeds[:, 0].clone())
+    if run.keep and any(fed_latent):
+        for b in (b for b, fed in enumerate(fed_latent) if fed):
+            run.written[b].append(len(run.snapshots))
+        run.snapshots.append(run.dec.embeds[:, 0].clone())
 
 
-def next_token(loop: _Loop, hidden) -> bool:
-    """Write every row's token at the next position (the device already wrote the inputs decided without a
-    sample); returns whether it was a text step: some live row sampled there, and not every live row feeds
-    a latent next (the monet layout samples inside a span too)."""
-    dec, rows = loop.dec, loop.rows
-    wrote = rows.advance()
-    if loop.trace is not None:
-        loop.trace.wrote(hidden, wrote, loop.model.gap.head, dec.embeds[:, 0])
-    text = rows.sampling()
+def write_position(run: DecodeRun, hidden, fed_latent: list[bool]) -> bool:
+    """Write every row's token at the next position (the device and the host mirror already advanced to it:
+    the inputs decided without a sample, ``fed_latent`` the rows that feed a latent there); returns whether
+    it was a text step: some live row sampled there, and not every live row feeds a latent next (the monet
+    layout samples inside a span too)."""
+    dec, host = run.dec, run.host
+    if run.trace is not None:
+        run.trace.wrote(hidden, fed_latent, run.model.gap.head, dec.embeds[:, 0])
+    sampling = host.any_live_sampling()
     logits = scores = None
     # the LM head runs only when some live row samples, or when scores are kept and some row is in text mode
-    if text or (loop.scores is not None and any(rows.text)):
-        logits, scores = head_scores(loop.model, hidden, loop.seq[:, :loop.new], loop.logits_processor)
-    if text:
-        dec.commit(choose(scores, loop.do_sample), hidden)
-        late = rows.commit(_to_host(dec.tokens))  # the monet layout's latents, chosen by the sampled token
-        if any(late):
-            if loop.trace is not None:
-                loop.trace.record(hidden, late, loop.model.gap.head, dec.embeds[:, 0])
-            wrote = [a or b for a, b in zip(wrote, late)]
-    _keep_latents(loop, wrote)
-    if loop.scores is not None:  # after a commit, the rows that kept their sample; else the text rows
-        loop.scores.add(dec.tokens, dec.scored if text else dec.text, logits, scores)
-    loop.seq[:, loop.new] = dec.tokens
-    loop.new += 1
-    if loop.streamer is not None:
-        loop.streamer.put(torch.tensor(rows.tokens))  # the host knows them: no device read
-    if loop.criteria is not None:
-        _stop(loop)
-    return text and not all(w or d for w, d in zip(wrote, rows.done))
+    if sampling or (run.scores is not None and any(host.sampling)):
+        logits, scores = head_scores(run.model, hidden, run.seq[:, :run.length], run.logits_processor)
+    if sampling:
+        dec.commit(choose(scores, run.do_sample))
+        after_sample = host.commit(_to_host(dec.tokens))  # the monet layout's latents, chosen by the sampled token
+        if any(after_sample):
+            dec.write_latents(hidden)
+            if run.trace is not None:
+                run.trace.record(hidden, after_sample, run.model.gap.head, dec.embeds[:, 0])
+            fed_latent = [a or b for a, b in zip(fed_latent, after_sample)]
+    _keep_latents(run, fed_latent)
+    if run.scores is not None:  # after a commit, the rows that kept their sample; else the sampling rows
+        run.scores.add(dec.tokens, dec.scored if sampling else dec.sampling, logits, scores)
+    run.seq[:, run.length] = dec.tokens
+    run.length += 1
+    if run.streamer is not None:
+        run.streamer.put(torch.tensor(host.tokens))  # the host knows them: no device read
+    if run.criteria is not None:
+        _stop(run)
+    return sampling and not all(f or d for f, d in zip(fed_latent, host.done))
 
 
-def _stop(loop: _Loop) -> None:
+def _stop(run: DecodeRun) -> None:
     """The caller's stopping criteria (stop strings, max time, ...) on the sequences so far, as HF evaluates them
     after every token: one host read per step, only when such criteria are given."""
-    scores = None if loop.scores is None or loop.scores.scores is None else tuple(loop.scores.scores)
-    stopped = loop.criteria(loop.seq[:, :loop.new], scores)
+    scores = None if run.scores is None or run.scores.scores is None else tuple(run.scores.scores)
+    stopped = run.criteria(run.seq[:, :run.length], scores)
     flags = _to_host(stopped)
     if any(flags):
-        loop.dec.stop(stopped.to(loop.dec.done.device))
-        loop.rows.stop(flags)
+        run.dec.stop(stopped.to(run.dec.done.device))
+        run.host.stop(flags)
 
 
-def decode_n_tokens(loop: _Loop, hidden):
-    """Step until every row is done or the sequences are full; returns the last hidden (B, D)."""
+def decode_positions(run: DecodeRun, hidden, fed_latent: list[bool]):
+    """Step until every row is done or the sequences are full; returns the last hidden (B, D). The host
+    mirror advances before each step, so a step where no row feeds a latent skips the latent step (eager)."""
     while True:
-        text = next_token(loop, hidden)
-        if loop.finished():
+        text_step = write_position(run, hidden, fed_latent)
+        if run.finished():
             return hidden
-        hidden = loop.dec.step(loop.new + loop.offset)
-        if loop.trace is not None:
-            loop.trace.stepped(text, hidden.device)
+        fed_latent = run.host.advance()
+        hidden = run.dec.step(run.length + run.offset, any(fed_latent))
+        if run.outputs is not None:
+            run.outputs.append(run.dec.outputs)
+        if run.trace is not None:
+            run.trace.stepped(text_step, hidden.device)
 
 
 def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
@@ -347,31 +381,37 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     step and records latent norms.
     """
     options.check_config(generation_config)
-    loop = _start(model, input_ids, logits_processor, stopping_criteria, generation_config, cuda_graph,
-                  static_cache, trace, streamer, model_kwargs)
-    hidden = prefill_prompt(loop, generation_config.prefill_chunk_size)
-    calibrate(loop)
-    capture_once(loop)
-    begin(loop, hidden)
-    hidden = decode_n_tokens(loop, hidden)
+    run = _start(model, input_ids, logits_processor, stopping_criteria, generation_config, cuda_graph,
+                 static_cache, trace, streamer, model_kwargs)
+    hidden = prefill_prompt(run, generation_config.prefill_chunk_size)
+    calibrate(run)
+    capture_once(run)
+    fed_latent = begin(run, hidden)
+    hidden = decode_positions(run, hidden, fed_latent)
     if streamer is not None:
         streamer.end()
-    return _output(loop, hidden)
+    return _output(run, hidden)
 
 
-def _output(loop: _Loop, hidden):
+def _output(run: DecodeRun, hidden):
     """The sequences, or (return_dict_in_generate) HF's output with the scores, the latents and the cache to
     continue."""
-    seq = loop.seq[:, :loop.new]
-    if not loop.keep:
+    seq = run.seq[:, :run.length]
+    if not run.keep:
         return seq
-    rows, dec = seq.shape[0], loop.dec
-    stacked = torch.stack(loop.snapshots) if loop.snapshots else hidden.new_zeros(0, rows, hidden.shape[-1])
-    latents = tuple(stacked[w, b].float() for b, w in enumerate(loop.written))
-    cache = None if dec.static else dec.cache  # a static cache is the kept decoder's: the next call rewrites it
-    if cache is not None and loop.prompt.past is None:
-        setattr(cache, OWN_NORMS, own_norms(*loop.visual, rows, seq.device))
-    scores = {} if loop.scores is None else loop.scores.output()
+    rows, dec = seq.shape[0], run.dec
+    stacked = torch.stack(run.snapshots) if run.snapshots else hidden.new_zeros(0, rows, hidden.shape[-1])
+    latents = tuple(stacked[w, b].float() for b, w in enumerate(run.written))
+    # A static cache is the kept decoder's, returned as HF returns its own (which its next call reuses too):
+    # the next static generate resets and rewrites it.
+    cache = dec.cache
+    if run.prompt.past is None:
+        keep_own_norms(cache, *run.visual, rows, seq.device)
+    scores = {} if run.scores is None else run.scores.output()
+    if run.outputs is not None:  # HF's layout: per new position, the language model's per-layer tuple
+        for name in dec.collect:
+            field_name = name.removeprefix("output_")
+            scores[field_name] = tuple(getattr(out, field_name) for out in run.outputs)
     return GapGenerateOutput(sequences=seq, latents=latents, **scores, **{hf.OUTPUT_CACHE: cache})
 
 
@@ -386,8 +426,9 @@ def gap_generate(self, inputs=None, generation_config=None, logits_processor=Non
     too). ``trace=StepTrace()`` (opt-in: it synchronises every step) records
     per-step times and latent norms. With ``return_dict_in_generate=True`` the
     output carries ``latents``, HF's ``scores`` / ``logits`` when asked for
-    (forced-token rows at latent and end positions), and (dynamic cache) the
-    cache to continue the conversation with: ``past_key_values=out.past_key_values``
+    (forced-token rows at latent and end positions), and the cache it decoded
+    on (a static one, as HF's, is rewritten by the next static call); a dynamic
+    one continues the conversation: ``past_key_values=out.past_key_values``
     (``out.cache`` on transformers 5.24+) and the whole conversation as
     ``input_ids``. HF's options are honoured or refused by name
     (:mod:`.generate_options`; README has the table).

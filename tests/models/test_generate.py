@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gapkern
-from gapkern.models import generate as G
+from gapkern.models.qwen2_5_vl import generate as G
 from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.testing import naive_generate
 
@@ -211,7 +211,7 @@ def test_graph_warm_up_leaves_no_trace(tiny, monkeypatch):
     try:
         dynamic = model.generate(**batch, **kw)
         monkeypatch.setattr(G, "_modes", lambda *a: (True, True))
-        monkeypatch.setattr(G.Decoder, "capture", lambda self: self.warm_up(2))
+        monkeypatch.setattr(G.step_graph, "capture", lambda dec: G.step_graph.warm_up(dec, 2))
         warmed = model.generate(**batch, **kw)
     finally:
         gapkern.unpatch(model)
@@ -272,10 +272,10 @@ def test_decode_step_never_syncs_on_gpu(graph, monkeypatch):
     model, batch, kw = gpu_case()
     step = G.Decoder.step
 
-    def strict(self, kv_len):
+    def strict(self, *args):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return step(self, kv_len)
+            return step(self, *args)
         finally:
             torch.cuda.set_sync_debug_mode(0)
 

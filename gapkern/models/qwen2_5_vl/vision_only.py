@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from . import hf_compat as hf
+
 __all__ = ["VisionTower", "load_vision_tower"]
 
 PREFIXES = ("visual.", "model.visual.")
@@ -28,9 +30,7 @@ class _Inner(torch.nn.Module):
         self.visual = visual
 
     def get_image_features(self, pixel_values, image_grid_thw):
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
-        return Qwen2_5_VLModel.get_image_features(self, pixel_values, image_grid_thw)  # reads only .visual
+        return hf.tower_image_features(self, pixel_values, image_grid_thw)
 
 
 class VisionTower(torch.nn.Module):
@@ -80,19 +80,16 @@ def load_vision_tower(path: str, dtype=None, device=None) -> VisionTower:
     """The vision tower and merger of the Qwen2.5-VL checkpoint folder ``path``, in eval mode, in ``dtype``
     (default: the saved one) on ``device``. A tensor missing or left over is an error naming it."""
     from transformers import AutoConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     config = AutoConfig.from_pretrained(path)
     tensors = _vision_tensors(path)
     if not tensors:
         raise ValueError(f"{path!r}: no vision tower tensors (visual.* or model.visual.*) in its weights")
     dtype = dtype or next(iter(tensors.values())).dtype
-    vision_config = config.vision_config
-    vision_config._attn_implementation = "sdpa"
     default = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)  # built in dtype: no float32 copy of the tower
-        visual = Qwen2_5_VisionTransformerPretrainedModel(vision_config)
+        visual = hf.new_vision_tower(config.vision_config)
     finally:
         torch.set_default_dtype(default)
     own = visual.state_dict()

@@ -3,12 +3,14 @@
 Honoured: every option HF turns into a logits processor (sampling, penalties,
 bad words, forced tokens, watermarking, ...) or a stopping criterion (EOS,
 max length / time, stop strings, the caller's), ``output_scores`` /
-``output_logits``, ``inputs_embeds``, ``streamer``, ``num_return_sequences``,
-static caches and ``compile_config``. Refused (``NotImplementedError`` naming
-the option): what needs another decoding loop (beam search, assisted
-decoding, contrastive search, DoLa) or the model run on token ids the loop does
-not have (classifier-free guidance), and what the loop does not collect.
-README's "Patch a model" has the table; tests/test_generate_options.py walks
+``output_logits``, ``output_hidden_states`` / ``output_attentions`` (eager
+steps), ``inputs_embeds``, ``streamer``, ``num_return_sequences``, static
+caches and ``compile_config``. Refused (``NotImplementedError`` naming the
+option): what needs another decoding loop (beam search, assisted decoding,
+contrastive search, DoLa) or the model run on token ids the loop does not
+have (classifier-free guidance), and hidden states or attentions from a
+captured or compiled step.
+README's "Patch a model" has the table; tests/models/test_generate_options.py walks
 every GenerationConfig field, so a new one is classified before it is used.
 """
 from __future__ import annotations
@@ -27,7 +29,6 @@ ASSISTED = ("assisted decoding verifies the token ids a draft proposes in one fo
             "can propose it and it cannot be verified in parallel")
 GUIDANCE = ("classifier-free guidance runs the model a second time on the token ids, where a latent position is "
             "only its placeholder token, not the latent the model consumed")
-NOT_COLLECTED = "the latent-aware loop keeps only the last layer's final-normed state of each position"
 MODES = {  # generation modes HF would run another loop for (GREEDY_SEARCH and SAMPLE are this loop)
     GenerationMode.BEAM_SEARCH: ("num_beams > 1", BEAMS),
     GenerationMode.BEAM_SAMPLE: ("num_beams > 1", BEAMS),
@@ -41,7 +42,8 @@ MODES = {  # generation modes HF would run another loop for (GREEDY_SEARCH and S
         "candidate tokens (HF runs it from a Hub repository, which the latent-aware loop replaces)"),
     GenerationMode.DOLA_GENERATION: (
         "dola_layers (DoLa decoding)",
-        "DoLa contrasts early layers' next-token logits with the last layer's; " + NOT_COLLECTED),
+        "DoLa contrasts early layers' next-token logits with the last layer's to pick each token; the latent-aware "
+        "loop samples from the last layer's alone"),
 }
 CACHES = (None, "dynamic", "static")  # cache_implementation values the loop decodes on
 
@@ -100,8 +102,6 @@ def check_config(generation_config) -> None:
     mode = gc.get_generation_mode()
     if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
         refuse(*MODES.get(mode, (f"generation mode {mode}", "the latent-aware loop greedy-decodes or samples")))
-    if gc.output_attentions or gc.output_hidden_states:
-        refuse("output_attentions / output_hidden_states", NOT_COLLECTED)
     if gc.guidance_scale is not None and gc.guidance_scale != 1:  # HF's own condition for its CFG processor
         refuse("guidance_scale", GUIDANCE)
     if gc.use_cache is False:

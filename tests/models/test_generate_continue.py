@@ -9,7 +9,7 @@ import torch
 from transformers import StaticCache
 
 import gapkern
-from gapkern.models import hf_compat
+from gapkern.models.qwen2_5_vl import hf_compat
 from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.testing import naive_generate
 
@@ -149,3 +149,28 @@ def test_continuation_refuses_what_the_cache_cannot_carry(tiny):
             again(past_key_values=static)
     finally:
         gapkern.unpatch(model)
+
+
+@pytest.mark.parametrize("how", [dict(cache_implementation="static"), dict(static_cache=True)],
+                         ids=["cache_implementation", "static_cache"])
+def test_a_static_generate_returns_its_static_cache_as_hugging_face_does(tiny, how):
+    """HF's generate returns the StaticCache it decoded on (issue 17 item 15; HF reuses it on its next call,
+    as the kept static decoder does): it holds the whole conversation but its last token, the same keys and
+    values a dynamic run's cache holds, latent positions included."""
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    kw = dict(max_new_tokens=6, logits_processor=forcing(batch, ids, {(1, 0): ids.latent_start}), **GREEDY)
+    hf_static = model.generate(**batch, **{**kw, "logits_processor": None}, cache_implementation="static")
+    assert isinstance(cache_of(hf_static), StaticCache)  # what HF does
+    gapkern.patch(model, tiny_head(model), ids.gap_config(latent_budget=K, calibration="rms"))
+    try:
+        dynamic = model.generate(**batch, **kw)
+        static = model.generate(**batch, **kw, **how)
+    finally:
+        gapkern.unpatch(model)
+    assert torch.equal(static.sequences, dynamic.sequences) and len(static.latents[1]) == K
+    cache, held = cache_of(static), dynamic.sequences.shape[1] - 1
+    assert isinstance(cache, StaticCache) and cache.get_seq_length() == held
+    for got, want in zip(cache.layers, cache_of(dynamic).layers):
+        torch.testing.assert_close(got.keys[:, :, :held], want.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.values[:, :, :held], want.values, rtol=1e-5, atol=1e-5)

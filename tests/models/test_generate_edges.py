@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 import gapkern
-from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
+from gapkern.testing import ForceTokens, tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.testing import naive_generate
 
 from generate_cases import CACHES, ROWS, forcing
@@ -188,3 +188,43 @@ def test_bad_inputs_fail_up_front_naming_the_argument(tiny):
         check("pixel_values: 10 image embeddings for 4 image tokens", **one)
     finally:
         gapkern.unpatch(model)
+
+
+@pytest.mark.parametrize("static", CACHES)
+@pytest.mark.parametrize("layout", ["gap", "monet"])
+def test_the_latent_step_runs_only_at_positions_where_a_row_feeds_a_latent(tiny, monkeypatch, layout, static):
+    """Issue 20 item 5: the eager step skips the bound latent step when the host mirror finds no row feeding a
+    latent (it would write no row), and the monet layout's latents chosen after sampling run it only when a row
+    takes one. So every call writes some row, once per position holding a fed latent (gap: a placeholder;
+    monet: a placeholder or the start token that opened the span), and the output is the reference's."""
+    from gapkern import ops
+
+    model, ids = tiny
+    calls = []
+    real = ops.bind_latent_step
+
+    def counting(*args, **kw):
+        step, mask = real(*args, **kw), kw["latent_mask"]
+        return lambda hidden: calls.append(int(mask.sum())) or step(hidden)
+
+    monkeypatch.setattr(ops, "bind_latent_step", counting)
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    cfg = ids.gap_config(latent_budget=3, profile=layout, span_layout=layout)
+    s, e = ids.latent_start, ids.latent_end
+    sched = {(0, 1): s, (1, 6): s, (1, 11): s, (2, 2): ids.eos} if layout == "gap" else {
+        (0, 1): s, (0, 3): e, (1, 6): s, (2, 2): ids.eos}
+    banned = [s] if layout == "gap" else [s, e]
+    procs = LogitsProcessorList([ForceTokens(batch["input_ids"].shape[1], sched, banned=banned)])
+    steps = 14
+    gapkern.patch(model, tiny_head(model), cfg)
+    try:
+        out = model.generate(**batch, max_new_tokens=steps, do_sample=False, logits_processor=procs,
+                             return_dict_in_generate=True, static_cache=static)
+    finally:
+        gapkern.unpatch(model)
+    new = out.sequences[:, batch["input_ids"].shape[1]:]
+    fed = (new == cfg.latent_pad_id) | ((new == s) if layout == "monet" else False)
+    assert calls and all(n > 0 for n in calls), calls  # no call that writes no row
+    assert len(calls) == int(fed.any(0).sum()) < steps, (calls, new)
+    seq, latents, _, *_ = naive_generate(model, batch, cfg, tiny_head(model), None, steps, procs)
+    assert_same(out, seq, latents)

@@ -241,7 +241,7 @@ def test_naive_generate_takes_the_monet_layout(tiny, calibration):
 def test_monet_graph_warm_up_leaves_no_trace(tiny, monkeypatch):
     """The graph path's code on the CPU (capture stands in as the warm-up that runs the step twice and undoes
     it; the monet layout's latents chosen after sampling are written outside the graph)."""
-    from gapkern.models import generate as G
+    from gapkern.models.qwen2_5_vl import generate as G
 
     model, ids = tiny
     batch = tiny_prompts(ids, ROWS, seed=1)
@@ -250,7 +250,7 @@ def test_monet_graph_warm_up_leaves_no_trace(tiny, monkeypatch):
     try:
         dynamic = model.generate(**batch, **kw)
         monkeypatch.setattr(G, "_modes", lambda *a: (True, True))
-        monkeypatch.setattr(G.Decoder, "capture", lambda self: self.warm_up(2))
+        monkeypatch.setattr(G.step_graph, "capture", lambda dec: G.step_graph.warm_up(dec, 2))
         warmed = model.generate(**batch, **kw)
     finally:
         gapkern.unpatch(model)

@@ -19,11 +19,11 @@ from transformers import DynamicCache
 from . import hf_compat as hf
 
 # keywords generate hands the loop that it may ignore: HF already folded them into the positions
-# (mm_token_type_ids, second_per_grid_ts), or they change nothing here (HF never forwards labels either)
+# (mm_token_type_ids, second_per_grid_ts), the loop reads them from the generation config
+# (output_attentions, output_hidden_states), or they change nothing here (HF never forwards labels either)
 IGNORED = {"use_cache", "logits_to_keep", "mm_token_type_ids", "second_per_grid_ts", "labels", "tokenizer",
-           "assistant_tokenizer"}
+           "assistant_tokenizer", "output_attentions", "output_hidden_states"}
 VISUAL = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_encoder_outputs")
-OWN_NORMS = "_gapkern_own_norms"  # on a returned cache: each row's mean visual-embedding norm (0: no image)
 
 
 @dataclass
@@ -104,8 +104,9 @@ def check_continuation(model, prompt: Prompt) -> None:
         raise ValueError("inputs_embeds: continuing a conversation on past_key_values takes its tokens as input_ids "
                          "(the whole conversation)")
     if not isinstance(past, DynamicCache):
-        raise ValueError("past_key_values: continuing a conversation needs the DynamicCache an earlier generate "
-                         f"returned, got {type(past).__name__}")
+        raise ValueError("past_key_values: continuing a conversation needs the DynamicCache an earlier dynamic-cache "
+                         f"generate returned, got {type(past).__name__} (a static generate's cache is rewritten by the "
+                         "next static call: generate the turn to continue with a dynamic cache)")
     if length <= held or prompt.position_ids.shape[-1] != length:
         raise ValueError(f"input_ids: past_key_values holds {held} positions, so input_ids must be the whole "
                          f"conversation: those {held} tokens, then at least one new one (got {length} tokens)")
@@ -119,35 +120,6 @@ def check_continuation(model, prompt: Prompt) -> None:
     if bool((new == model.gap.config.latent_pad_id).any()):
         raise ValueError("input_ids: a latent placeholder (latent_pad_id) after the part past_key_values holds: "
                          "its latent is not in input_ids (a span cut off by max_new_tokens cannot be continued)")
-
-
-def row_norms(norms: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-    """Each row's mean visual-embedding norm (rows,) float32, 0 for a row without image: ``norms`` (N,) in
-    prompt order, ``image_mask`` (rows, L) where they sit. The rms target's per-row image norm, once."""
-    sums = torch.zeros(image_mask.shape, dtype=torch.float32, device=norms.device)
-    return sums.masked_scatter(image_mask, norms.float()).sum(1) / image_mask.sum(1).clamp_min(1)
-
-
-def own_norms(norms, image_mask, rows, device):
-    """Each row's mean visual-embedding norm, 0 for a row without image: rms's target, kept with the cache."""
-    if norms is None:
-        return torch.zeros(rows, dtype=torch.float32, device=device)
-    return row_norms(norms, image_mask)
-
-
-def targets(gap, prompt: Prompt, norms, image_mask, rows):
-    """SPEC section 2's tau; a continuation adds no image, so its rms rows keep the norms of their earlier turns."""
-    if prompt.past is None:
-        return gap.targets(norms, image_mask, rows)
-    tau = gap.targets(None, None, rows)  # the ema target, or None
-    if gap.config.calibration != "rms":
-        return tau
-    own = getattr(prompt.past, OWN_NORMS, None)
-    if own is None or own.shape[0] != rows:
-        raise ValueError("past_key_values: calibration 'rms' needs each row's image norms from the turns this cache "
-                         "holds; continue a cache that this patched model's generate returned, or use calibration "
-                         "'ema' or 'none'")
-    return torch.where(own > 0, own.to(tau.device), tau)
 
 
 def check_inputs(inputs, kwargs) -> None:

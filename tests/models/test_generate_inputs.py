@@ -7,7 +7,7 @@ import torch
 from transformers import CompileConfig, LogitsProcessorList, TextStreamer
 
 import gapkern
-from gapkern.models import hf_compat
+from gapkern.models.qwen2_5_vl import hf_compat
 from gapkern.testing import ForceTokens, tiny_head, tiny_prompts, tiny_qwen2_5_vl, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,10 +1,12 @@
 """The decode step's state: SPEC section 3's span rules, the device buffers that run them, and their host mirror.
 
 Per row the state is one counter, ``left``, and a ``done`` flag; :class:`SpanRule`
-(one subclass per span layout, ``gap`` and ``monet``) is the one definition of how they move. :class:`Decoder` applies it to (B,)
-tensors inside the decode step (graph-safe: it reads and writes only its own
-buffers), :class:`Rows` applies the same rule to Python ints, so the host
-knows each row's mode and every forced token without reading the device.
+(one subclass per span layout, ``gap`` and ``monet``) is the one definition of
+how they move. :class:`Decoder` applies it to (B,) tensors inside the decode
+step (graph-safe: it reads and writes only its own buffers), :class:`HostSpans`
+applies the same rule to Python ints, so the host knows each row's mode and
+every forced token without reading the device. How the step runs (eagerly,
+compiled, or replayed from a CUDA graph) is :mod:`.graph`'s.
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, StaticCache
 
-from .. import ops
+from ... import ops
 from . import hf_compat as hf
-from .loop_inputs import mrope
+from .inputs import mrope
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class SpanRule:
     A row's state is ``left`` (0 in text mode; its meaning inside a span is the
     layout's) and ``done``. The decoder applies these methods to (B,) device
     tensors with ``where=torch.where``; the host mirror to each row's Python
-    ints with ``where=pick``. Only ``==``, ``<``, ``>``, ``&``, ``|``, ``-`` and
+    ints with ``where=host_where``. Only ``==``, ``<``, ``>``, ``&``, ``|``, ``-`` and
     ``where`` are used, so both sides run the same code. A step is two phases:
     :meth:`advance` before the LM head (the positions decided without a
     sample), :meth:`commit` after it (the rows that sampled). :meth:`commit` is
@@ -94,58 +96,59 @@ class MonetSpans(SpanRule):
         return written, more | opens, left, done | (text & is_eos)
 
 
-def pick(cond, a, b):
+def host_where(cond, a, b):
     """``torch.where`` for one row's Python values: how the host mirror runs :class:`SpanRule`."""
     return a if cond else b
 
 
-class Rows:
+class HostSpans:
     """The host mirror: :class:`SpanRule` on Python ints, so the host knows each row's mode and every
     forced token without reading the device."""
 
     def __init__(self, rule: SpanRule, last: list[int], pad: int, eos: set[int]):
         self.rule, self.pad, self.eos = rule, pad, eos
-        self.left = [rule.opened(t, pick) for t in last]
+        self.left = [rule.opened(t, host_where) for t in last]
         self.done = [False] * len(last)
-        self.text = [False] * len(last)  # which rows sample at the current position
+        self.sampling = [False] * len(last)  # which rows sample at the current position
         self.tokens = [pad] * len(last)  # what each row writes at the current position
 
     def advance(self) -> list[bool]:
         """Mirror :meth:`Decoder.advance`; returns which rows wrote a latent."""
-        steps = [self.rule.advance(n, pick) for n in self.left]
-        self.text = [text for _, _, text, _ in steps]
+        steps = [self.rule.advance(n, host_where) for n in self.left]
+        self.sampling = [sampling for _, _, sampling, _ in steps]
         self.left = [left for _, _, _, left in steps]
-        self.tokens = [self.rule.forced(latent, end, self.pad, pick) for latent, end, _, _ in steps]
+        self.tokens = [self.rule.forced(latent, end, self.pad, host_where) for latent, end, _, _ in steps]
         return [latent for latent, _, _, _ in steps]
 
-    def sampling(self) -> bool:
+    def any_live_sampling(self) -> bool:
         """Whether some live row samples at this position (the LM head must run)."""
-        return any(t and not d for t, d in zip(self.text, self.done))
+        return any(s and not d for s, d in zip(self.sampling, self.done))
 
     def commit(self, tokens: list[int]) -> list[bool]:
         """Mirror :meth:`Decoder.commit` from the tokens it wrote (read back from the device); returns which
         rows write a latent chosen after sampling (the monet layout's)."""
-        rule, eos, late = self.rule, self.eos, [False] * len(tokens)
-        for b, tok in enumerate(tokens):
-            _, latent, self.left[b], self.done[b] = rule.commit(self.left[b], self.done[b], self.text[b], tok,
-                                                                tok in eos, pick)
-            late[b] = bool(latent)
+        rule, eos, after_sample = self.rule, self.eos, [False] * len(tokens)
+        for b, token in enumerate(tokens):
+            _, latent, self.left[b], self.done[b] = rule.commit(self.left[b], self.done[b], self.sampling[b], token,
+                                                                token in eos, host_where)
+            after_sample[b] = bool(latent)
         self.tokens = tokens
-        return late
+        return after_sample
 
     def stop(self, stopped: list[bool]) -> None:
         """Mirror :meth:`Decoder.stop`."""
         for b, s in enumerate(stopped):
-            self.left[b], self.done[b] = self.rule.stop(self.left[b], self.done[b], s, pick)
+            self.left[b], self.done[b] = self.rule.stop(self.left[b], self.done[b], s, host_where)
 
     def finished(self) -> bool:
         return all(self.done)
+
 
 class Decoder:
     """Static buffers of one decode loop; ``step`` reads and writes only these (graph-safe)."""
 
     def __init__(self, model, rows: int, max_len: int, static: bool, graph: bool = False):
-        gap, lm = model.gap, model.model.language_model
+        gap, lm = model.gap, hf.language_model(model)
         dim, device, dtype = lm.config.hidden_size, model.device, model.dtype
         cfg = gap.config
         self.config, self.lm, self.head, self.static = model.config, lm, gap.head, static
@@ -157,25 +160,27 @@ class Decoder:
         self.embeds = torch.zeros(rows, 1, dim, dtype=dtype, device=device)  # next input, written in place
         self.pos = torch.zeros(3, rows, 1, dtype=torch.long, device=device)  # its M-RoPE position
         self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)  # attention mask over the cache
-        self.cur = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
+        self.cache_pos = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
         self.left = torch.zeros(rows, dtype=torch.long, device=device)
-        self.text = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.sampling = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that sample at this position
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # what this step appends
         self.scored = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that wrote the token they sampled
         self.pad = torch.zeros((), dtype=torch.long, device=device)  # a tensor: the graph reads it at replay
         self.eos = torch.zeros(0, dtype=torch.long, device=device)
         self.tau = None if cfg.calibration == "none" else torch.zeros(rows, dtype=torch.float32, device=device)
-        self.latent = torch.zeros(rows, dtype=torch.bool, device=device)  # which rows write a latent this step
+        self.latent_mask = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that write a latent this step
         head = self.head
         # Checked and resolved once per decoder (the basis's orthonormality, the backend, its workspaces);
-        # each step then goes straight to the kernel. It reads tau, latent and the head's tensors in place.
+        # each step then goes straight to the kernel. It reads tau, latent_mask and the head's tensors in place.
         self.latent_step = ops.bind_latent_step(
             *((None,) * 4 if head is None else (head.weight, head.bias, head.basis, head.mean)), self.tau,
-            sigma=None if head is None else head.sigma, eps=self.eps, latent_mask=self.latent, out=self.embeds[:, 0])
+            sigma=None if head is None else head.sigma, eps=self.eps, latent_mask=self.latent_mask,
+            out=self.embeds[:, 0])
         self.cache = StaticCache(config=model.config, max_cache_len=max_len) if static else None
-        self.use_graph, self.graph, self.hidden = graph, None, None  # the graph is captured after the first prefill
-        self.forward, self.compiled_with = self._forward, None
+        self.use_graph, self.graph = graph, None  # a graph.StepGraph, captured after the first prefill
+        self.forward, self.compiled_with = self._forward, None  # graph.compile_step sets them
+        self.collect, self.outputs = {}, None  # output_hidden_states / _attentions; the last step's model output
         self.made_for = self.key(model, rows, max_len, static)
 
     @staticmethod
@@ -185,12 +190,13 @@ class Decoder:
         gap = model.gap
         return rows, max_len, static, hf.attention_kind(model), id(gap.head), tuple(gap.config.to_dict().values())
 
-    def start(self, last, attention_mask, position_ids, pad_id, eos, past=None):
+    def start(self, last, attention_mask, position_ids, pad_id, eos, past=None, collect=None):
         """Reset the state for a new batch whose prompt the next prefill writes.
 
         ``last`` (B,) each prompt's last token id, ``attention_mask`` (B, P) over its P positions, ``eos``
         (n,) the EOS ids (empty: none); ``past``: a caller's DynamicCache holding the conversation's start
-        (dynamic decoders only).
+        (dynamic decoders only); ``collect``: ``output_hidden_states`` / ``output_attentions`` for the
+        language model (eager steps only), whose output each step then keeps in ``outputs``.
         """
         length = attention_mask.shape[1]
         if past is not None:
@@ -201,48 +207,47 @@ class Decoder:
             self.cache = DynamicCache(config=self.config)
         self.valid.zero_()
         self.valid[:, :length] = attention_mask.bool()
-        self.cur.fill_(length)
+        self.cache_pos.fill_(length)
         self.pos.copy_(mrope(position_ids)[:, :, -1:] + 1)
         self.left.copy_(self.rule.opened(last, torch.where))
         self.done.zero_()
         self.pad.fill_(pad_id)
         self.eos = eos
+        self.collect, self.outputs = dict(collect or {}), None
 
-    def compile(self, options: dict | None) -> None:
-        """Run the language model's step through ``torch.compile(**options)`` (None: eagerly), as HF's
-        ``compile_config`` asks; a kept decoder recompiles only for other options."""
-        if options != self.compiled_with:
-            self.forward = self._forward if options is None else torch.compile(self._forward, **options)
-            self.compiled_with = options
-
-    def advance(self, hidden):
-        """Write the latents and forced end tokens that follow ``hidden`` (B, D); graph-safe."""
+    def advance(self, hidden, any_latent: bool = True):
+        """Write the latents and forced end tokens that follow ``hidden`` (B, D); graph-safe. ``any_latent``
+        False (the host mirror knows no row writes a latent here) skips the latent step: it would write no row."""
         out = self.embeds[:, 0]
-        latent, end, text, left = self.rule.advance(self.left, torch.where)
-        self.latent.copy_(latent)
-        self.latent_step(hidden)
+        latent, end, sampling, left = self.rule.advance(self.left, torch.where)
+        self.latent_mask.copy_(latent)
+        if any_latent:
+            self.latent_step(hidden)
         out.copy_(torch.where(end[:, None], self.end_embed, out))
         self.tokens.copy_(self.rule.forced(latent, end, self.pad, torch.where))
-        self.text.copy_(text)
+        self.sampling.copy_(sampling)
         self.left.copy_(left)
 
-    def commit(self, sampled, hidden):
+    def commit(self, sampled):
         """Append the tokens of the rows that sampled (eager, sampling steps only); finished rows write pad.
-        Rows the rule puts into a latent now (monet layout) get the latent from ``hidden`` (B, D); ``scored``:
-        the rows that wrote the token they sampled (not one the rule replaced)."""
-        text, out = self.text, self.embeds[:, 0]
-        tok = torch.where(self.done, self.pad, sampled)
-        written, latent, left, done = self.rule.commit(self.left, self.done, text, tok, torch.isin(tok, self.eos),
-                                                       torch.where)
-        self.scored.copy_(text & (written == tok))
-        tok = written
-        self.tokens.copy_(torch.where(text, tok, self.tokens))
-        out.copy_(torch.where(text[:, None], self.embed(tok), out))
+        The rows the rule puts into a latent now (monet layout) are marked in ``latent_mask``: their latent is
+        :meth:`write_latents`' (the host calls it when its mirror finds such a row). ``scored``: the rows that
+        wrote the token they sampled (not one the rule replaced)."""
+        sampling, out = self.sampling, self.embeds[:, 0]
+        token = torch.where(self.done, self.pad, sampled)
+        written, latent, left, done = self.rule.commit(self.left, self.done, sampling, token,
+                                                       torch.isin(token, self.eos), torch.where)
+        self.scored.copy_(sampling & (written == token))
+        self.tokens.copy_(torch.where(sampling, written, self.tokens))
+        out.copy_(torch.where(sampling[:, None], self.embed(written), out))
         if latent is not None:
-            self.latent.copy_(latent)
-            self.latent_step(hidden)
+            self.latent_mask.copy_(latent)
         self.left.copy_(left)
         self.done.copy_(done)
+
+    def write_latents(self, hidden):
+        """The latents from ``hidden`` (B, D) of the rows :meth:`commit` marked (eager)."""
+        self.latent_step(hidden)
 
     def stop(self, stopped):
         """Rows ``stopped`` (B,) bool ended by a stopping criterion (eager)."""
@@ -250,56 +255,36 @@ class Decoder:
         self.left.copy_(left)
         self.done.copy_(done)
 
-    def _mask(self, valid):
-        if self.attention == "sdpa":
-            return {"full_attention": valid[:, None, None, :]}
-        if self.attention == "eager":
-            bias = torch.zeros(valid.shape, dtype=self.embeds.dtype, device=valid.device)
-            return {"full_attention": bias.masked_fill(~valid, torch.finfo(bias.dtype).min)[:, None, None, :]}
-        return valid.long()  # other kernels build their own mask from the 2-D one (eager path only)
-
     def _forward(self, valid):
         """The language model on the pending inputs; the final-normed hidden (B, D)."""
-        out = self.lm(inputs_embeds=self.embeds, attention_mask=self._mask(valid), position_ids=self.pos,
-                      use_cache=True, **{hf.CACHE_KEYWORD: self.cache})
+        mask = hf.prebuilt_mask(self.attention, valid, self.embeds.dtype)
+        out = self.lm(inputs_embeds=self.embeds, attention_mask=mask, position_ids=self.pos,
+                      use_cache=True, **{hf.CACHE_KEYWORD: self.cache}, **self.collect)
+        if self.collect:
+            if out.hidden_states:  # the first is the input embeddings: this buffer, which the next step rewrites
+                out.hidden_states = (out.hidden_states[0].clone(), *out.hidden_states[1:])
+            self.outputs = out
         return out.last_hidden_state[:, -1]
 
-    def decode_one(self, kv_len: int):
-        """Forward the pending input, then advance; returns the final-normed hidden (B, D)."""
-        self.valid.index_fill_(1, self.cur, True)
+    def forward_step(self, kv_len: int, any_latent: bool = True):
+        """Forward the pending input, then advance; returns the final-normed hidden (B, D). What a CUDA
+        graph captures (``kv_len``: the cache positions the dynamic cache holds after it)."""
+        self.valid.index_fill_(1, self.cache_pos, True)
         hidden = self.forward(self.valid if self.static else self.valid[:, :kv_len])
         self.pos += 1
-        self.cur += 1
-        self.advance(hidden)
+        self.cache_pos += 1
+        self.advance(hidden, any_latent)
         return hidden
 
-    def step(self, kv_len: int):
+    def step(self, kv_len: int, any_latent: bool = True):
+        """One decode step: the captured graph's replay (its latent step always runs: one graph serves text
+        and latent steps), else :meth:`forward_step`."""
         if self.graph is None:
-            return self.decode_one(kv_len)
-        self.graph.replay()
-        return self.hidden
+            return self.forward_step(kv_len, any_latent)
+        return self.graph.replay()
 
-    def _state(self):
+    def step_state(self) -> list[torch.Tensor]:
+        """The tensors :meth:`forward_step` changes (the static cache's write positions included, not its
+        keys and values): saved and restored around a warm-up."""
         layers = hf.static_lengths(self.cache)
-        return [self.embeds, self.pos, self.valid, self.cur, self.left, self.text, self.tokens, *layers]
-
-    def warm_up(self, runs: int = 2):
-        """Run ``decode_one`` and undo it: the state is restored, and the cache slot it
-        wrote is the one the next real step rewrites."""
-        saved = [t.clone() for t in self._state()]
-        for _ in range(runs):
-            self.decode_one(self.max_len)
-            for t, s in zip(self._state(), saved):
-                t.copy_(s)
-
-    def capture(self):
-        """Capture ``decode_one`` in a CUDA graph; text and latent steps replay the same graph."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.warm_up()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records only: nothing runs, the state is untouched
-            self.hidden = self.decode_one(self.max_len)
-        self.graph = graph
+        return [self.embeds, self.pos, self.valid, self.cache_pos, self.left, self.sampling, self.tokens, *layers]

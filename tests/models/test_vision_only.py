@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from gapkern.commands import UsageError
 from gapkern.commands._common import Place, load_vision
 from gapkern.data import image_embeddings
-from gapkern.models.vision_only import load_vision_tower
+from gapkern.models.qwen2_5_vl.vision_only import load_vision_tower
 from gapkern.testing import tiny_qwen2_5_vl
 
 from stages import SIZES, images

@@ -1,9 +1,12 @@
-"""What the latent-aware generate relies on in transformers beyond its public API (gapkern.models.hf_compat).
+"""What the latent-aware generate relies on in transformers beyond its public API (gapkern.models.qwen2_5_vl.hf_compat).
 
 Each test pins one behaviour of the installed release; a release that changes it fails here, by name,
 instead of generating wrong tokens. CI runs this file on the floor (5.17) and on the latest release.
 """
 from __future__ import annotations
+
+import copy
+import re
 
 import pytest
 import torch
@@ -11,13 +14,13 @@ import transformers
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
-from gapkern.models import hf_compat as hf, loop_inputs
+from gapkern.models.qwen2_5_vl import hf_compat as hf, inputs
 from gapkern.testing import tiny_prompts, tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VERSION = f"transformers {transformers.__version__}"
 ROWS = [(4, None), (2, (56, 56)), (3, (56, 84))]
-KNOWN = {"attention_mask", "position_ids", "cache", "past_key_values", *loop_inputs.VISUAL, *loop_inputs.IGNORED}
+KNOWN = {"attention_mask", "position_ids", "cache", "past_key_values", *inputs.VISUAL, *inputs.IGNORED}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,8 @@ def test_loop_receives_only_keywords_decode_handles(tiny, rows):
     seen = loop_call(model, **tiny_prompts(ids, rows, seed=1))
     new = set(seen) - KNOWN - {"input_ids", "generation_config"}
     assert not new, (f"{VERSION} hands custom decoding loops new keywords {sorted(new)}: make "
-                     "gapkern.models.loop_inputs.take_prompt use them (or list them in IGNORED if they change nothing)")
+                     "gapkern.models.qwen2_5_vl.inputs.take_prompt use them (or list them in IGNORED if they change "
+                     "nothing)")
     caches = [seen[k] for k in ("cache", "past_key_values") if seen.get(k) is not None]
     assert len(caches) == 1 and isinstance(caches[0], Cache) and caches[0].get_seq_length() == 0, (
         f"{VERSION}: the loop no longer gets one fresh cache as 'cache' or 'past_key_values' ({caches})")
@@ -77,7 +81,7 @@ def test_attention_mask_reaches_the_loop_whole_or_as_none_when_all_ones(tiny):
     assert mask is None or torch.equal(mask, full["attention_mask"]), f"{VERSION} changed an all-ones mask: {mask}"
     assert seen["position_ids"].shape[-1] == full["input_ids"].shape[1]
     seen.pop("generation_config")
-    prompt = loop_inputs.take_prompt(model, seen.pop("input_ids"), seen)
+    prompt = inputs.take_prompt(model, seen.pop("input_ids"), seen)
     assert torch.equal(prompt.attention_mask, full["attention_mask"])  # and decode reads what it got
 
 
@@ -134,17 +138,16 @@ def test_continuation_positions_come_from_the_kept_rope_deltas(tiny):
     out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     cache = getattr(out, hf.OUTPUT_CACHE)
     assert isinstance(cache, DynamicCache), f"{VERSION}: generate's output has no {hf.OUTPUT_CACHE}"
-    _, deltas = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
-                                           image_grid_thw=batch["image_grid_thw"],
-                                           attention_mask=batch["attention_mask"])
-    assert torch.equal(model.model.rope_deltas, deltas), f"{VERSION}: rope deltas not kept on model.model"
+    _, deltas = hf.rope_index(model, batch["input_ids"], batch["mm_token_type_ids"],
+                              image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    assert torch.equal(hf.rope_deltas(model), deltas), f"{VERSION}: rope deltas not kept on model.model"
     whole = torch.cat([out.sequences, torch.full((3, 2), 20)], 1)
     mask = torch.cat([batch["attention_mask"], torch.ones(3, whole.shape[1] - batch["input_ids"].shape[1],
                                                           dtype=torch.long)], 1)
     seen = loop_call(model, input_ids=whole, attention_mask=mask, **{hf.OUTPUT_CACHE: cache})
-    want, _ = model.model.get_rope_index(whole, (whole == ids.image_pad).long(),
-                                         image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
-    got = loop_inputs.mrope(seen["position_ids"])
+    want, _ = hf.rope_index(model, whole, (whole == ids.image_pad).long(), image_grid_thw=batch["image_grid_thw"],
+                            attention_mask=mask)
+    got = inputs.mrope(seen["position_ids"])
     held = cache.get_seq_length()
     assert torch.equal(got[..., held:], want[..., held:]), f"{VERSION}: continuation positions moved"
 
@@ -155,7 +158,7 @@ def test_decode_refuses_keywords_it_does_not_know(tiny):
     seen = loop_call(model, **batch)
     seen.pop("generation_config")
     with pytest.raises(NotImplementedError, match="new_thing reached the decoding loop"):
-        loop_inputs.take_prompt(model, seen.pop("input_ids"), {**seen, "new_thing": 1})
+        inputs.take_prompt(model, seen.pop("input_ids"), {**seen, "new_thing": 1})
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside the exporters
@@ -179,7 +182,7 @@ def test_exporters_record_generate_through_forward_and_a_patched_model_refuses(t
         gapkern.unpatch(model)
     cause = failed.value.__cause__
     assert isinstance(cause, NotImplementedError) and "torch.export (transformers.exporters)" in str(cause), (
-        f"{VERSION}: the exporters reach generate another way; gapkern.models.hf_compat.exporting "
+        f"{VERSION}: the exporters reach generate another way; gapkern.models.qwen2_5_vl.hf_compat.exporting "
         f"must follow ({failed.value!r}, caused by {cause!r})")
 
 
@@ -194,6 +197,146 @@ def test_compile_criteria_are_read_from_generate(tiny):
     assert hf.compiles(model, config, static) and not hf.compiles(model, config, dynamic)
     config.disable_compile = True
     assert not hf.compiles(model, config, static)
+
+
+# ---- Qwen2.5-VL's module layout, the prebuilt mask, the registry ----------------------------------------------
+
+def test_module_names_training_selects_by_are_the_language_model_and_the_tower(tiny):
+    """LoRA targets and freezing go by ``hf.LANGUAGE_MODEL`` / ``hf.VISION_TOWER``: every parameter is under one
+    of them (or the LM head), and LoRA's pattern picks the language model's seven projections per layer, none of
+    the tower's."""
+    from gapkern.train.trainer import LORA_TARGETS
+
+    model, _ = tiny
+    names = {n for n, _ in model.named_parameters()}
+    lm = {hf.LANGUAGE_MODEL + n for n, _ in hf.language_model(model).named_parameters()}
+    tower = {hf.VISION_TOWER + n for n, _ in hf.vision_tower(model).named_parameters()}
+    assert lm and tower and lm | tower <= names, f"{VERSION}: the module layout moved"
+    assert names - lm - tower <= {"lm_head.weight"}, f"{VERSION}: parameters outside both: {names - lm - tower}"
+    picked = [n for n, _ in model.named_modules() if re.fullmatch(LORA_TARGETS, n)]
+    assert len(picked) == 7 * model.config.text_config.num_hidden_layers
+    assert all(n.startswith(hf.LANGUAGE_MODEL) for n in picked)
+
+
+def test_final_norm_takes_the_last_layers_state_and_gives_the_last_hidden_state(tiny):
+    """The diagnosis hooks ``hf.final_norm``'s input as the last layer's output (before the final norm)."""
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS[:1], seed=1)
+    seen = {}
+    hook = hf.final_norm(model).register_forward_pre_hook(lambda module, args: seen.setdefault("in", args[0]))
+    try:
+        with torch.no_grad():
+            out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(hf.final_norm(model)(seen["in"]), out.last_hidden_state, rtol=0, atol=0)
+
+
+def test_rope_index_gives_the_positions_generate_hands_the_loop(tiny):
+    """Training and the reference build M-RoPE with ``hf.rope_index``: the positions HF's generate computes for
+    the same padded prompts with images, and the deltas it keeps on ``model.model`` for a continuation."""
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    pos, deltas = hf.rope_index(model, batch["input_ids"], batch["mm_token_type_ids"],
+                                image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    seen = loop_call(model, **batch)
+    given = inputs.mrope(seen["position_ids"])
+    valid = batch["attention_mask"].bool().expand(3, -1, -1)
+    assert pos.shape == given.shape and torch.equal(pos[valid], given[valid]), f"{VERSION}: M-RoPE positions moved"
+    assert torch.equal(hf.rope_deltas(model), deltas)
+
+
+def test_rope_deltas_are_set_back_and_a_missing_attribute_is_named():
+    model, _ = tiny_qwen2_5_vl(seed=0)
+    kept = torch.tensor([[3]])
+    hf.set_rope_deltas(model, kept)
+    assert model.model.rope_deltas is kept and hf.rope_deltas(model) is kept
+    bare = torch.nn.Module()
+    bare.model = torch.nn.Module()
+    with pytest.raises(RuntimeError, match=r"rope_deltas is gone"):
+        hf.set_rope_deltas(bare, kept)
+    assert "rope_deltas" not in bare.model.__dict__  # nothing set silently
+
+
+def test_image_features_read_only_the_vision_tower(tiny):
+    """The vision-only loader runs ``Qwen2_5_VLModel.get_image_features`` on a module holding only ``.visual``:
+    the same merger outputs as the whole model's."""
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    owner = torch.nn.Module()
+    owner.visual = hf.vision_tower(model)
+    with torch.no_grad():
+        got = hf.tower_image_features(owner, batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        want = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+    assert len(got) == len(want) == batch["image_grid_thw"].shape[0], VERSION
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_new_vision_tower_is_the_models_tower(tiny):
+    """``hf.new_vision_tower`` builds the class the model holds (same tensors, same outputs), with sdpa."""
+    model, ids = tiny
+    batch = tiny_prompts(ids, ROWS[1:2], seed=1)
+    own = hf.vision_tower(model)
+    tower = hf.new_vision_tower(copy.deepcopy(model.config.vision_config))
+    assert type(tower) is type(own) and tower.config._attn_implementation == "sdpa", VERSION
+    assert {k: v.shape for k, v in tower.state_dict().items()} == {k: v.shape for k, v in own.state_dict().items()}
+    tower.load_state_dict(own.state_dict())
+    owner = torch.nn.Module()
+    owner.visual = tower.eval()
+    with torch.no_grad():
+        got = hf.tower_image_features(owner, batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        want = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_language_model_takes_a_prebuilt_full_attention_mask_as_is(attention):
+    """The static decode step hands the language model ``{"full_attention": mask}`` over its whole static cache
+    (graph-safe: no mask built per step). It must attend as the 2-D padding mask on a dynamic cache does, and
+    the mapping must be used, not rebuilt: unmasking the padding changes the output."""
+    model, ids = tiny_qwen2_5_vl(seed=0, attn_implementation=attention)
+    lm, embed = hf.language_model(model), model.get_input_embeddings()
+    batch = tiny_prompts(ids, ROWS, seed=1)  # left-padded rows
+    mask, length = batch["attention_mask"], batch["input_ids"].shape[1]
+    pos, _ = hf.rope_index(model, batch["input_ids"], batch["mm_token_type_ids"],
+                           image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
+    step = torch.randn(mask.shape[0], 1, model.config.text_config.hidden_size,
+                       generator=torch.Generator().manual_seed(3))
+    step_pos = pos[..., -1:] + 1
+    valid = torch.zeros(mask.shape[0], length + 5, dtype=torch.bool)
+    valid[:, :length + 1] = torch.cat([mask.bool(), torch.ones(mask.shape[0], 1, dtype=torch.bool)], 1)
+
+    def decode_step(cache, step_mask):
+        with torch.no_grad():
+            lm(inputs_embeds=embed(batch["input_ids"]), attention_mask=mask, position_ids=pos, use_cache=True,
+               **{hf.CACHE_KEYWORD: cache})
+            return lm(inputs_embeds=step, attention_mask=step_mask, position_ids=step_pos, use_cache=True,
+                      **{hf.CACHE_KEYWORD: cache}).last_hidden_state
+
+    want = decode_step(DynamicCache(config=model.config), valid[:, :length + 1].long())
+    got = decode_step(StaticCache(config=model.config, max_cache_len=length + 5),
+                      hf.prebuilt_mask(attention, valid, step.dtype))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{VERSION}: the prebuilt mask is not taken")
+    unmasked = decode_step(StaticCache(config=model.config, max_cache_len=length + 5),
+                           hf.prebuilt_mask(attention, valid | (torch.arange(length + 5) < length), step.dtype))
+    assert not torch.allclose(unmasked, want, rtol=1e-3, atol=1e-3), f"{VERSION}: the mapping's mask was ignored"
+
+
+def test_the_gap_class_reads_and_writes_the_base_checkpoint_layout():
+    """The one registry write: transformers' key renaming for Qwen2.5-VL, registered for the Gap class by name
+    (transformers skips it for classes it does not know), and the base class's entry left as it was."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import conversion_mapping as cm
+
+    from gapkern.models import GapQwen2_5_VLForConditionalGeneration
+
+    base = cm.get_checkpoint_conversion_mapping(Qwen2_5_VLForConditionalGeneration.__name__)
+    gap = cm.get_checkpoint_conversion_mapping(GapQwen2_5_VLForConditionalGeneration.__name__)
+    assert repr(gap) == repr(base), f"{VERSION}: the Gap class's checkpoint layout is not the base class's"
+    hf.register_checkpoint_layout(GapQwen2_5_VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    assert repr(cm.get_checkpoint_conversion_mapping(Qwen2_5_VLForConditionalGeneration.__name__)) == repr(base)
 
 
 # ---- the image processor ---------------------------------------------------------------------------------------

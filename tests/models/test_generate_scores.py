@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gapkern
-from gapkern.models import generate as G
+from gapkern.models.qwen2_5_vl import generate as G
 from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.testing import naive_generate
 
@@ -128,3 +128,58 @@ def test_scores_are_kept_only_with_return_dict_in_generate(tiny):
     finally:
         gapkern.unpatch(model)
     assert torch.is_tensor(plain) and out.scores is None and out.logits is None  # as HF
+
+
+# ---- output_hidden_states / output_attentions (issue 17 item 16) ---------------------------------------------
+
+STATES = dict(return_dict_in_generate=True, output_hidden_states=True, output_attentions=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_eager():
+    return tiny_qwen2_5_vl(seed=0, attn_implementation="eager")  # sdpa returns no attention weights
+
+
+def test_hidden_states_and_attentions_match_hugging_face_without_spans(tiny_eager):
+    """HF's layout: one entry per new position (the prefill's, then each step's), each the language model's
+    per-layer tuple: hidden states (layers + 1) of (B, positions, D), attentions (layers) of (B, heads, q, kv)."""
+    model, ids = tiny_eager
+    batch = tiny_prompts(ids, ROWS, seed=2)
+    kw = dict(max_new_tokens=6, do_sample=False, logits_processor=forcing(batch, ids, {(2, 3): ids.eos}), **STATES)
+    ref, out = hf_and_patched(model, ids, batch, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    layers = model.config.text_config.num_hidden_layers
+    assert len(out.hidden_states) == len(ref.hidden_states) == len(out.attentions) == 6
+    for got, want in zip(out.hidden_states + out.attentions, ref.hidden_states + ref.attentions):
+        assert len(got) == len(want) and len(got) in (layers, layers + 1)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            close(a, b)
+    assert out.hidden_states[0][0].shape[1] == batch["input_ids"].shape[1] and out.hidden_states[1][0].shape[1] == 1
+
+
+@pytest.mark.parametrize("static", CACHES)
+def test_hidden_states_at_latent_positions_hold_the_latent_fed_back(tiny_eager, static):
+    """With spans the step at a latent position feeds the latent: its first hidden state (the input embedding)
+    is that latent, and its last is the final-normed state the next latent comes from (the reference's)."""
+    model, ids = tiny_eager
+    batch = tiny_prompts(ids, ROWS, seed=1)
+    cfg = ids.gap_config(latent_budget=K)
+    procs = forcing(batch, ids, spans(ids))
+    gapkern.patch(model, tiny_head(model), cfg)
+    try:
+        out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, logits_processor=procs,
+                             static_cache=static, **STATES)
+        seq, latents, _ = naive_generate(model, batch, cfg, model.gap.head, None, STEPS, procs)
+    finally:
+        gapkern.unpatch(model)
+    assert torch.equal(out.sequences, seq) and len(out.hidden_states) == STEPS
+    new = out.sequences[:, batch["input_ids"].shape[1]:]
+    for b in range(new.shape[0]):
+        at = [j for j in range(STEPS - 1) if new[b, j] == cfg.latent_pad_id]  # forwarded in entry j + 1
+        assert bool(at) == (b < 2), (b, at)  # spans(): rows 0 and 1 write spans, row 2 none
+        if not at:
+            continue
+        fed = torch.stack([out.hidden_states[j + 1][0][b, 0] for j in at]).float()
+        close(fed, out.latents[b][:len(at)])
+        close(out.latents[b], latents[b].float())
