@@ -37,7 +37,7 @@ for step in "${steps[@]}"; do
       "$PY" -m pytest -q -m gpu tests
       ;;
     memcheck)
-      compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q tests/test_ops.py -k cuda
+      compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q tests/ops -k cuda
       ;;
     bench)
       mkdir -p benchmarks/results

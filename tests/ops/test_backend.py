@@ -2,6 +2,7 @@
 ``use_backend`` restores, the interpreter flag comes from the kernels themselves."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from gapkern import ops
-from gapkern.ops import _backends
-from gapkern.ops._backends import State, Status
+from gapkern.ops import backend as _backends
+from gapkern.ops.backend import State, Status
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -40,7 +41,7 @@ def fake_triton(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(_backends, "_loaded", {k: v for k, v in _backends._loaded.items() if k != "triton"})
     monkeypatch.setattr(_backends, "_resolved", {})
-    monkeypatch.setitem(_backends._MODULES, "triton", "gapkern_fake_triton")
+    monkeypatch.setitem(_backends.IMPORTS, "triton", lambda: importlib.import_module("gapkern_fake_triton"))
     monkeypatch.delitem(sys.modules, "gapkern_fake_triton", raising=False)
 
     def install(source):

@@ -1,0 +1,52 @@
+"""pca_project: parity with the float64 reference (every backend, dtype, awkward shape) and its gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gapkern import ops
+
+import reference as R
+from cases import BACKENDS, DTYPES, ROWS, SHAPES, Case, device_for
+
+
+def case_for(backend, shape, rows, dtype, strided=False):
+    D, d = shape
+    return Case(D, d, rows, dtype, device_for(backend), strided=strided)
+
+
+LAYOUTS = [pytest.param(False, id="contiguous"), pytest.param(True, id="strided")]
+
+
+grid = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+
+
+dtypes = pytest.mark.parametrize("dtype", DTYPES)
+
+
+shapes = pytest.mark.parametrize("shape", SHAPES)
+
+
+rows = pytest.mark.parametrize("B", ROWS)
+
+
+@grid
+@dtypes
+@shapes
+@rows
+def test_pca_project_matches_reference(backend, dtype, shape, B):
+    c = case_for(backend, shape, B, dtype)
+    R.assert_matches(ops.pca_project(c.hidden, c.weight, c.bias), R.project(c.hidden, c.weight, c.bias))
+
+
+D, d = 40, 7
+
+
+def small(B=3, dtype=torch.float32):
+    return Case(D, d, B, dtype, "cpu")
+
+
+def test_pca_project_gradcheck_float64():
+    c = small(dtype=torch.float64)
+    args = [t.clone().requires_grad_(True) for t in (c.hidden, c.weight, c.bias)]
+    assert torch.autograd.gradcheck(lambda h, w, b: ops.pca_project(h, w, b), args)
