@@ -33,6 +33,7 @@ from .step import LatentStep, bind_latent_step, latent_step
 __all__ = [
     "pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed", "latent_step",
     "bind_latent_step", "LatentStep",
-    "set_backend", "get_backend", "use_backend", "backend_info", "backend_status", "State", "Status", "Backend",
+    "set_backend", "get_backend", "use_backend", "backend_info", "backend_status", "module_for", "State", "Status",
+    "Backend",
     "check_orthonormal", "clear_caches",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -57,6 +58,25 @@ class Backend(Protocol):
 
         What can be prepared once is prepared here; ``workspace(kind, shape, device,
         dtype=torch.float32, zeroed=False)`` gives the scratch buffers gapkern/ops/_cache.py keeps."""
+
+
+OPS = ("pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed", "prepare_latent_step")
+
+
+def protocol_mismatches(module) -> list[str]:
+    """What ``module`` lacks of :class:`Backend` or names differently, in words ([] when it conforms):
+    each function must take the protocol's parameter names in the protocol's order."""
+    found = []
+    for name in OPS:
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            found.append(f"{name}: missing")
+            continue
+        want = [p for p in inspect.signature(getattr(Backend, name)).parameters if p != "self"]
+        got = list(inspect.signature(fn).parameters)
+        if got != want:
+            found.append(f"{name}: parameters ({', '.join(got)}), the protocol's are ({', '.join(want)})")
+    return found
 
 
 def _import_torch():
@@ -139,9 +159,15 @@ def _load(name):
     """The backend's module, imported once, or the ImportError that stopped it."""
     if name not in _loaded:
         try:
-            _loaded[name] = IMPORTS[name]()
+            module = IMPORTS[name]()
         except ImportError as exc:
             _loaded[name] = exc
+            return exc
+        wrong = protocol_mismatches(module)
+        if wrong:  # a bug in the backend, never "not installed"
+            raise TypeError(f"gapkern backend {name!r} ({module.__name__}) does not follow gapkern.ops.backend.Backend: "
+                            + "; ".join(wrong))
+        _loaded[name] = module
     return _loaded[name]
 
 

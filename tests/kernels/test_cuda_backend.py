@@ -243,6 +243,15 @@ def emulated_adapter(emulated_C):
     return adapter
 
 
+def test_the_cuda_adapter_follows_the_backend_protocol(emulated_adapter):
+    """gapkern/ops/_cuda.py, imported against the emulated extension: the functions of
+    gapkern.ops.backend.Backend in its parameter order (tests/ops/test_backend_protocol.py holds the others)."""
+    from gapkern.ops.backend import Backend, protocol_mismatches
+
+    assert protocol_mismatches(emulated_adapter) == []
+    assert isinstance(emulated_adapter, Backend)
+
+
 @pytest.fixture
 def emulated(emulated_adapter):
     """The cuda backend's adapter running the emulated kernels, with empty caches."""

@@ -214,3 +214,60 @@ def test_workspaces_are_bounded_and_cleared(monkeypatch):
     assert _cache.workspace("test", (100,), "cpu") is pinned, "a buffer a graph captured is never dropped"
     ops.clear_caches()
     assert not _cache._workspaces and not _cache._pinned
+
+
+# -- the custom ops themselves: schema, fake impl, autograd registration -------------------------
+
+def custom_op_calls():
+    """(custom op, a valid call's arguments) for every gapkern:: op, small CPU tensors."""
+    c = small()
+    tau = c.tau
+    step = (c.hidden, c.weight, c.bias, c.basis, c.mean, tau, c.sigma, 1e-6, c.mask)
+    return [
+        ("pca_project", (c.hidden, c.weight, c.bias)),
+        ("pca_reconstruct", (c.hidden[:, :d].contiguous(), c.basis, c.mean, c.sigma)),
+        ("norm_calibrate", (c.hidden, tau, 1e-6)),
+        ("ema_update", (torch.zeros(1), torch.rand(5), 0.5)),
+        ("reembed_out", (c.token_ids, c.hidden, c.mask, c.embed, torch.empty(3, D))),
+        ("latent_step", step),
+        ("latent_step_out", step + (torch.zeros(3, D),)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", custom_op_calls(), ids=[n for n, _ in custom_op_calls()])
+def test_custom_op_passes_torch_library_opcheck(name, args):
+    """torch.library.opcheck: the schema's mutations, the fake impl, the autograd registration and
+    AOT dispatch agree with what the op really does."""
+    op = getattr(torch.ops.gapkern, name).default
+    grad = name in ("pca_project", "latent_step")
+    args = tuple(a.clone().requires_grad_(grad and a.is_floating_point() and i < 3) if isinstance(a, torch.Tensor)
+                 else a for i, a in enumerate(args))
+    torch.library.opcheck(op, args)
+
+
+def fake_bad_calls():
+    """A bad call of each custom op made straight (not through the public function) on fake tensors."""
+    c = small()
+    step = (c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, c.sigma, 1e-6, c.mask)
+    return [
+        ("pca_project", (c.hidden[:, :-1], c.weight, c.bias), ValueError, r"weight: expected size 39"),
+        ("pca_reconstruct", (c.hidden[:, :5], c.basis, c.mean, c.sigma), ValueError, r"coeffs: expected size 7"),
+        ("norm_calibrate", (c.hidden, torch.ones(2), 1e-6), ValueError, r"tau: expected shape \(3,\)"),
+        ("ema_update", (torch.zeros(2), torch.rand(5), 0.5), ValueError, r"tau_state: expected size 1"),
+        ("reembed_out", (c.token_ids, c.hidden, c.mask, c.embed, torch.empty(3, D + 1)), ValueError,
+         r"out: expected shape \(3, 40\)"),
+        ("latent_step", step[:6] + (c.sigma[:-1],) + step[7:], ValueError, r"sigma: expected size 7"),
+        ("latent_step_out", step + (torch.zeros(2, D),), ValueError, r"out: expected shape \(3, 40\)"),
+    ]
+
+
+@pytest.mark.parametrize("name,args,exc,match", fake_bad_calls(), ids=[c[0] for c in fake_bad_calls()])
+def test_the_fake_impls_check_what_the_public_functions_check(name, args, exc, match):
+    """Under torch.compile only the fake impl sees a direct call of the op: it raises the public
+    function's error, naming the argument."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+    with mode, pytest.raises(exc, match=match):
+        getattr(torch.ops.gapkern, name)(*fake)
