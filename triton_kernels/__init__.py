@@ -1,4 +1,4 @@
-"""Triton kernels of the latent step, packaged as ``gapkern.triton_kernels`` (setup.py's package_dir): the triton backend.
+"""Triton kernels of the latent step: the triton backend, packaged as ``gapkern.triton_kernels`` (setup.py).
 
 One op per module, read top to bottom: the formula, the @triton.jit kernel, the launcher, and the
 op's entry point, named as in :class:`gapkern.ops.backend.Backend`: ``pca_project``
@@ -15,4 +15,5 @@ from .latent_step import prepare_latent_step
 from .project import pca_project
 from .reconstruct import pca_reconstruct
 
-__all__ = ["INTERPRET", "pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed", "prepare_latent_step"]
+__all__ = ["INTERPRET", "pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed",
+           "prepare_latent_step"]

@@ -10,7 +10,7 @@ fake impl (which repeats the checks, so they hold under torch.compile) and its a
 | ``norm_calibrate`` | calibrate.py | ``gapkern::norm_calibrate`` |
 | ``ema_update`` | ema.py | ``gapkern::ema_update`` |
 | ``reembed`` | embed.py | ``gapkern::reembed_out`` |
-| ``latent_step``, ``bind_latent_step`` | step.py | ``gapkern::latent_step`` (differentiable), ``gapkern::latent_step_out`` |
+| ``latent_step``, ``bind_latent_step`` | step.py | ``gapkern::latent_step`` (differentiable), ``::latent_step_out`` |
 
 The public functions always go through their custom op; a decode loop binds the latent step once
 instead (:func:`bind_latent_step`, step.py says why). The backends (backend.py: the protocol and

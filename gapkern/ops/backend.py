@@ -165,7 +165,8 @@ def _load(name):
             return exc
         wrong = protocol_mismatches(module)
         if wrong:  # a bug in the backend, never "not installed"
-            raise TypeError(f"gapkern backend {name!r} ({module.__name__}) does not follow gapkern.ops.backend.Backend: "
+            raise TypeError(f"gapkern backend {name!r} ({module.__name__}) does not follow "
+                            "gapkern.ops.backend.Backend: "
                             + "; ".join(wrong))
         _loaded[name] = module
     return _loaded[name]

@@ -1,4 +1,5 @@
-"""latent_step: parity with the float64 reference (every backend, dtype, awkward shape, layout), its gradients, torch.compile."""
+"""latent_step: parity with the float64 reference (every backend, dtype, awkward shape, layout), its gradients,
+torch.compile. The bound step (bind_latent_step) is tests/ops/test_bind_latent_step.py."""
 from __future__ import annotations
 
 import pytest
