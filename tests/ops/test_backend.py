@@ -132,3 +132,17 @@ def test_triton_status_follows_how_the_kernels_were_built_not_the_environment_la
     assert run.returncode == 0, run.stderr[-2000:]
     expected = "READY" if interpret else "NO_GPU"
     assert run.stdout.split() == [expected, expected]
+
+
+# -- bad input (gathered from tests/test_ops_api.py) ----------------------------------------------
+
+def bad_set_backend_calls():
+    return [
+        ("backend", lambda: ops.set_backend("tpu"), ValueError, r"backend: expected one of auto, cuda, triton, torch"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", bad_set_backend_calls(), ids=[c[0] for c in bad_set_backend_calls()])
+def test_bad_set_backend_input_names_the_argument(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -240,3 +240,28 @@ def test_out_path_allocates_nothing_and_returns_out():
     ptr = out.data_ptr()
     assert ops.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, out=out) is out
     assert out.data_ptr() == ptr
+
+
+# -- bad input (gathered from tests/test_ops_api.py) ----------------------------------------------
+
+def bad_latent_step_calls():
+    D, d = 40, 7
+    c = Case(D, d, 3, torch.float32, "cpu")
+    h, w, b, U, m = c.hidden, c.weight, c.bias, c.basis, c.mean
+    return [
+        ("no-basis", lambda: ops.latent_step(h, w, b), TypeError, r"basis: expected a \(D, d\) tensor"),
+        ("basis-rank", lambda: ops.latent_step(h, w, b, U[:, :-1], m), ValueError, r"bias: expected size|basis: expected size"),
+        ("identity-extra", lambda: ops.latent_step(h, None, b), ValueError, r"bias: must be None when weight is None"),
+        ("mask-dtype", lambda: ops.latent_step(h, latent_mask=torch.ones(3)), TypeError, r"latent_mask: expected dtype torch.bool"),
+        ("mask-shape", lambda: ops.latent_step(h, latent_mask=torch.ones(2, dtype=torch.bool)), ValueError, r"latent_mask: expected size 3"),
+        ("out-shape", lambda: ops.latent_step(h, out=torch.empty(3, D + 1)), ValueError, r"out: expected shape \(3, 40\)"),
+        ("out-dtype", lambda: ops.latent_step(h, out=torch.empty(3, D, dtype=torch.half)), TypeError, r"out: expected dtype torch.float32"),
+        ("basis-orthonormal", lambda: ops.latent_step(h, w, b, U * 1.01, m), ValueError,
+         r"basis: expected orthonormal columns \(basis.T @ basis = I within 0.0001 for torch.float32\), got max"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", bad_latent_step_calls(), ids=[c[0] for c in bad_latent_step_calls()])
+def test_bad_latent_step_input_names_the_argument(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

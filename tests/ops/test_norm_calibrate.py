@@ -75,3 +75,23 @@ def test_calibration_near_float32_limits(backend, dtype, scale, eps):
     R.assert_matches(ops.latent_step(latents, tau=tau, eps=eps), ref)
     full = torch.full((2, 40), scale, dtype=dtype, device=device)  # the case of the issue
     R.assert_matches(ops.norm_calibrate(full, 1.0, eps), R.calibrate(full, 1.0, eps))
+
+
+# -- bad input (gathered from tests/test_ops_api.py) ----------------------------------------------
+
+def bad_norm_calibrate_calls():
+    D, d = 40, 7
+    c = Case(D, d, 3, torch.float32, "cpu")
+    h = c.hidden
+    return [
+        ("tau-shape", lambda: ops.norm_calibrate(h, torch.ones(2)), ValueError, r"tau: expected shape \(3,\)"),
+        ("tau-dtype", lambda: ops.norm_calibrate(h, torch.ones(3, dtype=torch.float64)), TypeError, r"tau: expected dtype torch.float32"),
+        ("tau-none", lambda: ops.norm_calibrate(h, None), TypeError, r"tau: expected"),
+        ("eps", lambda: ops.norm_calibrate(h, 1.0, eps=0), ValueError, r"eps: expected a positive number"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", bad_norm_calibrate_calls(), ids=[c[0] for c in bad_norm_calibrate_calls()])
+def test_bad_norm_calibrate_input_names_the_argument(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

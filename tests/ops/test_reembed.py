@@ -85,3 +85,23 @@ print("no error")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0 and "no error" not in run.stdout, run.stdout + run.stderr[-2000:]
+
+
+# -- bad input (gathered from tests/test_ops_api.py) ----------------------------------------------
+
+def bad_reembed_calls():
+    D, d = 40, 7
+    c = Case(D, d, 3, torch.float32, "cpu")
+    h = c.hidden
+    return [
+        ("ids-dtype", lambda: ops.reembed(torch.zeros(3), h, c.mask, c.embed), TypeError, r"token_ids: expected dtype int64 or int32"),
+        ("latents-rows", lambda: ops.reembed(c.token_ids, h[:2], c.mask, c.embed), ValueError, r"latents: expected size 3"),
+        ("ids-range", lambda: ops.reembed(torch.tensor([-7, 97, 3]), h, c.mask, c.embed), ValueError,
+         r"token_ids: expected ids in \[0, 97\) \(the rows of embed_weight\) on text rows, got 97 on row 1"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", bad_reembed_calls(), ids=[c[0] for c in bad_reembed_calls()])
+def test_bad_reembed_input_names_the_argument(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
