@@ -1,5 +1,5 @@
-"""Backend dispatch: the selection and its errors, status as data, import failures that are bugs fail loudly, auto's fallback warns,
-``use_backend`` restores, the interpreter flag comes from the kernels themselves."""
+"""Backend dispatch: the selection and its errors, status as data, import failures that are bugs fail
+loudly, auto's fallback warns, ``use_backend`` restores, the interpreter flag comes from the kernels themselves."""
 from __future__ import annotations
 
 import importlib
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gapkern import ops
-from gapkern.ops import backend as _backends  # the registry
+from gapkern.ops import backend as _backends
 from gapkern.ops.backend import State, Status
 
 from cases import Case
