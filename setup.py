@@ -6,6 +6,10 @@ with CMake and Ninja whenever ``nvcc`` is found; without nvcc, or with
 installs alone (the cuda backend then reports "not built"). The build targets
 sm_80 and sm_90 (plus sm_90 PTX); ``GAPKERN_CUDA_ARCHS="90a"`` (CMake syntax)
 overrides that.
+
+The Triton kernels live in the top-level folder ``triton_kernels/`` (the design's folders say the
+architecture) and install as the subpackage ``gapkern.triton_kernels`` through ``package_dir``:
+a top-level ``triton_kernels`` would clash with an existing package.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXTENSION = "gapkern._C"
+PACKAGE_DIR = {"gapkern.triton_kernels": "triton_kernels"}  # the folder triton_kernels/ is gapkern.triton_kernels
 _BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
 
 
@@ -114,7 +119,8 @@ def _building() -> bool:
 if __name__ == "__main__":
     # Only the commands that build log the skip line (pip also runs egg_info and friends).
     setup(
-        packages=find_packages(include=["gapkern", "gapkern.*"]),
+        packages=find_packages(include=["gapkern", "gapkern.*"]) + list(PACKAGE_DIR),
+        package_dir=PACKAGE_DIR,
         ext_modules=extension_modules(log=print if _building() else (lambda line: None)),
         cmdclass={"build_ext": CMakeBuild},
     )

@@ -67,7 +67,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 def use_backend(name: str):
     """``with use_backend(name):`` runs the ops on backend ``name`` (``gapkern.ops.use_backend``), or skips
     the benchmark where it cannot run; names that are no backend (plain PyTorch baselines) change nothing."""
-    if name not in ops._backends.NAMES:
+    if name not in ops.backend.NAMES:
         return contextlib.nullcontext()
     status = ops.backend_status(name, DEVICE)
     if not status.ready or (name != "torch" and not ON_GPU):  # the Triton interpreter is no benchmark

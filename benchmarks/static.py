@@ -2,7 +2,7 @@
 
     python -m benchmarks.static [--json FILE]
 
-Triton: the bound latent step (``gapkern.triton_kernels.bind_latent_step``) is set up and called at
+Triton: the bound latent step (``gapkern.triton_kernels.prepare_latent_step``) is set up and called at
 the 3B and 7B shapes (bfloat16, B = 1 and 64, calibrated or not) with ``JITFunction.run`` replaced:
 each launch goes through Triton's own binder and ``_pack_args`` (the runtime's specialization:
 16-divisible integers and 16-byte aligned pointers become ``tt.divisibility`` attributes, 1s become
@@ -164,7 +164,7 @@ def triton_kernels(cache_dir: str) -> list[Kernel]:
                 out = torch.empty(B, D, dtype=torch.bfloat16)
                 tau = torch.ones(B) if calibrated else None
                 launches.clear()
-                step = tk.bind_latent_step(t["w"], t["b"], t["U"], t["m"], t["s"], tau, 1e-6,
+                step = tk.prepare_latent_step(t["w"], t["b"], t["U"], t["m"], tau, t["s"], 1e-6,
                                            torch.ones(B, dtype=torch.bool), out, _cache.workspace)
                 step(t["h"])
                 case = f"{shape_name} D{D} d{d} B{B}" + (" calibrated" if calibrated else "")

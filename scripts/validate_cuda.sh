@@ -53,7 +53,7 @@ EOF
       "$PY" -m gapkern.cli generate --model "$work/fsdp" --max-new-tokens 6 --span-at 1
       ;;
     memcheck)
-      compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q tests/test_ops.py -k cuda
+      compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m pytest -q tests/ops -k cuda
       ;;
     bench)
       mkdir -p benchmarks/results

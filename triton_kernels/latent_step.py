@@ -36,7 +36,7 @@ def packed_head(weight, bias, basis, sigma):
                           weight, bias, basis, sigma)
 
 
-def bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
+def prepare_latent_step(weight, bias, basis, mean, tau, sigma, eps, latent_mask, out, workspace):
     """``kernel(hidden)`` writing the step of hidden (B, D) into ``out`` (B, D). The split plan and the
     workspaces (``workspace(kind, shape, device)``: a float32 scratch buffer) are taken once, here."""
     if weight is None:

@@ -1,5 +1,5 @@
 // Host emulation of the CUDA features the kernels of csrc/ use, so that they run on a CPU in
-// tests (GAPKERN_EMULATE: tests/test_cuda_backend.py builds gapkern._C this way with g++).
+// tests (GAPKERN_EMULATE: tests/kernels/test_cuda_backend.py builds gapkern._C this way with g++).
 //
 // Every CUDA thread is a std::thread, blocks run one after another, __shared__ is a function
 // static (one block at a time), and warp-collective operations (shuffles, mma.sync) exchange

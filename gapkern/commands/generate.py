@@ -74,7 +74,7 @@ def _check_backend(device, dtype):
     try:
         ops.module_for(device, dtype)
     except ValueError:
-        raise UsageError(f"GAPKERN_BACKEND: expected one of {', '.join(ops._backends.NAMES)}, "
+        raise UsageError(f"GAPKERN_BACKEND: expected one of {', '.join(ops.backend.NAMES)}, "
                          f"got {os.environ.get('GAPKERN_BACKEND')!r}") from None
     except (RuntimeError, TypeError) as exc:
         raise UsageError(f"GAPKERN_BACKEND: {exc}") from None

@@ -1,8 +1,8 @@
-"""CUDA backend: the six protocol functions of ``_torch.py`` on the extension ``gapkern._C``.
+"""CUDA backend: the functions of :class:`gapkern.ops.backend.Backend` on the extension ``gapkern._C``.
 
 The extension is torch-free: this adapter hands it typed views of the tensors (``_C.Mat``,
 ``_C.OutMat``, ``_C.Vec``: data pointer, shape, strides in elements), the ``_C.DType`` of the
-storage and the current CUDA stream. Arguments arrive validated (``gapkern/ops/__init__.py``); the
+storage and the current CUDA stream. Arguments arrive checked (each op's file in gapkern/ops/); the
 only check here is that tensors are on a GPU (the extension checks that the shapes agree).
 
 Kept between calls (gapkern/ops/_cache.py), so that a decode step allocates
@@ -152,11 +152,11 @@ def _packed_head(weight, basis):
 
 
 class _LatentKernel:
-    """``kernel(hidden)`` of :func:`bind_latent_step`. The workspace and its size are taken once, when
+    """``kernel(hidden)`` of :func:`prepare_latent_step`. The workspace and its size are taken once, when
     bound; the views of the tensors are made at every call (a moved or replaced tensor is followed,
     never a stale pointer)."""
 
-    def __init__(self, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
+    def __init__(self, weight, bias, basis, mean, tau, sigma, eps, latent_mask, out, workspace):
         _on_gpu(weight, bias, basis, mean, sigma, tau, latent_mask, out)
         self.head = (weight, bias, basis, mean, sigma)
         self.tau, self.eps, self.latent_mask, self.out = tau, eps, latent_mask, out
@@ -185,4 +185,4 @@ class _LatentKernel:
         _C.latent_step_packed(launch, code, args, w_t, u)
 
 
-bind_latent_step = _LatentKernel
+prepare_latent_step = _LatentKernel

@@ -1,15 +1,10 @@
 """PyTorch reference backend: the math of SPEC section 2, accumulated in float32.
 
-Every backend module (this one, ``gapkern/ops/_cuda.py``, the package ``gapkern.triton_kernels``)
-exposes the same six functions, named as the ops, with already validated arguments (see
-``gapkern/ops/__init__.py``): B > 0, any strides, ``tau`` a float32 (B,) tensor (maybe a stride-0
-broadcast), ``out`` always given for ``reembed`` and the latent step.
-
-The latent step is bound: ``bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask,
-out, workspace)`` returns ``kernel(hidden)``, which writes the step of ``hidden`` into ``out``; a
-backend prepares there what it can once (``workspace(kind, shape, device, dtype=float32,
-zeroed=False)`` gives the scratch buffers ``gapkern/ops/_cache.py`` keeps). gapkern.ops binds once
-per call for ``latent_step``, once per decode loop for ``bind_latent_step``.
+The functions of :class:`gapkern.ops.backend.Backend`, with checked arguments. The latent step is
+prepared: ``prepare_latent_step(weight, bias, basis, mean, tau, sigma, eps, latent_mask, out,
+workspace)`` returns ``kernel(hidden)``, which writes the step of ``hidden`` into ``out``;
+gapkern.ops prepares it once per call for ``latent_step``, once per decode loop for
+``bind_latent_step``.
 """
 from __future__ import annotations
 
@@ -126,20 +121,20 @@ def reembed(token_ids, latents, latent_mask, embed_weight, out):
     out.copy_(rows)
 
 
-def latents(hidden, weight, bias, basis, mean, sigma, tau, eps):
+def latents(hidden, weight, bias, basis, mean, tau, sigma, eps):
     """The latent step's rows (B, D), accumulated in float32 (float64 as it is): project, whiten,
     reconstruct, calibrate. The step's kernel here and, differentiated, every backend's backward."""
     z = _acc(hidden) if weight is None else _reconstruct(_project(hidden, weight, bias), basis, mean, sigma)
     return z if tau is None else _calibrate(z, tau, eps)
 
 
-def bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, workspace):
+def prepare_latent_step(weight, bias, basis, mean, tau, sigma, eps, latent_mask, out, workspace):
     del workspace  # the buffers below belong to this step
     selected = None if latent_mask is None else latent_mask[:, None]  # views: in-place updates show
     if out.dtype != torch.float32:  # half types (float32 copies of the head each call), float64
         def kernel(hidden):
             with torch.no_grad():
-                _write_rows(out, latents(hidden, weight, bias, basis, mean, sigma, tau, eps), selected)
+                _write_rows(out, latents(hidden, weight, bias, basis, mean, tau, sigma, eps), selected)
         return kernel
 
     # float32: the same operations as latents(), written into buffers made once, the scale into the rows.

@@ -1,4 +1,4 @@
-"""Argument checks shared by every op: clear errors that name the argument."""
+"""Argument checks shared by the ops (each op's own checks are in its file): clear errors that name the argument."""
 from __future__ import annotations
 
 import torch
@@ -118,45 +118,6 @@ def out_like(out, rows: int, cols: int, dtype: torch.dtype, device: torch.device
     if out.dtype != dtype:
         raise TypeError(f"out: expected dtype {dtype}, got {out.dtype}")
     same_device(device, out=out)
-
-
-def latent_step_args(ref_name: str, ref, weight, bias, basis, mean, sigma, tau, eps, latent_mask):
-    """Check a latent step's arguments against ``ref`` (B, D): ``hidden``, or ``out`` for a bound step.
-
-    Returns (tau as a float32 (B,) tensor or None, eps as a float).
-    """
-    tensor(ref_name, ref, 2, "(B, D)")
-    rows, dim = ref.shape
-    if weight is not None:
-        head(ref_name, ref, weight, bias)
-        if basis is None:
-            raise TypeError("basis: expected a (D, d) tensor when weight is given, got None")
-        basis_args(ref_name, ref, basis, mean, sigma)
-        size("basis", basis, 0, dim, f"D, the hidden size of {ref_name}")
-        size("basis", basis, 1, weight.shape[1], "d, the PCA rank of weight")
-        check_orthonormal(basis)
-    else:
-        for name, t in (("bias", bias), ("basis", basis), ("mean", mean), ("sigma", sigma)):
-            if t is not None:
-                raise ValueError(f"{name}: must be None when weight is None (identity head)")
-    tau = as_tau(tau, rows, ref.device)
-    mask(latent_mask, rows, ref.device)
-    return tau, eps_value(eps)
-
-
-def token_ids_in_range(token_ids, latent_mask, vocab: int):
-    """Text rows must name a row of the embedding table; latent rows carry placeholders (any value).
-
-    Checked on the host for CPU tensors only: on a GPU the kernels check on the device, so the
-    call stays free of host syncs (CUDA-graph safe); traced code leaves it to the gather's own check.
-    """
-    if token_ids.device.type != "cpu" or torch.compiler.is_compiling():
-        return
-    bad = ((token_ids < 0) | (token_ids >= vocab)) & ~latent_mask
-    if bad.any():
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"token_ids: expected ids in [0, {vocab}) (the rows of embed_weight) on text rows, "
-                         f"got {int(token_ids[row])} on row {row}")
 
 
 # -- orthonormal bases ---------------------------------------------------------

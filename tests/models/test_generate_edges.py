@@ -125,11 +125,11 @@ def test_repeated_calls_on_a_kept_static_decoder_match_dynamic(tiny):
 def test_the_latent_step_is_checked_once_per_decoder_not_every_step(tiny, monkeypatch):
     """The decoder binds the latent step (ops.bind_latent_step): its arguments are validated and the
     backend resolved when the decoder is made, and each latent goes straight to the kernel."""
-    from gapkern.ops import _validate
+    from gapkern.ops import step
     model, ids = tiny
     checks = []
-    real = _validate.latent_step_args
-    monkeypatch.setattr(_validate, "latent_step_args", lambda *a, **k: checks.append(1) or real(*a, **k))
+    real = step.check
+    monkeypatch.setattr(step, "check", lambda *a, **k: checks.append(1) or real(*a, **k))
     batch = tiny_prompts(ids, [(4, (56, 56)), (3, None)], seed=2)
     gapkern.patch(model, tiny_head(model), ids.gap_config(latent_budget=3, calibration="ema"))
     try:

@@ -1,7 +1,7 @@
 """The CUDA backend: the build and its skip path, clear errors without a GPU, the kernels
 under a host emulation of CUDA (CPU, any machine with g++), and CUDA-graph capture (GPU).
 
-GPU parity of every op is in test_ops.py (parametrized over backends, gpu-marked).
+GPU parity of every op is in tests/ops/test_<op>.py (parametrized over backends, gpu-marked).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from gapkern.ops import _cache
 import reference as R
 from cases import PACKED_DATA_EDITS, Case, cuda_graph, reflect
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -50,9 +50,9 @@ def _extension():
 needs_extension = pytest.mark.skipif(_extension() is None, reason="gapkern._C is not built here")
 
 
-def run_step(backend, hidden, weight, bias, basis, mean, sigma, tau, eps, latent_mask, out):
+def run_step(backend, hidden, weight, bias, basis, mean, tau, sigma, eps, latent_mask, out):
     """One latent step on a backend module (arguments as gapkern.ops passes them, validated)."""
-    backend.bind_latent_step(weight, bias, basis, mean, sigma, tau, eps, latent_mask, out, _cache.workspace)(hidden)
+    backend.prepare_latent_step(weight, bias, basis, mean, tau, sigma, eps, latent_mask, out, _cache.workspace)(hidden)
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without a GPU")
 
 
@@ -115,7 +115,7 @@ def test_adapter_rejects_cpu_tensors():
 
     c = Case(64, 16, 2, torch.bfloat16, "cpu")
     with pytest.raises(RuntimeError, match="gapkern cuda backend: expected CUDA tensors, got one on cpu"):
-        run_step(_cuda, c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, c.out_buffer())
+        run_step(_cuda, c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, None, 1e-6, None, c.out_buffer())
     with pytest.raises(RuntimeError, match="expected CUDA tensors"):
         _cuda.pca_project(c.hidden, c.weight, c.bias)
 
@@ -243,6 +243,15 @@ def emulated_adapter(emulated_C):
     return adapter
 
 
+def test_the_cuda_adapter_follows_the_backend_protocol(emulated_adapter):
+    """gapkern/ops/_cuda.py, imported against the emulated extension: the functions of
+    gapkern.ops.backend.Backend in its parameter order (tests/ops/test_backend_protocol.py holds the others)."""
+    from gapkern.ops.backend import Backend, protocol_mismatches
+
+    assert protocol_mismatches(emulated_adapter) == []
+    assert isinstance(emulated_adapter, Backend)
+
+
 @pytest.fixture
 def emulated(emulated_adapter):
     """The cuda backend's adapter running the emulated kernels, with empty caches."""
@@ -269,7 +278,7 @@ def test_emulated_latent_step_matches_reference(emulated, dtype, shape, whiten):
     sigma = c.sigma if whiten else None
     for _ in range(2):  # the second call reuses the workspace: arrival counters were reset
         out = c.out_buffer()
-        run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, sigma, c.tau, 1e-6, c.mask, out)
+        run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma, 1e-6, c.mask, out)
         ref = R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma)
         R.assert_matches(out[c.mask], ref[c.mask])
         assert (out[~c.mask] == 7.0).all(), "rows outside latent_mask must stay untouched"
@@ -280,7 +289,7 @@ def test_emulated_bound_step_follows_new_inputs_on_one_workspace(emulated, dtype
     """Bound once (one workspace), called on new hidden states, targets and masks: each call is exact."""
     c = Case(200, 37, 9, dtype, "cpu")
     tau, mask, out = c.tau.clone(), c.mask.clone(), c.out_buffer()
-    kernel = emulated.bind_latent_step(c.weight, c.bias, c.basis, c.mean, c.sigma, tau, 1e-6, mask, out,
+    kernel = emulated.prepare_latent_step(c.weight, c.bias, c.basis, c.mean, tau, c.sigma, 1e-6, mask, out,
                                        _cache.workspace)
     for trial in range(3):
         hidden = (R.f64(c.hidden) * (trial + 1) * (-1) ** trial).to(dtype)
@@ -298,7 +307,7 @@ def test_emulated_bound_step_follows_new_inputs_on_one_workspace(emulated, dtype
 def test_emulated_latent_step_strided_without_mean_or_tau(emulated, dtype):
     c = Case(200, 37, 3, dtype, "cpu", strided=True)
     buf = c.out_buffer(strided=True)
-    run_step(emulated, c.hidden, c.weight, None, c.basis, None, c.sigma, None, 1e-6, None, buf)
+    run_step(emulated, c.hidden, c.weight, None, c.basis, None, None, c.sigma, 1e-6, None, buf)
     R.assert_matches(buf, R.latent_step(c.hidden, c.weight, None, c.basis, None, None, sigma=c.sigma))
     parent = buf._base
     assert (parent[:, 0] == 7.0).all() and (parent[:, 2] == 7.0).all()
@@ -308,13 +317,13 @@ def test_emulated_latent_step_strided_without_mean_or_tau(emulated, dtype):
 def test_emulated_identity_head_and_zero_rows(emulated, dtype):
     c = Case(200, 37, 3, dtype, "cpu")
     out = c.out_buffer()
-    run_step(emulated, c.hidden, None, None, None, None, None, c.tau, 1e-6, c.mask, out)
+    run_step(emulated, c.hidden, None, None, None, None, c.tau, None, 1e-6, c.mask, out)
     R.assert_matches(out[c.mask], R.latent_step(c.hidden, tau=c.tau)[c.mask])
     assert (out[~c.mask] == 7.0).all()
     zeros = torch.zeros_like(c.hidden)
     zero_mean = torch.zeros_like(c.mean)
     got = c.out_buffer()
-    run_step(emulated, zeros, c.weight, None, c.basis, zero_mean, c.sigma, c.tau, 1e-6, None, got)
+    run_step(emulated, zeros, c.weight, None, c.basis, zero_mean, c.tau, c.sigma, 1e-6, None, got)
     assert torch.isfinite(got).all() and (got == 0).all()
 
 
@@ -362,9 +371,9 @@ def test_emulated_head_cache_follows_its_tensors(emulated):
     c = Case(96, 40, 2, torch.bfloat16, "cpu")
     weight = c.weight.clone()
     out = c.out_buffer()
-    run_step(emulated, c.hidden, weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    run_step(emulated, c.hidden, weight, c.bias, c.basis, c.mean, c.tau, None, 1e-6, None, out)
     weight.mul_(-0.5)
-    run_step(emulated, c.hidden, weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    run_step(emulated, c.hidden, weight, c.bias, c.basis, c.mean, c.tau, None, 1e-6, None, out)
     R.assert_matches(out, R.latent_step(c.hidden, weight, c.bias, c.basis, c.mean, c.tau))
     assert len(_cache._derived) == 1
     del weight
@@ -381,13 +390,13 @@ def test_emulated_calibration_near_float32_limits(emulated, dtype, scale, eps):
     tau = torch.tensor([2.0, 0.5, 7.0])
     R.assert_matches(emulated.norm_calibrate(x, tau, eps), R.calibrate(x, tau, eps))
     out = torch.zeros_like(x)
-    run_step(emulated, x, None, None, None, None, None, tau, eps, None, out)  # the identity head
+    run_step(emulated, x, None, None, None, None, tau, None, eps, None, out)  # the identity head
     R.assert_matches(out, R.calibrate(x, tau, eps))
     c = Case(200, 37, 3, dtype, "cpu")
     hidden = (R.f64(c.hidden) * 1e20).to(dtype)  # a head fed huge hidden states
     for sigma in (None, c.sigma):
         got = c.out_buffer()
-        run_step(emulated, hidden, c.weight, c.bias, c.basis, c.mean, sigma, c.tau, 1e-6, c.mask, got)
+        run_step(emulated, hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma, 1e-6, c.mask, got)
         ref = R.latent_step(hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=sigma)
         R.assert_matches(got[c.mask], ref[c.mask])
 
@@ -410,7 +419,7 @@ def test_emulated_latent_step_sees_in_place_edits(request, emulated, dtype, edit
                 else:
                     (c.basis if inference else c.basis.data).copy_(reflect(c.basis, c.mean))
         out = c.out_buffer()
-        run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, c.sigma, c.tau, 1e-6, None, out)
+        run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, c.sigma, 1e-6, None, out)
         R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, sigma=c.sigma))
 
 
@@ -418,11 +427,11 @@ def test_emulated_clear_caches_after_data_edits(emulated):
     """The documented remedy for .data writes into a packed weight or basis."""
     c = Case(200, 37, 3, torch.bfloat16, "cpu")
     out = c.out_buffer()
-    run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, None, 1e-6, None, out)
     c.basis.data.copy_(c.basis.flip(1))
     c.weight.data.mul_(-1.0)
     ops.clear_caches()
-    run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, None, c.tau, 1e-6, None, out)
+    run_step(emulated, c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau, None, 1e-6, None, out)
     R.assert_matches(out, R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau))
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gapkern import ops
-from gapkern.ops import _backends, _cache, _validate
+from gapkern.ops import _cache, _validate, backend
+from gapkern.ops import step as step_file
 
 import reference as R
 from cases import BACKENDS, DTYPES, Case, cuda_graph, device_for
@@ -70,8 +71,8 @@ def test_bound_step_validates_and_resolves_once(monkeypatch):
 
     def forbidden(*args, **kwargs):
         raise AssertionError("called per step")
-    for module, name in ((_validate, "latent_step_args"), (_validate, "check_orthonormal"),
-                         (_backends, "module_for"), (_cache, "workspace")):
+    for module, name in ((step_file, "check"), (_validate, "check_orthonormal"),
+                         (backend, "module_for"), (_cache, "workspace")):
         monkeypatch.setattr(module, name, forbidden)
     step(c.hidden)
     R.assert_matches(out[c.mask], R.latent_step(c.hidden, c.weight, c.bias, c.basis, c.mean, c.tau)[c.mask])

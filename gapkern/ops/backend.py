@@ -1,24 +1,100 @@
-"""Backend registry: which implementation runs an op, resolved once per selection and device type.
+"""The backends: what each must provide (:class:`Backend`), and which one runs an op.
 
-A backend is a module with the functions of the protocol in ``gapkern/ops/_torch.py``. Whether it
-can run on a device type is a :class:`Status` (data: a :class:`State` and the reason);
-``backend_info()`` puts it in words for users. Loading a backend catches ``ImportError`` only (an
-unbuilt extension, a missing triton) and keeps it, chained to the error an explicit selection
-raises; any other exception while importing a backend is a bug and propagates.
+A backend is a module with the functions of :class:`Backend`, each in the op's own argument order
+(the public function's, without the checks): ``gapkern.ops._torch`` (the float32 reference),
+``gapkern.triton_kernels`` (the package ``triton_kernels/``) and ``gapkern.ops._cuda`` (the
+extension ``gapkern._C``). tests/ops/test_backend_protocol.py holds each against it.
+
+The one chosen is resolved once per selection and device type. Whether a backend can run on a
+device type is a :class:`Status` (data: a :class:`State` and the reason); ``backend_info()`` puts
+it in words for users. Loading a backend catches ``ImportError`` only (an unbuilt extension, a
+missing triton) and keeps it, chained to the error an explicit selection raises; any other
+exception while importing a backend is a bug and propagates.
 """
 from __future__ import annotations
 
 import contextlib
 import enum
-import importlib
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
+from torch import Tensor
 
 NAMES = ("auto", "cuda", "triton", "torch")
-_MODULES = {"torch": "gapkern.ops._torch", "triton": "gapkern.triton_kernels", "cuda": "gapkern.ops._cuda"}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The functions every backend module provides. Arguments arrive checked (each op's file in
+    gapkern/ops/ checks them): B > 0, any strides, ``tau`` a float32 (B,) tensor (maybe a stride-0
+    broadcast of one value), ``out`` given where it is a parameter."""
+
+    def pca_project(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """coeffs (B, d) = hidden @ weight + bias, in hidden's dtype."""
+
+    def pca_reconstruct(self, coeffs: Tensor, basis: Tensor, mean: Optional[Tensor],
+                        sigma: Optional[Tensor]) -> Tensor:
+        """latents (B, D) = mean + (coeffs * sigma) @ basis.T, in basis's dtype."""
+
+    def norm_calibrate(self, latents: Tensor, tau: Tensor, eps: float) -> Tensor:
+        """latents * tau / max(||latents||, eps) per row; rows with tau <= 0 unchanged."""
+
+    def ema_update(self, tau_state: Tensor, observed: Tensor, decay: float) -> None:
+        """tau_state (1,) <- decay * tau_state + (1 - decay) * mean(observed), in place (0/NaN: set)."""
+
+    def reembed(self, token_ids: Tensor, latents: Tensor, latent_mask: Tensor, embed_weight: Tensor,
+                out: Tensor) -> None:
+        """out[b] = latents[b] if latent_mask[b] else embed_weight[token_ids[b]]."""
+
+    def prepare_latent_step(self, weight: Optional[Tensor], bias: Optional[Tensor], basis: Optional[Tensor],
+                            mean: Optional[Tensor], tau: Optional[Tensor], sigma: Optional[Tensor], eps: float,
+                            latent_mask: Optional[Tensor], out: Tensor,
+                            workspace: Callable[..., Tensor]) -> Callable[[Tensor], None]:
+        """``kernel(hidden)``: writes the latent step of hidden (B, D) into the masked rows of ``out``.
+
+        What can be prepared once is prepared here; ``workspace(kind, shape, device,
+        dtype=torch.float32, zeroed=False)`` gives the scratch buffers gapkern/ops/_cache.py keeps."""
+
+
+OPS = ("pca_project", "pca_reconstruct", "norm_calibrate", "ema_update", "reembed", "prepare_latent_step")
+
+
+def protocol_mismatches(module) -> list[str]:
+    """What ``module`` lacks of :class:`Backend` or names differently, in words ([] when it conforms):
+    each function must take the protocol's parameter names in the protocol's order."""
+    found = []
+    for name in OPS:
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            found.append(f"{name}: missing")
+            continue
+        want = [p for p in inspect.signature(getattr(Backend, name)).parameters if p != "self"]
+        got = list(inspect.signature(fn).parameters)
+        if got != want:
+            found.append(f"{name}: parameters ({', '.join(got)}), the protocol's are ({', '.join(want)})")
+    return found
+
+
+def _import_torch():
+    from . import _torch
+    return _torch
+
+
+def _import_triton():
+    from .. import triton_kernels  # the folder triton_kernels/, packaged as gapkern.triton_kernels (setup.py)
+    return triton_kernels
+
+
+def _import_cuda():
+    from . import _cuda
+    return _cuda
+
+
+IMPORTS = {"torch": _import_torch, "triton": _import_triton, "cuda": _import_cuda}
 _selected = os.environ.get("GAPKERN_BACKEND", "auto")
 _loaded: dict = {}  # name -> the module, or the ImportError that stopped it
 _resolved: dict = {}  # (selection, device type, float64) -> module: the per-call lookup is one dict hit
@@ -83,15 +159,22 @@ def _load(name):
     """The backend's module, imported once, or the ImportError that stopped it."""
     if name not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
+            module = IMPORTS[name]()
         except ImportError as exc:
             _loaded[name] = exc
+            return exc
+        wrong = protocol_mismatches(module)
+        if wrong:  # a bug in the backend, never "not installed"
+            raise TypeError(f"gapkern backend {name!r} ({module.__name__}) does not follow "
+                            "gapkern.ops.backend.Backend: "
+                            + "; ".join(wrong))
+        _loaded[name] = module
     return _loaded[name]
 
 
 def name_of(module) -> str:
     """The backend name of a loaded backend module."""
-    return next(name for name, path in _MODULES.items() if path == module.__name__)
+    return next(name for name, loaded in _loaded.items() if loaded is module)
 
 
 def backend_status(name: str, device=None) -> Status:

@@ -1,7 +1,8 @@
-"""Backend dispatch: status as data, import failures that are bugs fail loudly, auto's fallback warns,
-``use_backend`` restores, the interpreter flag comes from the kernels themselves."""
+"""Backend dispatch: the selection and its errors, status as data, import failures that are bugs fail
+loudly, auto's fallback warns, ``use_backend`` restores, the interpreter flag comes from the kernels themselves."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 from gapkern import ops
-from gapkern.ops import _backends
-from gapkern.ops._backends import State, Status
+from gapkern.ops import backend as _backends
+from gapkern.ops.backend import State, Status
+
+from cases import Case
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -40,7 +43,7 @@ def fake_triton(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(_backends, "_loaded", {k: v for k, v in _backends._loaded.items() if k != "triton"})
     monkeypatch.setattr(_backends, "_resolved", {})
-    monkeypatch.setitem(_backends._MODULES, "triton", "gapkern_fake_triton")
+    monkeypatch.setitem(_backends.IMPORTS, "triton", lambda: importlib.import_module("gapkern_fake_triton"))
     monkeypatch.delitem(sys.modules, "gapkern_fake_triton", raising=False)
 
     def install(source):
@@ -131,3 +134,49 @@ def test_triton_status_follows_how_the_kernels_were_built_not_the_environment_la
     assert run.returncode == 0, run.stderr[-2000:]
     expected = "READY" if interpret else "NO_GPU"
     assert run.stdout.split() == [expected, expected]
+
+
+# -- bad input (gathered from tests/test_ops_api.py) ----------------------------------------------
+
+def bad_set_backend_calls():
+    return [
+        ("backend", lambda: ops.set_backend("tpu"), ValueError, r"backend: expected one of auto, cuda, triton, torch"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", bad_set_backend_calls(), ids=[c[0] for c in bad_set_backend_calls()])
+def test_bad_set_backend_input_names_the_argument(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# -- the selection (gathered from tests/test_ops_api.py) ----------------------------------------
+
+def test_auto_never_picks_a_backend_that_cannot_run_here():
+    info = ops.backend_info()
+    assert set(info) == {"cuda", "triton", "torch"} and info["torch"] == "ready"
+    with ops.use_backend("auto"):
+        assert ops.module_for(torch.device("cpu")).__name__ == "gapkern.ops._torch"
+    if not torch.cuda.is_available():
+        assert info["cuda"] != "ready" and not info["triton"] == "ready"
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    if torch.cuda.is_available():
+        pytest.skip("every backend can run on a GPU machine")
+    c = Case(40, 7, 3, torch.float32, "cpu")
+    with ops.use_backend("cuda"), pytest.raises(RuntimeError, match="gapkern backend 'cuda' cannot run on cpu tensors"):
+        ops.latent_step(c.hidden)
+    with ops.use_backend("triton"), pytest.raises(TypeError, match="float64 runs on the torch backend only"):
+        ops.latent_step(c.hidden.double())
+
+
+def test_backend_env_variable_selects_backend():
+    code = "import gapkern; print(gapkern.ops.get_backend())"
+    env = dict(os.environ, GAPKERN_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+    env["GAPKERN_BACKEND"] = "nope"
+    bad = subprocess.run([sys.executable, "-c", "import gapkern, torch; gapkern.ops.latent_step(torch.ones(1, 2))"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "backend: expected one of" in bad.stderr

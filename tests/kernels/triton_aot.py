@@ -64,8 +64,8 @@ def _cases():
             out = torch.empty(B, D, dtype=dtype)
             for head in (True, False):
                 for t in (tau, None):
-                    args = (w, b, U, m, s) if head else (None,) * 5
-                    backend.bind_latent_step(*args, t, 1e-6, mask, out, _scratch)(h)
+                    w_, b_, U_, m_, s_ = (w, b, U, m, s) if head else (None,) * 5
+                    backend.prepare_latent_step(w_, b_, U_, m_, t, s_, 1e-6, mask, out, _scratch)(h)
             backend.pca_project(h, w, b)
             backend.pca_project(torch.randn(B, d).to(dtype), w.T, None)  # backward: d hidden
             backend.pca_project(h.T, torch.randn(B, d).to(dtype), None)  # backward: d weight
