@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -126,3 +127,66 @@ def test_killed_then_rerun_equals_an_uninterrupted_run(folder, uninterrupted, tm
         return
     assert main(argv(folder, command, str(out))) == 0
     assert snapshot(out) == want
+
+
+def _can_mount_tmpfs() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt 2>/dev/null || "
+                            "mount -t tmpfs -o size=1m tmpfs /tmp"], capture_output=True)
+    return probe.returncode == 0
+
+
+# bytes left free on the tmpfs: enough for part of the work, not all (train: checkpoint-2, not checkpoint-4 too)
+FREE = {"curate": 3 * 4096, "eval": 4 * 4096, "build-data": 6 * 4096, "train": 2 * 1024 * 1024}
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -rm and a tmpfs mount (user namespaces)")
+@pytest.mark.parametrize("command", ["curate", "build-data", "eval", "train"])
+def test_a_full_disk_is_one_line_keeps_what_was_written_and_the_rerun_finishes(folder, uninterrupted, tmp_path,
+                                                                               command):
+    """On a tmpfs filled up to FREE bytes the stage fails with one line naming the folder and "no space left on
+    device", no traceback; every file it leaves is whole (a file also in the finished output is that file, a
+    part file's lines are complete lines but a torn last one, a checkpoint is whole); after the space is freed
+    the same command finishes with the output of a run that never met a full disk (train: with --resume)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    out = mount / ("out.jsonl" if command == "curate" else "out")
+    data = uninterrupted("build-data")[1] if command == "train" else None
+    args = argv(folder, command, str(out), data)
+    job = {"mount": str(mount), "free": FREE[command], "copy": str(tmp_path / "copy"), "first": args,
+           "again": args + ["--resume"] * (command == "train")}
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["unshare", "-rm", sys.executable, os.path.join(ROOT, "tests", "disk_full.py"),
+                           json.dumps(job)], capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout.splitlines()[-1])
+    full, freed = runs["full"], runs["freed"]
+    said = [line for line in full["stderr"].splitlines() if "error" in line.lower()]
+    assert full["rc"] == 2 and "Traceback" not in full["stderr"], full["stderr"][-3000:]
+    assert len(said) == 1 and said[0].startswith(f"gapkern {command}: error: no space left on device writing into")
+    assert str(mount) in said[0]
+    want = uninterrupted(command)[0]
+    left = snapshot(tmp_path / "copy" / "full")  # names under the mount: out/..., out.jsonl.parts/...
+    inside = {name.split(os.sep, 1)[1] if command != "curate" else name: content for name, content in left.items()}
+    assert inside != want
+    for name, content in inside.items():
+        if name in want:
+            assert content == want[name], name
+        elif name.endswith(".jsonl") and ".parts" in name:  # complete lines (a torn last one is cut on resume)
+            kept, text = b"".join(want.values()).decode(errors="replace"), content.decode()
+            assert all(line in kept for line in text[:text.rfind("\n") + 1].splitlines()), name
+    if command == "train":  # checkpoint-2 saved whole, checkpoint-4's save cut and gone
+        from gapkern.train.trainer import whole_checkpoint
+
+        assert {n.split(os.sep)[0] for n in inside if n.startswith("checkpoint-")} == {"checkpoint-2"}
+        whole_checkpoint(str(tmp_path / "copy" / "full" / "out" / "checkpoint-2"))
+        assert not any(n.startswith(".tmp-checkpoint") for n in inside)
+    else:  # some of the work was kept
+        assert any(n.endswith((".jsonl", ".safetensors")) for n in inside), sorted(inside)
+    assert freed["rc"] == 0, freed["stderr"][-3000:]
+    got = snapshot(tmp_path / "copy" / "freed" / out.name)
+    if command == "train":
+        same_training(got, want)
+    else:
+        assert got == want

@@ -104,8 +104,11 @@ class GapTrainer(Trainer):
         self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
-        except Exception as exc:
-            if disk_full(exc, staging):
+        except BaseException as exc:
+            full = disk_full(exc, staging)  # before the cut save goes: it holds the space the write took
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if full:
                 raise no_space(run_dir) from exc
             raise
         finally:
