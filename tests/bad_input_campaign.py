@@ -4,10 +4,12 @@
 
 Bad sample files (the keys, bytes, images, boxes and answers of tests/test_bad_input.py and the issue's list)
 go to every stage that reads one (fit-pca, build-data, curate, eval, diagnose); bad models, outputs and numbers
-to every stage that takes them; train gets bad data folders, numbers and checkpoints. Each case runs in this
+to every stage that takes them; train gets bad data folders, numbers and checkpoints; generate and demo their
+bad options (a demo that would run is not among them: the cases stop before any work). Each case runs in this
 process (``gapkern.cli.main``) and is counted as
 
-- clear: exit status 2 and the last line on stderr is the command's one-line error (or argparse's);
+- clear: exit status 2 and the last line on stderr is the command's one-line error (or argparse's), the only
+  line but for a progress line (generate's ``loading PATH ...``);
 - silent: exit status 0 on bad input (a silently wrong result);
 - unclear: a traceback (an exception out of ``main``) or any other ending.
 
@@ -19,6 +21,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,6 +29,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+PROGRESS = re.compile(r"loading \S+ \.\.\.")  # generate's one progress line before a model loads
 SAMPLE_STAGES = ("fit-pca", "build-data", "curate", "eval", "diagnose")
 
 
@@ -57,7 +61,8 @@ def run(argv: list[str]) -> tuple[str, str]:
     if code == 2 and f"gapkern {argv[0]}: error: argument" in last:  # argparse: usage, then its error line
         return "clear", last
     if code == 2 and last.startswith(f"gapkern {argv[0]}: error: "):
-        return ("clear", last) if len(lines) == 1 else ("unclear", f"{len(lines)} lines on stderr, ending: {last}")
+        said = [line for line in lines[:-1] if not PROGRESS.fullmatch(line)]
+        return ("clear", last) if not said else ("unclear", f"{len(said)} more lines on stderr, ending: {last}")
     return "unclear", f"exit {code}: {last}"
 
 
@@ -267,6 +272,22 @@ def cases(root: str) -> list[tuple[str, list[str]]]:
         if os.path.isdir("/proc"):
             found.append((f"{command}: --out unwritable", stage_argv(folder, command, "/proc/gapkern/out")))
     found += [(f"train: {name}", argv) for name, argv in train_cases(_mkdir(root, "train"))]
+    gap, image = os.path.join(folder, "gap"), os.path.join(folder, "img", "0.png")
+    for name, more in [("--max-new-tokens 0", ["--max-new-tokens", "0"]), ("--temperature nan", ["--temperature", "nan"]),
+                       ("--temperature -1", ["--temperature", "-1"]), ("--span-at -5", ["--span-at", "-5"]),
+                       ("--latent-budget 0", ["--latent-budget", "0"]), ("--image missing", ["--image", "nope.png"]),
+                       ("--image that is text", ["--image", os.path.join(folder, "img", "text.png")]),
+                       ("--head missing", ["--head", "nope.safetensors"]), ("--model missing", ["--model", "nope"]),
+                       ("--model wider config", ["--model", models["config wider than the weights"]])]:
+        argv = ["generate", "--model", gap, "--image", image, "--max-new-tokens", "4", *more]
+        found.append((f"generate: {name}", argv))
+    demo_out = os.path.join(root, "demo-foreign")
+    os.makedirs(demo_out)
+    open(os.path.join(demo_out, "notes.txt"), "w").close()
+    for name, more in [("--seeds 0", ["--seeds", "0", "--out", os.path.join(root, "demo0")]),
+                       ("--out a file", ["--out", a_file]), ("--out a foreign folder", ["--out", demo_out]),
+                       ("--out unwritable", ["--out", "/proc/gapkern/demo"]), ("--size huge", ["--size", "huge"])]:
+        found.append((f"demo: {name}", ["demo", "--size", "small", *more]))
     return found
 
 
