@@ -10,8 +10,8 @@ import tempfile
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["disk_full", "no_space", "atomic_save_file", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder",
-           "read_safetensors", "read_json"]
+__all__ = ["disk_full", "no_space", "atomic_save_file", "atomic_write", "atomic_write_text", "atomic_write_json",
+           "atomic_folder", "read_safetensors", "read_json"]
 
 
 def _umask() -> int:

@@ -273,8 +273,8 @@ def cases(root: str) -> list[tuple[str, list[str]]]:
             found.append((f"{command}: --out unwritable", stage_argv(folder, command, "/proc/gapkern/out")))
     found += [(f"train: {name}", argv) for name, argv in train_cases(_mkdir(root, "train"))]
     gap, image = os.path.join(folder, "gap"), os.path.join(folder, "img", "0.png")
-    for name, more in [("--max-new-tokens 0", ["--max-new-tokens", "0"]), ("--temperature nan", ["--temperature", "nan"]),
-                       ("--temperature -1", ["--temperature", "-1"]), ("--span-at -5", ["--span-at", "-5"]),
+    for name, more in [("--max-new-tokens 0", ["--max-new-tokens", "0"]),
+                       ("--temperature nan", ["--temperature", "nan"]), ("--temperature -1", ["--temperature", "-1"]), ("--span-at -5", ["--span-at", "-5"]),
                        ("--latent-budget 0", ["--latent-budget", "0"]), ("--image missing", ["--image", "nope.png"]),
                        ("--image that is text", ["--image", os.path.join(folder, "img", "text.png")]),
                        ("--head missing", ["--head", "nope.safetensors"]), ("--model missing", ["--model", "nope"]),

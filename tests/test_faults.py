@@ -1,8 +1,10 @@
-"""Issue 17 item 12: a stage killed (SIGKILL) or interrupted (SIGINT) at a point of its work, then rerun, ends
-with the outputs of an uninterrupted run, byte for byte: no line lost or doubled, no torn file taken as whole.
+"""Issue 17 items 12 and 14: a stage killed (SIGKILL) or interrupted (SIGINT) at a point of its work, or stopped by
+a full disk, then rerun, ends with the outputs of an uninterrupted run, byte for byte: no line lost or doubled,
+no torn file or cut checkpoint taken as whole.
 
 The signal comes from inside the process at a patched function (tests/kill_at.py), not after a fixed sleep, so
-the point is the same on a loaded machine; the killed run is a subprocess, the reruns run in this process."""
+the point is the same on a loaded machine; the killed run is a subprocess, the reruns run in this process. The
+full disk is a real one: a small tmpfs in a private mount namespace (tests/disk_full.py, ``unshare -rm``)."""
 from __future__ import annotations
 
 import json
