@@ -22,12 +22,12 @@ def _umask() -> int:
 
 def disk_full(exc: BaseException, folder: str) -> bool:
     """Whether ``exc``, raised while writing into ``folder``, means its device is full: an OSError ENOSPC or
-    EDQUOT, a writer that says errno 28 only in its text (safetensors), or one that says nothing useful
-    (torch.save: "unexpected pos") while the device has less than a MiB left."""
+    EDQUOT (another errno is what it says), a writer that says errno 28 only in its text (safetensors), or one
+    that says nothing useful (torch.save: "unexpected pos") while the device has less than a MiB left."""
     if not isinstance(exc, Exception):
         return False  # KeyboardInterrupt, SystemExit
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)  # it says what it is
     if "No space left on device" in str(exc) or "os error 28" in str(exc):
         return True
     while folder and not os.path.exists(folder):
