@@ -1,6 +1,7 @@
 """File writes that leave no half-written file behind, and reads that name the file they failed on."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -9,14 +10,38 @@ import tempfile
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["atomic_save_file", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder",
-           "read_safetensors", "read_json"]
+__all__ = ["disk_full", "no_space", "atomic_save_file", "atomic_write", "atomic_write_text", "atomic_write_json",
+           "atomic_folder", "read_safetensors", "read_json"]
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def disk_full(exc: BaseException, folder: str) -> bool:
+    """Whether ``exc``, raised while writing into ``folder``, means its device is full: an OSError ENOSPC or
+    EDQUOT (another errno is what it says), a writer that says errno 28 only in its text (safetensors), or one
+    that says nothing useful (torch.save: "unexpected pos") while the device has less than a MiB left."""
+    if not isinstance(exc, Exception):
+        return False  # KeyboardInterrupt, SystemExit
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)  # it says what it is
+    if "No space left on device" in str(exc) or "os error 28" in str(exc):
+        return True
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder or ".").free < 1 << 20
+    except OSError:
+        return False
+
+
+def no_space(folder: str) -> OSError:
+    """The error a write into ``folder`` on a full device raises: one line, what was kept, what to do."""
+    return OSError(errno.ENOSPC, f"no space left on device writing into {os.path.abspath(folder)!r}; what "
+                                 "was written before is kept: free some space and rerun to finish")
 
 
 def atomic_write(path: str, write) -> None:
@@ -32,9 +57,12 @@ def atomic_write(path: str, write) -> None:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full(exc, folder)  # before the temp file goes: it holds the space the write took
         if os.path.exists(tmp):
             os.remove(tmp)
+        if full:
+            raise no_space(folder) from exc
         raise
 
 
@@ -70,7 +98,12 @@ def atomic_folder(path: str, write, stale=lambda name: False) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as exc:
+            if disk_full(exc, tmp):
+                raise no_space(path) from exc
+            raise
         # the folder itself is made, not renamed from tmp: mkdtemp's folder is private (mode 0700)
         new_folder = not os.path.exists(path)
         os.makedirs(path, exist_ok=True)

@@ -65,22 +65,49 @@ def from_pretrained(path: str, dtype=None, *, gap_class: bool = False):
     bars = hf_logging.is_progress_bar_enabled()
     if not sys.stderr.isatty():  # HF's loading bars print even into a log file; ours are quiet there
         hf_logging.disable_progress_bar()
-    report = hf_logging.get_logger("transformers.utils.loading_report")
-    level = report.level
-    report.setLevel(hf_logging.ERROR)  # its table of mismatched shapes: one line below says what to fix
+    # transformers' load report (a table of mismatched shapes, logged by modeling_utils since 5.2x, by
+    # loading_report before): held back while loading; shown if the load is good, replaced by one line if not
+    reports = [hf_logging.get_logger(name) for name in ("transformers.modeling_utils",
+                                                        "transformers.utils.loading_report")]
+    held = _HeldReports()
+    for logger in reports:
+        logger.addFilter(held)
     try:
-        model, info = cls.from_pretrained(path, ignore_mismatched_sizes=True, output_loading_info=True,
-                                          **({} if dtype is None else {"dtype": dtype}))
+        try:
+            model, info = cls.from_pretrained(path, ignore_mismatched_sizes=True, output_loading_info=True,
+                                              **({} if dtype is None else {"dtype": dtype}))
+        finally:
+            for logger in reports:
+                logger.removeFilter(held)
         _check_loading(path, info)
+        held.release()
         return model
     except (CheckpointError, OSError) as exc:  # OSError: transformers' "no weights file in ..."
         raise UsageError(f"--model: {' '.join(str(exc).split())}") from None
     except SafetensorError as exc:
         raise UsageError(f"--model: a weights file in {path!r} is damaged ({exc})") from None
     finally:
-        report.setLevel(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+class _HeldReports:
+    """A logging filter that holds back transformers' LOAD REPORT records; ``release`` logs them after all."""
+
+    def __init__(self):
+        self.records = []
+
+    def filter(self, record) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        import logging
+
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
 
 
 def _check_loading(path: str, info: dict) -> None:

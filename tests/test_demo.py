@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -321,3 +324,67 @@ def test_the_command_runs_seeds_and_refuses_no_seed(tmp_path, capsys, one_thread
     for name, keys in found["scores"].items():
         assert keys["span_rate"]["values"] == [run[name]["span_rate"] for run in each]
     assert "| GAP, none |" in (out / "seeds.md").read_text()
+
+
+def _demo_files(out) -> dict:
+    """Every file of a demo folder, name -> content, with what differs between two equal runs into the same
+    folder taken out: the stage times (demo.json's ``seconds``, report.md's "Stage times" line and its minutes),
+    the Trainer's timings of each training (trainer_state.json's last entry: train_runtime,
+    train_samples_per_second, train_steps_per_second) and whether it showed a progress bar (training_args.bin's
+    disable_tqdm: the commands show one, the fixture's library call does not)."""
+    import io
+    import re
+
+    import torch
+
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    found = {}
+    for folder, _, names in os.walk(out):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                raw = f.read()
+            if name == "demo.json":
+                raw = json.loads(raw)
+                for stage in raw["stages"].values():
+                    stage.pop("seconds")
+            elif name == "trainer_state.json":
+                raw = json.loads(raw)
+                raw["log_history"] = [{k: v for k, v in e.items() if k not in timing} for e in raw["log_history"]]
+            elif name == "training_args.bin":  # the killed runs were commands (a bar), the fixture's had none
+                raw = torch.load(io.BytesIO(raw), weights_only=False).to_dict()
+                raw.pop("disable_tqdm")
+            elif name == "report.md":
+                raw = re.sub(r"Stage times: .*", "", re.sub(r"[\d.]+ minutes", "", raw.decode()))
+            found[os.path.relpath(path, out)] = raw
+    return found
+
+
+def test_a_demo_killed_between_and_inside_stages_resumes_to_the_uninterrupted_result(small, tmp_path):
+    """SIGKILL after stage init wrote its folder but before demo.json recorded it (between stages: the rerun
+    redoes init from scratch), then SIGINT inside curate after its first line (the rerun's curate resumes from
+    its parts); the third run finishes with every file of the uninterrupted demo, byte for byte but for times.
+    It runs in the uninterrupted demo's folder (set aside meanwhile): files hold their folder's path (build.json,
+    training_args.bin, the sample digests of the curated settings)."""
+    out, _, _ = small
+    want = tmp_path / "uninterrupted"
+    os.replace(out, want)
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+        for point, signal in (("stage@init", "KILL"), ("line", "INT")):
+            killed = subprocess.run([sys.executable, os.path.join(root, "tests", "kill_at.py"), point, signal, "--",
+                                     "demo", "--out", str(out), "--size", "small"], capture_output=True, text=True,
+                                    env=env, timeout=600, cwd=str(tmp_path))
+            assert "signalled" in killed.stderr and killed.returncode != 0, killed.stderr[-2000:]
+        stages = json.loads((out / "demo.json").read_text())["stages"]
+        assert list(stages) == list(STAGES)[:list(STAGES).index("curate")]  # stopped inside curate
+        assert os.path.isdir(out / "curate" / "curated.jsonl.parts")
+        assert main(["demo", "--out", str(out), "--size", "small"]) == 0
+        got, expected = _demo_files(out), _demo_files(want)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(want, out)  # the other tests read the uninterrupted demo
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert got[name] == expected[name], name

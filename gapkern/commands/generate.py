@@ -60,6 +60,22 @@ def _check_args(args):
     if not args.model and args.profile not in (None, "gap"):
         raise UsageError(f"--profile: the tiny model has only the gap profile's tokens; {args.profile!r} "
                          "needs --model")
+    if args.image is not None:
+        _check_image(args.image)
+
+
+def _check_image(path: str) -> None:
+    """--image exists and decodes, before the model loads (a damaged or truncated one, or a decompression bomb,
+    is one line naming the file)."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--image: no file at {path!r}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UsageError(f"--image: cannot read the image {path!r} ({type(exc).__name__}: {exc})") from None
 
 
 def _device_dtype(args):

@@ -31,8 +31,14 @@ class Folder:
 
     def open(self) -> str:
         """Create or check the folder; returns ``"new"`` or ``"resumed"``."""
+        from ..outputs import OutputError, check_writable
+
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise FolderError(f"out: {self.path!r} is a file; expected a folder for the demo's outputs")
+        try:  # a folder under one nobody may write into: refused before anything is made
+            check_writable(self.path, folder=True)
+        except OutputError as exc:
+            raise FolderError(str(exc)) from None
         entries = os.listdir(self.path) if os.path.isdir(self.path) else []
         if not entries:
             os.makedirs(self.path, exist_ok=True)

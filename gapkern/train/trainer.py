@@ -20,12 +20,14 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 
 import torch
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .._io import disk_full, no_space
 from ..config import KEEP_HEAD
 from ..outputs import holds_out
 from ..data import latent_keys, uses_latents
@@ -90,6 +92,37 @@ class GapTrainer(Trainer):
             self._parts = None
         return super().log(logs, *args, **kwargs)
 
+    def _save_checkpoint(self, model, trial):
+        """The Trainer writes checkpoint-STEP file by file (weights, optimizer, RNG, trainer_state.json) and a run
+        stopped in between left a folder that ``--resume`` took for whole: here it is written under
+        OUT/.tmp-checkpoint/ and renamed into place once every rank has written its part (a rename is atomic),
+        then the older ones beyond ``save_total_limit`` are removed. A write that fails on a full disk is an
+        OSError ENOSPC naming OUT; the checkpoints before it stay whole."""
+        run_dir = self.args.output_dir
+        staging = os.path.join(run_dir, STAGING)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # a killed save's
+        self.accelerator.wait_for_everyone()
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException as exc:
+            full = disk_full(exc, staging)  # before the cut save goes: it holds the space the write took
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if full:
+                raise no_space(run_dir) from exc
+            raise
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            name = f"checkpoint-{self.state.global_step}"
+            _replace_folder(os.path.join(staging, name), os.path.join(run_dir, name))
+            shutil.rmtree(staging, ignore_errors=True)
+            _rotate(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
     def _save(self, output_dir=None, state_dict=None):
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, PreTrainedModel):
@@ -109,6 +142,53 @@ class GapTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         finally:
             del model.save_pretrained
+
+
+STAGING = ".tmp-checkpoint"  # where a checkpoint is written before its rename; never a checkpoint-STEP match
+
+
+def _replace_folder(new: str, path: str) -> None:
+    """``new`` renamed to ``path``; a ``path`` already there (a resume from an earlier checkpoint writes the same
+    step again) is set aside first and removed after."""
+    old = path + ".old" if os.path.isdir(path) else None
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(new, path)
+    if old:
+        shutil.rmtree(old)
+
+
+def _rotate(run_dir: str, limit: int | None, keep: str | None) -> None:
+    """Remove the oldest checkpoint-STEP folders (by step) beyond ``limit``, never the newest nor ``keep``."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = sorted(int(name.rsplit("-", 1)[1]) for name in os.listdir(run_dir)
+                   if re.fullmatch(PREFIX_CHECKPOINT_DIR + r"-\d+", name))
+    folders = [os.path.abspath(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")) for step in steps]
+    if not limit or limit <= 0 or not folders:
+        return
+    kept = {folders[-1]} | ({os.path.abspath(keep)} if keep else set())
+    extra = len(folders) - max(limit, len(kept))
+    for folder in (f for f in folders if f not in kept):
+        if extra <= 0:
+            break
+        shutil.rmtree(folder)
+        extra -= 1
+
+
+def whole_checkpoint(path: str) -> str:
+    """``path`` when it is a checkpoint the Trainer finished writing (its trainer_state.json, written last, reads
+    as JSON), else a ValueError naming it."""
+    state = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"resume: {path!r} is not a whole training checkpoint ({state}: "
+                         f"{getattr(exc, 'strerror', None) or exc}); resume from another checkpoint-STEP folder "
+                         "or without --resume") from None
+    return path
 
 
 class BarOnlyProgress(ProgressCallback):
@@ -328,6 +408,8 @@ def train(model, tokenizer, samples: list[dict], out: str, *, targets=None, args
     if not log_lines:
         trainer.remove_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
         trainer.add_callback(BarOnlyProgress(show=not args.disable_tqdm))
+    if isinstance(resume, str):
+        whole_checkpoint(resume)
     result = trainer.train(resume_from_checkpoint=resume)
     if lora is not None:
         merge_lora(trainer.model)
