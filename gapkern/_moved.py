@@ -15,6 +15,7 @@ import sys
 
 MOVED = {  # old name -> new name
     "gapkern.prompts": "gapkern.data.prompts",
+    "gapkern.benchfiles": "gapkern.data.benchfiles",
     "gapkern.targets": "gapkern.data.targets",
     "gapkern.models.prompt": "gapkern.data.images",
     "gapkern.pca": "gapkern.stages.pca",

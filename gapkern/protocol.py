@@ -25,7 +25,7 @@ import os
 __all__ = ["PRESETS", "FIELDS", "load_protocol", "user_text", "logits_processors", "own_generation_config",
            "image_bounds", "set_aside", "sampling"]
 
-from .data import ANSWER_FORMAT
+from .data.schema import ANSWER_FORMAT
 
 GAP_INSTRUCTION = {"choice": ANSWER_FORMAT[True], "open": ANSWER_FORMAT[False]}
 MONET_SYSTEM = ("You are a helpful multimodal assistant. You are required to answer the question based on the "

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python tests/bad_input_campaign.py [-v]
 
-Bad sample files (the keys, bytes, images, boxes and answers of tests/test_bad_input.py and the issue's list)
+Bad sample files (the keys, bytes, images, boxes and answers of tests/faults/test_bad_input.py and the issue's list)
 go to every stage that reads one (fit-pca, build-data, curate, eval, diagnose); bad models, outputs and numbers
 to every stage that takes them; train gets bad data folders, numbers and checkpoints; generate and demo their
 bad options (a demo that would run is not among them: the cases stop before any work). Each case runs in this

@@ -106,3 +106,60 @@ def test_the_qwen2_5_vl_package_has_no_import_cycle():
     for module in graph:
         visit(module)
     assert len(graph) >= 10 and f"{package}.hf_compat" in done
+
+
+def _all_imports(path: str, module: str, modules: set[str]) -> set[str]:
+    """Every gapkern module ``path`` (the module ``module``) imports, at module level or inside a function:
+    ``from X import y`` counts X.y where that is a module, else X."""
+    import ast
+
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[:len(parts) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+    return {name for name in found if name in modules and name != module}
+
+
+def test_the_package_has_no_import_cycle_even_through_function_level_imports():
+    """No circle of gapkern modules importing each other, counting the imports inside functions too (issue 16: the
+    sample / prompt / protocol / sampling path and the demo's stages / measurements were circles, tied by deferred
+    imports). A package's ``__init__`` counts as a module (importing ``gapkern.data`` runs it)."""
+    import os
+
+    root = os.path.dirname(os.path.abspath(gapkern.__file__))
+    paths = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, name), os.path.dirname(root))[:-3].replace(os.sep, ".")
+                paths[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(folder, name)
+    modules = set(paths)
+    graph = {module: _all_imports(path, module, modules) for module, path in paths.items()}
+    done, visiting, cycles = set(), [], []
+
+    def visit(module):
+        if module in visiting:
+            cycles.append(" -> ".join(visiting[visiting.index(module):] + [module]))
+            return
+        if module in done:
+            return
+        visiting.append(module)
+        for dep in sorted(graph[module]):
+            if not (module.startswith(dep + ".") and paths[dep].endswith("__init__.py")):  # a package's own parent
+                visit(dep)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    assert len(graph) > 80 and "gapkern.data.samples" in graph
+    assert not cycles, "\n".join(cycles)

@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..benchfiles import convert_tsv
+    from ..data.benchfiles import convert_tsv
 
     if os.path.isdir(args.out):
         raise UsageError(f"--out: {args.out!r} is a folder; expected a file name")

@@ -17,27 +17,23 @@ import math
 import os
 
 from ..config import PROFILES
+from .schema import ANSWER_FORMAT, CATEGORIES, SampleError
 
 __all__ = ["SampleError", "CATEGORIES", "load_samples", "teacher_response", "question_text", "ANSWER_FORMAT",
            "uses_latents"]
 
-CATEGORIES = ("perception", "reasoning")
 KEYS = frozenset({"id", "image", "images", "question", "choices", "answer", "category", "task", "steps", "meta"})
 CURATED = {"attempts": list, "n_correct": int, "hard": bool}  # what curation adds to a line (SPEC 4.4)
-
-
-class SampleError(ValueError):
-    """A malformed sample line: the message starts with ``file:line:field``."""
 
 
 def load_samples(path: str, *, images: str | None = None, category: str | None = None) -> list[dict]:
     """Every sample of a JSONL file, validated; image paths made absolute and ``image`` given as ``images``.
 
     Blank lines are skipped. Ids must be unique (they key the latent targets). A VLMEvalKit TSV (``.tsv``) is
-    read by :func:`gapkern.benchfiles.load_tsv`, its images decoded once into the folder ``images`` (default:
+    read by :func:`gapkern.data.benchfiles.load_tsv`, its images decoded once into the folder ``images`` (default:
     beside the TSV); ``category``: for a benchmark outside its built-in table.
     """
-    from ..benchfiles import is_tsv, load_tsv
+    from .benchfiles import is_tsv, load_tsv
 
     if is_tsv(path):
         return load_tsv(path, images=images, category=category)
@@ -200,12 +196,6 @@ def teacher_response(sample: dict, config, *, latent: bool = True) -> str:
         elif latent:
             parts.append(start + pad * config.latent_budget + end + open_ + step["parser"] + close)
     return f"<think>{chr(10).join(parts)}</think><answer>{sample['answer']}</answer>"
-
-
-ANSWER_FORMAT = {  # the last line of every question: where the answer goes (what evaluate.extract_answer reads)
-    True: "Answer with the option's letter inside <answer></answer>.",
-    False: "Give the final answer inside <answer></answer>.",
-}
 
 
 def question_text(sample: dict) -> str:

@@ -16,7 +16,7 @@ def configurations() -> dict:
     Every arm trained with latents is scored with calibration none and ema; base and text-only never open a
     span, so their calibration changes nothing.
     """
-    from .stages import ARMS
+    from .arms import ARMS
 
     out = {"base": ("base", "base", "none")}
     for arm, (folder, _, head) in ARMS.items():
@@ -37,7 +37,7 @@ def evaluate_all(run) -> tuple[dict, str]:
 
     from ..data import load_samples
     from ..stages.evaluate import evaluate, score, write_scores
-    from .stages import load, settings
+    from .arms import load, settings
 
     samples = load_samples(run.eval_file())
     scores = {}
@@ -72,8 +72,8 @@ def _norms(run, model, tokenizer, samples, calibration: str, starts: dict) -> di
     import dataclasses
 
     from ..stages.diagnose import latent_norms
-    from ..sampling import ema_start
-    from .stages import settings
+    from ..stages.responses import ema_start
+    from .arms import settings
 
     gap = model.gap
     config, saved = gap.config, gap.tau_ema.detach().clone()
@@ -102,7 +102,7 @@ def diagnose_all(run) -> tuple[dict, str]:
     """SPEC 4.7 on the first eval lines for the GAP model and the output-as-input arm."""
     from ..data import load_samples
     from ..stages.diagnose import diagnose, diagnosis_table, write_diagnosis
-    from .stages import load, settings
+    from .arms import load, settings
 
     samples = load_samples(run.eval_file())[:run.plan.diagnose_lines]
     found = {}

@@ -8,41 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from functools import partial
 
-from .folder import Folder
-from .plan import Plan
+from .arms import ARMS, Run, load, settings
 
-__all__ = ["Run", "STAGES"]
-
-
-@dataclass
-class Run:
-    folder: Folder
-    plan: Plan
-    seed: int
-    progress: bool | None = None
-
-    def train_file(self) -> str:
-        return self.folder("task", "train.jsonl")
-
-    def eval_file(self) -> str:
-        return self.folder("task", "eval.jsonl")
-
-
-def load(path: str):
-    """A gapkern checkpoint (or a plain one, as the Gap class without its parts) and its tokenizer, eval mode."""
-    from ..loaders import from_pretrained, load_tokenizer
-
-    return from_pretrained(path, gap_class=True).eval(), load_tokenizer(path)
-
-
-def settings(run: Run) -> dict:
-    """The image settings of every checkpoint of the demo (they all come from ``init``: the processor's defaults)."""
-    from ..data.images import image_settings
-
-    return image_settings(run.folder("init"))
+__all__ = ["ARMS", "Run", "STAGES", "load", "settings"]
 
 
 # ---- the task and the models ------------------------------------------------------------------------------
@@ -176,12 +146,6 @@ def build(run: Run) -> tuple[dict, str]:
     return {"hard": hard, "all": every}, (
         f"{hard['latent_steps']} latent targets (K={hard['K']} x D={hard['dim']}) for the {hard['latent_lines']} hard "
         f"lines with a latent step; {every['latent_steps']} for all {every['latent_lines']} lines with one")
-
-
-# arm -> (training folder, build folder, head file in pca/ or None: output-as-input), each from the base model
-ARMS = {"text-only": ("text", "data", None), "output-as-input": ("oai", "data-all", None),
-        "PCA, all latent": ("pca-all", "data-all", "head.safetensors"), "GAP": ("gap", "data", "head.safetensors"),
-        "full-dim head": ("full", "data", "head-full.safetensors")}
 
 
 def train_arm(run: Run, arm: str) -> tuple[dict, str]:

@@ -21,7 +21,8 @@ from __future__ import annotations
 from .evaluate import is_correct
 from ..errors import check_positive, check_samples
 from ..resumable import ResumeError, read_lines, run_lines, samples_digest
-from ..sampling import SeededSampler, derive_seed, generate_responses
+from ..sampling import SeededSampler, derive_seed
+from .responses import generate_responses
 
 __all__ = ["derive_seed", "SeededSampler", "sample_attempts", "judge", "curate", "ResumeError"]
 

@@ -107,7 +107,7 @@ def latent_norms(model, tokenizer, samples: list[dict], *, batch: int = 8, max_n
     from tqdm import tqdm
 
     from ..models import StepTrace
-    from ..sampling import generate_responses
+    from .responses import generate_responses
 
     raw, fed, visual = [], [], []
     for chunk in tqdm(_chunks(samples, batch), desc=desc, unit="batch", disable=distributed.bar_disable(progress)):
@@ -157,11 +157,11 @@ def diagnose(model, tokenizer, samples: list[dict], *, calibrations=("none", "rm
     ``span_at``: a new position where every response is made to open a span, None for never, ``"auto"``
     (default): :data:`FORCED_SPAN_AT` when the model opens none on the first batch by itself (or never
     samples the start token: it is in ``suppress``). Calibrated modes start every batch from one running
-    target (:func:`gapkern.sampling.ema_start`), as ``gapkern eval`` does. The model's GapConfig and running
+    target (:func:`gapkern.stages.responses.ema_start`), as ``gapkern eval`` does. The model's GapConfig and running
     target are restored at the end. Raises ValueError when no sample has an image.
     """
     from ..config import CALIBRATIONS
-    from ..sampling import ema_start
+    from .responses import ema_start
 
     _check_arguments(samples, calibrations, batch, max_new_tokens, span_at, CALIBRATIONS)
     norms = hidden_norms(model, tokenizer, samples, batch=batch, settings=settings, progress=progress)

@@ -220,10 +220,10 @@ def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: st
 
     Resumes an interrupted run (a run that finds ``out`` finished returns its lines). ``temperature`` 0 is
     greedy; above, each line draws with a seed derived from ``seed`` and its id. Calibration ``rms`` / ``ema``:
-    every batch starts from one running target (:func:`gapkern.sampling.ema_start`), so a resumed run, or N
+    every batch starts from one running target (:func:`gapkern.stages.responses.ema_start`), so a resumed run, or N
     ranks, answer as one uninterrupted run; the model's own target is left as it was. ``settings``: the image
     settings (``gapkern.data.images.image_settings``). ``suppress`` / ``span_at``: as
-    :func:`gapkern.sampling.generate_responses`. ``identity`` (e.g. the model path) joins the GapConfig, the
+    :func:`gapkern.stages.responses.generate_responses`. ``identity`` (e.g. the model path) joins the GapConfig, the
     head's shape, the samples (a digest) and the options in what a resumed run must match; ``keep_settings``:
     a file that keeps them after the run (:func:`gapkern.resumable.run_lines`). ``starts``: a dict shared by
     the runs of one loaded model (several calibration modes): the start target is computed once for it and
@@ -232,7 +232,7 @@ def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: st
     ``max_new_tokens`` are the protocol's); ``rules``: how answers are judged (:func:`is_correct`).
     """
     from ..resumable import read_lines, run_lines, samples_digest
-    from ..sampling import ema_start, generate_responses
+    from .responses import ema_start, generate_responses
 
     check_samples(samples)
     for name, value in (("batch", batch), ("max_new_tokens", max_new_tokens)):

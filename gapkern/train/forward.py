@@ -90,7 +90,7 @@ def text_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None)
     """The M-RoPE positions (3, B, L) of a batch with no image or video: what Qwen2.5-VL's ``get_rope_index`` gives
     it (every axis counts the row's attended tokens from 0; padding gets 0), in three tensor ops instead of its
     per-row Python loop (issue 20 item 7: ~10 ms a step at D = 64). Pinned to ``get_rope_index`` by
-    tests/test_train_forward.py."""
+    tests/train/test_train_forward.py."""
     rows, length = input_ids.shape
     if attention_mask is None:
         positions = torch.arange(length, device=input_ids.device).expand(rows, -1)

@@ -69,7 +69,7 @@ def test_response_text_keeps_the_span_markers():
     """A response's text drops EOS and padding but keeps the latent tokens, so the span and its parser
     description stay readable (and the parser text does not glue to the words around it)."""
     from gapkern.models.tokens import add_latent_tokens
-    from gapkern.sampling import response_texts
+    from gapkern.stages.responses import response_texts
 
     tok = real_tokenizer()
     cfg = add_latent_tokens(tok, latent_budget=2)

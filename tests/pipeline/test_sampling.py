@@ -1,6 +1,6 @@
 """The seeded draw of :class:`gapkern.sampling.SeededSampler` (issue 20 item 6): one counter-based uniform per row,
 batched, and inverse-CDF sampling of the tempered softmax. The draw's properties as curation relies on them
-(SPEC 4.4: attempt j of a line drawn from ``derive_seed(seed, id, j)`` alone) are in tests/test_curate.py; these
+(SPEC 4.4: attempt j of a line drawn from ``derive_seed(seed, id, j)`` alone) are in tests/pipeline/test_curate.py; these
 check the hash against plain integer arithmetic and the sampler's edges."""
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Tolerance: logged losses within 1e-5 of DDP's (seen: 4.8e-7 for every stage), ev
 (absolute; seen: 3.4e-7 for ZeRO-1/2, 6.4e-6 for ZeRO-3, one element of 8192 in an MLP weight: float32
 summation order differs between the engines, and Adam's normalised step m / sqrt(v) turns a last-bit
 difference in a near-zero gradient into up to lr = 1e-3 per step). ZeRO-2 was 2.5e-2 / 5.6e-3 apart before
-the latent loss reached the head in the same order on every rank (tests/test_train_forward.py, the hook-order
+the latent loss reached the head in the same order on every rank (tests/train/test_train_forward.py, the hook-order
 test). A resume from ZeRO-3's partitioned step-2 checkpoint is bit-identical (seen: 0.0).
 Needs the optional extra ``deepspeed`` (CI's latest leg installs it; ``pip install -e ".[test]"`` skips this
 file). Five 2-rank runs of ~35 s each, almost all of it start-up (imports, DeepSpeed's set-up).
@@ -29,7 +29,7 @@ if importlib.util.find_spec("deepspeed") is None:  # not imported here: that alo
     pytest.skip("needs deepspeed, the optional extra gapkern[deepspeed]", allow_module_level=True)
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOSS_TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 2e-5
 STEPS = 4

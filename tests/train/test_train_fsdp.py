@@ -4,7 +4,7 @@ runs through them.
 The CPU tests check the policy and run torch's FSDP2 (``fully_shard``) with one gloo rank: parameters become
 DTensors managed per unit as on GPUs, which is what broke the latent loss while it read ``head.weight`` outside
 the head's forward ("got mixed torch.Tensor and DTensor"). accelerate refuses FSDP on CPU ranks and so does
-``gapkern train`` (tests/test_train_cli.py); the run through ``gapkern train -- --fsdp`` is the GPU test here
+``gapkern train`` (tests/train/test_train_cli.py); the run through ``gapkern train -- --fsdp`` is the GPU test here
 (and ``scripts/validate_cuda.sh fsdp``).
 """
 from __future__ import annotations

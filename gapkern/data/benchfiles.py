@@ -35,7 +35,7 @@ def is_tsv(path: str) -> bool:
 
 
 def _rows(path: str):
-    from .data import SampleError
+    from .schema import SampleError
 
     csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's default field limit
     with open(path, encoding="utf-8", newline="") as f:
@@ -59,7 +59,7 @@ def _decode(b64: str, target: str, where: str) -> None:
     """One base64 image to a PNG file, written once (atomically; an existing readable file is kept)."""
     from PIL import Image
 
-    from .data import SampleError
+    from .schema import SampleError
 
     if os.path.isfile(target):
         return
@@ -78,7 +78,7 @@ def _decode(b64: str, target: str, where: str) -> None:
 def load_tsv(path: str, *, images: str | None = None, task: str | None = None,
              category: str | None = None) -> list[dict]:
     """The rows of a VLMEvalKit TSV as validated samples (``load_samples``' form: absolute ``images``)."""
-    from .data import CATEGORIES, SampleError
+    from .schema import CATEGORIES, SampleError
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no sample file at {path!r}")
@@ -109,7 +109,7 @@ def load_tsv(path: str, *, images: str | None = None, task: str | None = None,
 
 
 def _images(row: dict, fields: dict, folder: str, where: str, tsv_folder: str) -> list[str]:
-    from .data import SampleError
+    from .schema import SampleError
 
     value, index = (row.get("image") or "").strip(), row["index"].strip()
     if not value:
@@ -137,7 +137,7 @@ def _images(row: dict, fields: dict, folder: str, where: str, tsv_folder: str) -
 
 
 def _sample(row: dict, where: str, task: str, category: str) -> dict:
-    from .data import SampleError
+    from .schema import SampleError
 
     question = (row.get("question") or "").strip()
     if not question:
@@ -171,7 +171,7 @@ def _sample(row: dict, where: str, task: str, category: str) -> dict:
 
 def convert_tsv(path: str, out: str, *, task: str | None = None, category: str | None = None) -> dict:
     """Write ``out`` (SPEC 4.1 JSONL) and its PNGs (``OUT_STEM.images/``, paths relative to ``out``) from a TSV."""
-    from ._io import atomic_write_text
+    from .._io import atomic_write_text
 
     folder = os.path.splitext(out)[0] + ".images"
     samples = load_tsv(path, images=folder, task=task, category=category)

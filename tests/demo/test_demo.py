@@ -370,7 +370,7 @@ def test_a_demo_killed_between_and_inside_stages_resumes_to_the_uninterrupted_re
     want = tmp_path / "uninterrupted"
     os.replace(out, want)
     try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
         for point, signal in (("stage@init", "KILL"), ("line", "INT")):
             killed = subprocess.run([sys.executable, os.path.join(root, "tests", "kill_at.py"), point, signal, "--",

@@ -22,7 +22,7 @@ import os
 import PIL.Image
 import pytest
 
-from gapkern.benchfiles import convert_tsv, load_tsv
+from gapkern.data.benchfiles import convert_tsv, load_tsv
 from gapkern.cli import main
 from gapkern.data import SampleError, load_samples
 from gapkern.evaluate import choice_letter, is_correct, judge_needed, prediction, score

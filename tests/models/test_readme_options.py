@@ -7,7 +7,7 @@ import re
 
 import test_generate_options as options
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "README.md")
 
 
 def readme_rows() -> dict[str, set[str]]:

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import gapkern
-import gapkern.sampling
+import gapkern.stages.responses
 from gapkern.cli import main
 from gapkern.data import image_inputs, load_samples, visual_embeddings
 from gapkern.evaluate import evaluate, extract_answer, is_correct, score, score_table
 from gapkern.testing import tiny_qwen2_5_vl, tiny_tokenizer
-from gapkern.sampling import ema_start
+from gapkern.stages.responses import ema_start
 
 from stages import checkpoint, images, line, read_jsonl, torchrun, write_jsonl
 
@@ -137,7 +137,7 @@ def test_killed_run_resumes_to_the_same_files(capsys, folder, tmp_path, monkeypa
     evaluate_cli(capsys, folder, tmp_path / "whole", *run)
     whole = outputs(tmp_path / "whole")
 
-    real, calls = gapkern.sampling.generate_responses, []
+    real, calls = gapkern.stages.responses.generate_responses, []
 
     def dies_in_the_sixth_batch(model, tokenizer, samples, **kw):
         calls.append([s["id"] for s in samples])
@@ -145,7 +145,7 @@ def test_killed_run_resumes_to_the_same_files(capsys, folder, tmp_path, monkeypa
             raise Killed
         return real(model, tokenizer, samples, **kw)
 
-    monkeypatch.setattr(gapkern.sampling, "generate_responses", dies_in_the_sixth_batch)
+    monkeypatch.setattr(gapkern.stages.responses, "generate_responses", dies_in_the_sixth_batch)
     out = tmp_path / "cut"
     with pytest.raises(Killed):
         main(["eval", "--model", f"{folder / 'plain'},{folder / 'gap'}", "--samples", str(folder / "test.jsonl"),
@@ -157,7 +157,7 @@ def test_killed_run_resumes_to_the_same_files(capsys, folder, tmp_path, monkeypa
     part.write_bytes(b"".join(written[:3]) + (written[3][:25] if cut == "mid-line" else b""))
 
     calls.clear()
-    monkeypatch.setattr(gapkern.sampling, "generate_responses",
+    monkeypatch.setattr(gapkern.stages.responses, "generate_responses",
                         lambda *a, **kw: (calls.append([s["id"] for s in a[2]]), real(*a, **kw))[1])
     evaluate_cli(capsys, folder, out, *run)
     assert outputs(out) == whole
@@ -249,8 +249,8 @@ def test_ema_start_is_the_running_target_over_the_files_batches(tiny):
 
 def test_evaluate_starts_every_batch_from_one_target_and_restores_it(tiny, tmp_path, monkeypatch):
     model, tokenizer, samples = tiny
-    real, starts = gapkern.sampling.generate_responses, []
-    monkeypatch.setattr(gapkern.sampling, "generate_responses",
+    real, starts = gapkern.stages.responses.generate_responses, []
+    monkeypatch.setattr(gapkern.stages.responses, "generate_responses",
                         lambda *a, **kw: (starts.append(kw["tau_ema"]), real(*a, **kw))[1])
     config = model.gap.config  # calibration ema
     records = evaluate(model, tokenizer, samples, str(tmp_path / "p.jsonl"), calibration="rms", batch=3,
@@ -265,9 +265,10 @@ def test_evaluate_starts_every_batch_from_one_target_and_restores_it(tiny, tmp_p
 
 def test_evaluate_computes_the_start_target_once_for_the_modes_of_one_model(tiny, tmp_path, monkeypatch):
     model, tokenizer, samples = tiny
-    real_start, real_generate, computed, used = gapkern.sampling.ema_start, gapkern.sampling.generate_responses, [], []
-    monkeypatch.setattr(gapkern.sampling, "ema_start", lambda *a, **kw: computed.append(1) or real_start(*a, **kw))
-    monkeypatch.setattr(gapkern.sampling, "generate_responses",
+    responses = gapkern.stages.responses
+    real_start, real_generate, computed, used = responses.ema_start, responses.generate_responses, [], []
+    monkeypatch.setattr(gapkern.stages.responses, "ema_start", lambda *a, **kw: computed.append(1) or real_start(*a, **kw))
+    monkeypatch.setattr(gapkern.stages.responses, "generate_responses",
                         lambda *a, **kw: (used.append(kw["tau_ema"]), real_generate(*a, **kw))[1])
     starts, found = {}, {}
     for mode in ("none", "rms", "ema"):
