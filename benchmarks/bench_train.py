@@ -14,11 +14,10 @@ Run: pytest benchmarks/bench_train.py --benchmark-only [--benchmark-json=benchma
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
+from gapkern.head import PCALatentHead
 from gapkern.models import GapQwen2_5_VLForConditionalGeneration
 from gapkern.testing import tiny_head, tiny_qwen2_5_vl
 from gapkern.train import forward as train_forward
@@ -68,9 +67,10 @@ def _batch(ids, dim):
 
 @pytest.fixture(params=IMPLS)
 def impl(request, monkeypatch):
-    """``torch``: the forward's head projection as plain ``addmm`` instead of gapkern's op."""
+    """``torch``: the head's projection (what the latent loss calls) as plain ``addmm`` instead of gapkern's op."""
     if request.param == "torch":
-        monkeypatch.setattr(train_forward, "ops", SimpleNamespace(pca_project=lambda h, w, b: torch.addmm(b, h, w)))
+        monkeypatch.setattr(PCALatentHead, "forward", lambda self, h: h @ self.weight if self.bias is None
+                            else torch.addmm(self.bias, h, self.weight))
     return request.param
 
 
