@@ -100,3 +100,19 @@ def reflect(basis, mean):
 # basis cannot see writes through .data; gapkern.ops.clear_caches() after such writes.
 PACKED_DATA_EDITS = ("cuda and triton backends: packed (cuda) or rank-padded (triton) weight/basis copies cannot see "
                      ".data writes, which bump no version counter (clear_caches())")
+
+
+# ---- the op parity files' shared grid (tests/ops/test_<op>.py) ------------------------------------------------
+
+
+def case_for(backend, shape, rows, dtype, strided=False):
+    """The :class:`Case` of one grid point: ``shape`` (D, d), ``rows`` B, on ``backend``'s device."""
+    D, d = shape
+    return Case(D, d, rows, dtype, device_for(backend), strided=strided)
+
+
+LAYOUTS = [pytest.param(False, id="contiguous"), pytest.param(True, id="strided")]
+grid = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+dtypes = pytest.mark.parametrize("dtype", DTYPES)
+shapes = pytest.mark.parametrize("shape", SHAPES)
+rows = pytest.mark.parametrize("B", ROWS)

@@ -30,3 +30,20 @@ def hf_and_patched(model, ids, batch, static=False, **kw):
     finally:
         gapkern.unpatch(model)
     return ref, out
+
+
+def dynamic_and_warmed_up(model, head, config, batch, monkeypatch, **kw):
+    """``generate(**batch, **kw)`` on ``model`` patched with ``head`` and ``config``, twice: as it decodes on the CPU
+    (no graph), then down the graph path with capture standing in as the warm-up that runs the step twice after
+    prefill and undoes it. Returns (dynamic, warmed); the model is unpatched after."""
+    from gapkern.models.qwen2_5_vl import generate as G
+
+    gapkern.patch(model, head, config)
+    try:
+        dynamic = model.generate(**batch, **kw)
+        monkeypatch.setattr(G, "_modes", lambda *a: (True, True))
+        monkeypatch.setattr(G.step_graph, "capture", lambda dec: G.step_graph.warm_up(dec, 2))
+        warmed = model.generate(**batch, **kw)
+    finally:
+        gapkern.unpatch(model)
+    return dynamic, warmed

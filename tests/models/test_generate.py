@@ -17,7 +17,7 @@ from gapkern.models.qwen2_5_vl import generate as G
 from gapkern.testing import tiny_head, tiny_prompts, tiny_qwen2_5_vl
 from gapkern.testing import naive_generate
 
-from generate_cases import CACHES, K, ROWS, forcing, hf_and_patched
+from generate_cases import CACHES, K, ROWS, dynamic_and_warmed_up, forcing, hf_and_patched
 
 STEPS = 14
 
@@ -207,14 +207,8 @@ def test_graph_warm_up_leaves_no_trace(tiny, monkeypatch):
     batch = tiny_prompts(ids, ROWS, seed=1)
     kw = dict(max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
               logits_processor=forcing(batch, ids, schedule(ids)))
-    gapkern.patch(model, tiny_head(model), ids.gap_config(latent_budget=K, calibration="rms"))
-    try:
-        dynamic = model.generate(**batch, **kw)
-        monkeypatch.setattr(G, "_modes", lambda *a: (True, True))
-        monkeypatch.setattr(G.step_graph, "capture", lambda dec: G.step_graph.warm_up(dec, 2))
-        warmed = model.generate(**batch, **kw)
-    finally:
-        gapkern.unpatch(model)
+    dynamic, warmed = dynamic_and_warmed_up(model, tiny_head(model), ids.gap_config(latent_budget=K, calibration="rms"),
+                                            batch, monkeypatch, **kw)
     assert torch.equal(warmed.sequences, dynamic.sequences)
     for a, b in zip(warmed.latents, dynamic.latents):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

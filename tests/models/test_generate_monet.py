@@ -30,7 +30,7 @@ from transformers import LogitsProcessorList
 import gapkern
 from gapkern.testing import ForceTokens, latent_step64, naive_generate, tiny_head, tiny_prompts, tiny_qwen2_5_vl
 
-from generate_cases import CACHES, ROWS
+from generate_cases import CACHES, ROWS, dynamic_and_warmed_up
 from test_generate import reference_tau
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -241,19 +241,11 @@ def test_naive_generate_takes_the_monet_layout(tiny, calibration):
 def test_monet_graph_warm_up_leaves_no_trace(tiny, monkeypatch):
     """The graph path's code on the CPU (capture stands in as the warm-up that runs the step twice and undoes
     it; the monet layout's latents chosen after sampling are written outside the graph)."""
-    from gapkern.models.qwen2_5_vl import generate as G
-
     model, ids = tiny
     batch = tiny_prompts(ids, ROWS, seed=1)
     kw = dict(max_new_tokens=STEPS, do_sample=False, logits_processor=forcing(batch, ids, schedule(ids)), **KEEP)
-    gapkern.patch(model, tiny_head(model), ids.gap_config(profile="monet", calibration="rms"))
-    try:
-        dynamic = model.generate(**batch, **kw)
-        monkeypatch.setattr(G, "_modes", lambda *a: (True, True))
-        monkeypatch.setattr(G.step_graph, "capture", lambda dec: G.step_graph.warm_up(dec, 2))
-        warmed = model.generate(**batch, **kw)
-    finally:
-        gapkern.unpatch(model)
+    dynamic, warmed = dynamic_and_warmed_up(model, tiny_head(model), ids.gap_config(profile="monet", calibration="rms"),
+                                            batch, monkeypatch, **kw)
     assert torch.equal(warmed.sequences, dynamic.sequences)
     for a, b in zip(warmed.latents + warmed.scores, dynamic.latents + dynamic.scores):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -7,27 +7,7 @@ import torch
 from gapkern import ops
 
 import reference as R
-from cases import BACKENDS, DTYPES, ROWS, SHAPES, Case, device_for
-
-
-def case_for(backend, shape, rows, dtype, strided=False):
-    D, d = shape
-    return Case(D, d, rows, dtype, device_for(backend), strided=strided)
-
-
-LAYOUTS = [pytest.param(False, id="contiguous"), pytest.param(True, id="strided")]
-
-
-grid = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-
-
-dtypes = pytest.mark.parametrize("dtype", DTYPES)
-
-
-shapes = pytest.mark.parametrize("shape", SHAPES)
-
-
-rows = pytest.mark.parametrize("B", ROWS)
+from cases import Case, case_for, device_for, dtypes, grid, rows, shapes
 
 
 @grid
