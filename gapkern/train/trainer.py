@@ -131,12 +131,8 @@ class GapTrainer(Trainer):
             # Under ZeRO-3 from_pretrained leaves its legacy renamings on the model too, and reverting their
             # PrefixChange on save wrote the language model as "model.model.*": save with the default mapping,
             # the one a plain load keeps (the same file as without ZeRO-3).
-            kept = model.__dict__.get("_weight_conversions")
-            model._weight_conversions = None
-            try:
+            with hf.default_weight_mapping(model):
                 return super()._save(output_dir, state_dict)
-            finally:
-                model._weight_conversions = kept
         model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_original_format=False)
         try:
             return super()._save(output_dir, state_dict)

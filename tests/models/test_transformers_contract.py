@@ -372,3 +372,30 @@ def test_image_pixels_match_transformers_image_processor(tmp_path, size):
         want = processor(images=[image], return_tensors="pt")
         assert torch.equal(got["image_grid_thw"], want["image_grid_thw"]), VERSION
         torch.testing.assert_close(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6, msg=VERSION)
+
+
+def test_a_save_reverts_the_weight_conversions_the_model_carries(tiny):
+    """``hf_compat.default_weight_mapping`` (the ZeRO-3 save of gapkern train) relies on transformers' save reading
+    the load's renamings from ``model._weight_conversions`` and falling back to the default mapping when it is None
+    (transformers/core_model_loading.py, ``revert_weight_conversion``: ``getattr(model, "_weight_conversions",
+    None)``, line 1808 in 5.17, 2029 in 5.25); the attribute is cleared inside the block and restored after."""
+    import inspect
+
+    from transformers import core_model_loading
+
+    from gapkern.models.qwen2_5_vl import hf_compat as hf
+
+    source = inspect.getsource(core_model_loading.revert_weight_conversion)
+    assert 'getattr(model, "_weight_conversions", None)' in source and "if weight_conversions is None" in source
+    model = tiny[0]
+    marker = ["a load's renamings"]
+    model._weight_conversions = marker
+    try:
+        with hf.default_weight_mapping(model):
+            assert model._weight_conversions is None
+        assert model._weight_conversions is marker
+        with pytest.raises(RuntimeError), hf.default_weight_mapping(model):
+            raise RuntimeError("a failed save")
+        assert model._weight_conversions is marker
+    finally:
+        del model._weight_conversions

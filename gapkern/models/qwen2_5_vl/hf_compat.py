@@ -34,6 +34,7 @@ a decode step.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -42,7 +43,7 @@ import re
 import transformers
 
 MIN_VERSION = "5.17"
-TESTED = "5.17 to 5.24"
+TESTED = "5.17 to 5.25"  # what CI runs: the floor (constraints.txt) and the latest release
 
 
 def _release(version: str) -> tuple[int, int]:
@@ -220,3 +221,17 @@ def register_checkpoint_layout(cls, base) -> None:
     mapping = cm.get_checkpoint_conversion_mapping(base.__name__)
     if mapping is not None:
         cm.register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
+
+
+@contextlib.contextmanager
+def default_weight_mapping(model):
+    """Inside the block, ``save_pretrained`` writes ``model`` with transformers' default key mapping, not the one
+    ``from_pretrained`` left on it: transformers keeps the renamings a load applied in ``model._weight_conversions``
+    and its save reverts them (``core_model_loading.revert_weight_conversion``); with the attribute None it uses the
+    default mapping without the legacy renamings. The attribute comes back on exit."""
+    kept = model.__dict__.get("_weight_conversions")
+    model._weight_conversions = None
+    try:
+        yield model
+    finally:
+        model._weight_conversions = kept
