@@ -19,7 +19,8 @@ from gapkern.demo import run as demo_run
 from gapkern.demo.folder import Folder
 from gapkern.demo.plan import PLANS
 from gapkern.demo.stages import Run, load, settings
-from gapkern.stages.evaluate import evaluate, score
+from gapkern.stages.evaluate import evaluate
+from gapkern.stages.scoring import score
 
 
 def main(side: int, out: str) -> dict:

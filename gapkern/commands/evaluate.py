@@ -191,7 +191,8 @@ def _evaluate_all(args, runs, head, samples, place) -> dict:
 
 
 def _evaluate_one(args, one, model, tokenizer, head, suppress, samples, starts) -> dict:
-    from ..stages.evaluate import evaluate, score
+    from ..stages.evaluate import evaluate
+    from ..stages.scoring import score
     from ..data.images import image_settings
     from ..protocol import PRESETS, image_bounds, sampling, set_aside
     from ..outputs import OutputError

@@ -36,7 +36,8 @@ def evaluate_all(run) -> tuple[dict, str]:
     from itertools import groupby
 
     from ..data import load_samples
-    from ..stages.evaluate import evaluate, score, write_scores
+    from ..stages.evaluate import evaluate, write_scores
+    from ..stages.scoring import score
     from .arms import load, settings
 
     samples = load_samples(run.eval_file())

@@ -18,7 +18,7 @@ Each output line is the validated input line (image paths absolute) plus
 """
 from __future__ import annotations
 
-from .evaluate import is_correct
+from .scoring import is_correct
 from ..errors import check_positive, check_samples
 from ..resumable import ResumeError, read_lines, run_lines, samples_digest
 from ..sampling import SeededSampler, derive_seed

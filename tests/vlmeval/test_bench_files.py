@@ -25,7 +25,7 @@ import pytest
 from gapkern.data.benchfiles import convert_tsv, load_tsv
 from gapkern.cli import main
 from gapkern.data import SampleError, load_samples
-from gapkern.evaluate import choice_letter, is_correct, judge_needed, prediction, score
+from gapkern.stages.scoring import choice_letter, is_correct, judge_needed, prediction, score
 from gapkern.protocol import PRESETS, load_protocol, logits_processors, own_generation_config, user_text
 from gapkern.vlmeval_rules import can_infer, extract_characters_regex
 

@@ -1,9 +1,9 @@
-"""Answer extraction, judging and scoring (SPEC 4.6), case by case."""
+"""Answer extraction, judging and scoring (SPEC 4.6, gapkern.stages.scoring), case by case."""
 from __future__ import annotations
 
 import pytest
 
-from gapkern.evaluate import extract_answer, is_correct, parse_number, score
+from gapkern.stages.scoring import extract_answer, is_correct, parse_number, score
 
 CHOICES = ["red", "green", "blue", "gray"]
 MC = {"answer": "B", "choices": CHOICES}
