@@ -81,8 +81,8 @@ class SeededSampler(LogitsProcessor):
 
     Inverse-CDF sampling: ``u = counter_uniform(seed, step)`` picks the token whose interval of the row's
     cumulative weights ``cumsum(exp((scores - max) / T))`` holds ``u * total``: one uniform per row, drawn
-    for all rows at once by a counter-based generator (SplitMix64 keyed by the seed), then one exp, one cumsum and one search
-    over the batch. ``u`` is a function of the row's seed and its new position only: not of the other rows
+    for all rows at once by a counter-based generator (SplitMix64 keyed by the seed), then one exp, one cumsum
+    and one search over the batch. ``u`` is a function of the row's seed and its new position only: not of the other rows
     (``do_sample``'s multinomial draws the whole batch from one stream), nor of how many steps sampled
     before (the patched generate samples no token while every row writes latents). Every op is row-wise
     (the max is exact in any order, the cumulative sum runs along the row), so a row draws the same token
@@ -115,5 +115,6 @@ class SeededSampler(LogitsProcessor):
         total = cdf[:, -1]
         # u < 1, but u * total may round up to the total: keep the target below it, so the first cdf above the
         # target exists and its token has positive weight (a masked token adds nothing to the cdf: never drawn)
-        target = torch.minimum(counter_uniform(self._keys, step).to(logits.device) * total, torch.nextafter(total, torch.zeros_like(total)))
+        below = torch.nextafter(total, torch.zeros_like(total))
+        target = torch.minimum(counter_uniform(self._keys, step).to(logits.device) * total, below)
         return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)

@@ -12,8 +12,8 @@ from ..errors import check_positive, check_samples
 from .scoring import (choice_letter, extract_answer, is_correct, judge_needed, parse_number,  # noqa: F401 (re-exported)
                       prediction, score)
 
-__all__ = ["extract_answer", "is_correct", "judge_needed", "score", "parse_number", "choice_letter", "prediction", "evaluate",
-           "score_table", "write_scores"]
+__all__ = ["extract_answer", "is_correct", "judge_needed", "score", "parse_number", "choice_letter", "prediction",
+           "evaluate", "score_table", "write_scores"]
 
 
 def evaluate(model, tokenizer, samples: list[dict], out: str, *, calibration: str | None = None, batch: int = 8,
