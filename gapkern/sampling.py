@@ -82,8 +82,8 @@ class SeededSampler(LogitsProcessor):
     Inverse-CDF sampling: ``u = counter_uniform(seed, step)`` picks the token whose interval of the row's
     cumulative weights ``cumsum(exp((scores - max) / T))`` holds ``u * total``: one uniform per row, drawn
     for all rows at once by a counter-based generator (SplitMix64 keyed by the seed), then one exp, one cumsum
-    and one search over the batch. ``u`` is a function of the row's seed and its new position only: not of the other rows
-    (``do_sample``'s multinomial draws the whole batch from one stream), nor of how many steps sampled
+    and one search over the batch. ``u`` is a function of the row's seed and its new position only: not of the
+    other rows (``do_sample``'s multinomial draws the whole batch from one stream), nor of how many steps sampled
     before (the patched generate samples no token while every row writes latents). Every op is row-wise
     (the max is exact in any order, the cumulative sum runs along the row), so a row draws the same token
     in any batch. The returned scores are 0 at the drawn token and -inf elsewhere, so ``do_sample`` and any
