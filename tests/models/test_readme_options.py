@@ -1,4 +1,4 @@
-"""README's table of Hugging Face generate options says what tests/test_generate_options.py checks: every
+"""README's table of Hugging Face generate options says what tests/models/test_generate_options.py checks: every
 GenerationConfig field and generate keyword it classifies has a row, with the same status (issue 17)."""
 from __future__ import annotations
 
