@@ -295,9 +295,10 @@ def test_model_without_gap_state_is_refused():
 @pytest.mark.parametrize("padding", ["none", "right", "left", "no mask"])
 def test_text_positions_are_get_rope_index_on_a_batch_without_vision(tiny, padding):
     """The forward's vectorized positions for a batch with no image or video equal transformers' own
-    ``get_rope_index`` (modeling_qwen2_5_vl.py, ``Qwen2_5_VLModel.get_rope_index``: the per-row loop that gives a
-    text run ``arange`` over the attended tokens and leaves padding at 0), token for token, for right, left and
-    no padding; and the forward's logits are those of the explicit ``get_rope_index`` positions."""
+    ``get_rope_index`` (transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py, ``Qwen2_5_VLModel.get_rope_index``,
+    line 955 in 5.17, 934 in 5.25: the per-row loop that gives a text run ``arange`` over the attended tokens and
+    leaves padding at 0), token for token, for right, left and no padding; and the forward's logits are those of
+    the explicit ``get_rope_index`` positions."""
     from gapkern.train.forward import text_positions
 
     model, ids = tiny
